@@ -1,0 +1,21 @@
+"""mbv3-dense: MobileNetV3 for classification, SSDLite detection and LR-ASPP segmentation."""
+
+from mbv3_dense.backbone import BlockSpec, FeatureInfo, MobileNetV3
+from mbv3_dense.classifier import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MobileNetV3Classifier,
+    mobilenet_v3_large,
+    mobilenet_v3_small,
+)
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "BlockSpec",
+    "FeatureInfo",
+    "MobileNetV3",
+    "MobileNetV3Classifier",
+    "mobilenet_v3_large",
+    "mobilenet_v3_small",
+]

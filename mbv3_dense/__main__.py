@@ -1,0 +1,3 @@
+from mbv3_dense.cli import main
+
+main()

@@ -1,0 +1,36 @@
+"""The one command line: ``lightning fit|validate|test|predict -c configs/<run>.yaml``.
+
+lightning 2.6 installs no ``lightning`` console script; ``pyproject.toml`` points ours here, and
+``python -m mbv3_dense`` does the same. Models and data modules are chosen by ``class_path`` in
+the YAML file, so this module imports neither ``detection`` nor ``segmentation``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import torch
+from lightning.pytorch.cli import LightningCLI
+
+
+class MBV3CLI(LightningCLI):
+    """LightningCLI with the project's defaults: any LightningModule / LightningDataModule by
+    ``class_path``, the resolved config saved next to the logs (overwriting on resume)."""
+
+    def __init__(self, args: list[str] | None = None, **kwargs) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(args=args, **kwargs)
+
+
+def main(args: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_float32_matmul_precision("high")
+    MBV3CLI(args=args if args is not None else sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()
