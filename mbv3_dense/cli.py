@@ -8,7 +8,6 @@ the YAML file, so this module imports neither ``detection`` nor ``segmentation``
 from __future__ import annotations
 
 import logging
-import sys
 
 import torch
 from lightning.pytorch.cli import LightningCLI
@@ -29,7 +28,7 @@ class MBV3CLI(LightningCLI):
 def main(args: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_float32_matmul_precision("high")
-    MBV3CLI(args=args if args is not None else sys.argv[1:])
+    MBV3CLI(args=args)
 
 
 if __name__ == "__main__":

@@ -107,8 +107,9 @@ class LatencyCallback(L.Callback):
         try:
             example = self._example(pl_module)
             if not self._logged_size:
-                self.params = count_params(pl_module)
+                # The network only: a module may hold more (e.g. an EMA copy of the weights).
                 network = getattr(pl_module, "model", pl_module)
+                self.params = count_params(network)
                 self.madds = count_madds(network, example)
                 self._logged_size = True
             latency = self._measure(pl_module, example)

@@ -142,7 +142,8 @@ def evaluate(spec: Task, data: Path, run_dir: Path, out: Path, quick: bool) -> d
              "--visualize", str(pictures)] + (["--latency-size", "128", "256"] if quick else []))
     else:
         run([python(), "scripts/eval_classify.py", "--weights", str(ckpt), "--arch", "small",
-             "--root", str(data), "--json", str(summary_path), "--visualize", str(pictures)]
+             "--root", str(data), "--image-size", "64", "--json", str(summary_path),
+             "--visualize", str(pictures)]
             + (["--latency-runs", "3"] if quick else []))
     return json.loads(summary_path.read_text())
 

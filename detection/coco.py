@@ -1,0 +1,335 @@
+"""COCO detection data: annotations read with pycocotools, images with strict decoding.
+
+Conversions happen here, once: COCO ``bbox`` XYWH -> XYXY pixels, and COCO category ids <->
+the model's labels (:class:`CategoryMap`). Training targets exclude ``iscrowd`` boxes and images
+without any (non-crowd) box; evaluation keeps every image and every box, crowd flags and the
+annotation ``area`` included, in the original image's pixels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import albumentations as A
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+from pycocotools.coco import COCO
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from detection.transforms import train_transform
+from mbv3_dense.image_io import read_image_rgb
+
+log = logging.getLogger(__name__)
+
+Target = dict[str, Tensor]
+Batch = tuple[Tensor | list[Tensor], list[Target]]
+
+
+class AnnotationError(ValueError):
+    """An annotation file or entry that cannot be used; the message names the file and the entry."""
+
+
+class CategoryMap:
+    """COCO category ids <-> model labels (0 is background), the one place they are converted.
+
+    With ``num_classes == len(categories) + 1`` labels are contiguous (the i-th category by id is
+    label i + 1: 81 classes for COCO); with ``num_classes`` above the largest id the label *is* the
+    category id (torchvision's 91-class layout). Anything else is an error.
+
+    Args:
+        category_ids: the ids of the annotation file's ``categories``.
+        num_classes: the model's classes including background.
+        source: named in error messages (the annotation file).
+    """
+
+    def __init__(self, category_ids: list[int], num_classes: int, source: str = "annotations") -> None:
+        ids = sorted(int(i) for i in category_ids)
+        if not ids:
+            raise AnnotationError(f"{source}: no categories")
+        self.source = source
+        self.num_classes = num_classes
+        if num_classes == len(ids) + 1:
+            self.layout = "contiguous"
+            self.label_to_id = [0, *ids]
+        elif num_classes > ids[-1]:
+            self.layout = "category_id"
+            self.label_to_id = list(range(num_classes))
+        else:
+            raise AnnotationError(
+                f"{source}: {len(ids)} categories with ids up to {ids[-1]} fit neither num_classes="
+                f"{len(ids) + 1} (contiguous labels) nor num_classes > {ids[-1]} (label = category id); "
+                f"got num_classes={num_classes}")
+        self.category_ids = ids
+        self._id_to_label = {c: self.label_to_id.index(c) for c in ids}
+
+    def to_label(self, category_id: int, where: str = "") -> int:
+        """Model label of a category id. Raises AnnotationError naming the unknown id."""
+        try:
+            return self._id_to_label[int(category_id)]
+        except KeyError:
+            raise AnnotationError(
+                f"{self.source}: {where + ': ' if where else ''}unknown category_id {category_id} "
+                f"(categories: {self.category_ids})") from None
+
+    def to_category_ids(self, labels: Tensor) -> Tensor:
+        """Model labels ``[K]`` -> COCO category ids ``[K]`` (vectorised lookup)."""
+        table = torch.as_tensor(self.label_to_id, dtype=torch.int64, device=labels.device)
+        return table[labels.long()]
+
+
+@dataclass
+class ImageRecord:
+    """One image and its cleaned annotations (XYXY, original pixels)."""
+
+    image_id: int
+    path: Path
+    height: int
+    width: int
+    boxes: np.ndarray  # [G, 4] float32
+    labels: np.ndarray  # [G] int64
+    iscrowd: np.ndarray  # [G] bool
+    area: np.ndarray  # [G] float32 (the annotation's area, as COCOeval uses)
+
+
+@dataclass
+class LoadStats:
+    """What cleaning did; logged when a dataset is built."""
+
+    images: int = 0
+    boxes: int = 0
+    clamped: int = 0
+    dropped_degenerate: int = 0
+    crowd: int = 0
+    images_without_boxes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def load_coco(annotation_file: str | Path, images_dir: str | Path, num_classes: int,
+              min_box_size: float = 1.0) -> tuple[list[ImageRecord], CategoryMap, LoadStats]:
+    """Read a COCO instances file into records, clamping boxes to the image.
+
+    Boxes partly outside the image are clamped to it; boxes narrower or lower than ``min_box_size``
+    pixels after clamping (degenerate, or entirely outside) are dropped. Both are counted.
+
+    Raises:
+        AnnotationError: unreadable file, missing keys, or an unknown ``category_id`` (named).
+    """
+    annotation_file, images_dir = Path(annotation_file), Path(images_dir)
+    if not annotation_file.is_file():
+        raise AnnotationError(f"{annotation_file}: annotation file not found")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco = COCO(str(annotation_file))
+    except (ValueError, KeyError, TypeError) as err:
+        raise AnnotationError(f"{annotation_file}: not a COCO instances file ({err!r})") from err
+    cmap = CategoryMap(coco.getCatIds(), num_classes, str(annotation_file))
+    stats = LoadStats()
+    records = []
+    for image_id in sorted(coco.getImgIds()):
+        info = coco.imgs[image_id]
+        h, w = int(info["height"]), int(info["width"])
+        boxes, labels, crowd, areas = [], [], [], []
+        for ann in coco.imgToAnns.get(image_id, []):
+            where = f"annotation {ann.get('id')} of image {image_id}"
+            label = cmap.to_label(ann["category_id"], where)
+            x, y, bw, bh = (float(v) for v in ann["bbox"])
+            box = np.array([x, y, x + bw, y + bh], dtype=np.float32)
+            clamped = np.clip(box, 0, [w, h, w, h]).astype(np.float32)
+            if clamped[2] - clamped[0] < min_box_size or clamped[3] - clamped[1] < min_box_size:
+                stats.dropped_degenerate += 1
+                continue
+            if not np.array_equal(clamped, box):
+                stats.clamped += 1
+            boxes.append(clamped)
+            labels.append(label)
+            crowd.append(bool(ann.get("iscrowd", 0)))
+            areas.append(float(ann.get("area", bw * bh)))
+        stats.boxes += len(boxes)
+        stats.crowd += sum(crowd)
+        if not any(not c for c in crowd):
+            stats.images_without_boxes += 1
+        records.append(ImageRecord(
+            image_id=int(image_id), path=images_dir / info["file_name"], height=h, width=w,
+            boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4), labels=np.asarray(labels, dtype=np.int64),
+            iscrowd=np.asarray(crowd, dtype=bool), area=np.asarray(areas, dtype=np.float32)))
+    stats.images = len(records)
+    return records, cmap, stats
+
+
+class CocoTrainDataset(Dataset):
+    """Training split: ``(image [3, S, S] float in [0, 1], {"boxes": [G, 4] XYXY in the S x S input, "labels": [G]})``.
+
+    Crowd boxes are left out; images without any other box are dropped (logged).
+    """
+
+    def __init__(self, records: list[ImageRecord], transform: A.Compose) -> None:
+        self.records = [r for r in records if (~r.iscrowd).any()]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Target]:
+        rec = self.records[index]
+        image = read_image_rgb(rec.path)
+        keep = ~rec.iscrowd
+        out = self.transform(image=image, bboxes=rec.boxes[keep], labels=rec.labels[keep].tolist())
+        boxes = torch.as_tensor(np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4))
+        labels = torch.as_tensor(np.asarray(out["labels"], dtype=np.int64).reshape(-1))
+        img = torch.from_numpy(np.ascontiguousarray(out["image"])).permute(2, 0, 1).float().div_(255)
+        return img, {"boxes": boxes, "labels": labels}
+
+
+class CocoEvalDataset(Dataset):
+    """Evaluation split: every image at its original size, every box.
+
+    Items: ``(image [3, H, W] float in [0, 1], {"image_id", "orig_size" (H, W), "boxes" [G, 4] XYXY
+    original pixels, "labels" [G], "iscrowd" [G] bool, "area" [G]})``.
+    """
+
+    def __init__(self, records: list[ImageRecord]) -> None:
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Target]:
+        rec = self.records[index]
+        image = read_image_rgb(rec.path)
+        if image.shape[:2] != (rec.height, rec.width):
+            raise AnnotationError(f"{rec.path}: image is {image.shape[1]}x{image.shape[0]} but the annotation file "
+                                  f"says {rec.width}x{rec.height}")
+        img = torch.from_numpy(image).permute(2, 0, 1).float().div_(255)
+        return img, {"image_id": torch.tensor(rec.image_id), "orig_size": torch.tensor([rec.height, rec.width]),
+                     "boxes": torch.from_numpy(rec.boxes), "labels": torch.from_numpy(rec.labels),
+                     "iscrowd": torch.from_numpy(rec.iscrowd), "area": torch.from_numpy(rec.area)}
+
+
+def collate_train(batch: list[tuple[Tensor, Target]]) -> Batch:
+    return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
+
+
+def collate_eval(batch: list[tuple[Tensor, Target]]) -> Batch:
+    return [b[0] for b in batch], [b[1] for b in batch]
+
+
+class UnpaddedDistributedSampler(DistributedSampler):
+    """Every index exactly once over all ranks (rank r gets r, r + world, ...), so evaluation under
+    DDP never counts an image twice (``DistributedSampler`` pads with repeated images)."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.num_samples = len(range(self.rank, len(dataset), self.num_replicas))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class CocoDataModule(L.LightningDataModule):
+    """COCO detection in the real layout: ``root/train2017``, ``root/val2017``,
+    ``root/annotations/instances_{train,val}2017.json`` (each path configurable, relative to ``root``).
+
+    Training batches: ``(images [N, 3, S, S] in [0, 1], targets)`` with boxes in input pixels and
+    model labels. Validation batches: ``(list of [3, H, W] images at original size, targets)`` with
+    all annotations (see :class:`CocoEvalDataset`).
+
+    Args:
+        root: dataset root.
+        train_images / val_images: image folders.
+        train_annotations / val_annotations: instances files.
+        num_classes: the model's classes incl. background (decides the label layout, see :class:`CategoryMap`).
+        image_size: training input side.
+        batch_size: training batch per device.
+        val_batch_size: evaluation batch per device.
+        num_workers: loader workers.
+        iou_crop: SSD random IoU crop.
+        zoom_out_p: probability of SSD zoom-out.
+        photometric_p: probability of photometric distortion.
+        hflip_p: probability of a horizontal flip.
+        min_box_size: boxes smaller than this (pixels) after clamping/augmenting are dropped.
+    """
+
+    def __init__(
+        self,
+        *,
+        root: str = "/data/coco",
+        train_images: str = "train2017",
+        val_images: str = "val2017",
+        train_annotations: str = "annotations/instances_train2017.json",
+        val_annotations: str = "annotations/instances_val2017.json",
+        num_classes: int = 91,
+        image_size: int = 320,
+        batch_size: int = 24,
+        val_batch_size: int = 8,
+        num_workers: int = 4,
+        iou_crop: bool = True,
+        zoom_out_p: float = 0.0,
+        photometric_p: float = 0.0,
+        hflip_p: float = 0.5,
+        min_box_size: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.root = Path(root)
+        self.paths = {"train": (self.root / train_images, self.root / train_annotations),
+                      "val": (self.root / val_images, self.root / val_annotations)}
+        self.num_classes = num_classes
+        self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
+        self.min_box_size = min_box_size
+        self.transform = train_transform(image_size=image_size, iou_crop=iou_crop, zoom_out_p=zoom_out_p,
+                                         photometric_p=photometric_p, hflip_p=hflip_p, min_box_size=min_box_size)
+        self.train_set: CocoTrainDataset | None = None
+        self.val_set: CocoEvalDataset | None = None
+        self.category_map: CategoryMap | None = None
+
+    def _load(self, split: str) -> list[ImageRecord]:
+        images, annotations = self.paths[split]
+        records, cmap, stats = load_coco(annotations, images, self.num_classes, self.min_box_size)
+        self.category_map = cmap
+        log.info("%s: %d images, %d boxes (%d crowd); %d boxes clamped to the image, %d degenerate or "
+                 "outside boxes dropped; %d images without a non-crowd box", annotations, stats.images,
+                 stats.boxes, stats.crowd, stats.clamped, stats.dropped_degenerate, stats.images_without_boxes)
+        return records
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.train_set is None:
+            records = self._load("train")
+            self.train_set = CocoTrainDataset(records, self.transform)
+            log.info("training on %d images; %d images without a non-crowd box dropped from training "
+                     "(they stay in evaluation)", len(self.train_set), len(records) - len(self.train_set))
+        if stage in ("fit", "validate", "test") and self.val_set is None:
+            self.val_set = CocoEvalDataset(self._load("val"))
+
+    def train_dataloader(self) -> DataLoader:
+        # drop_last: a last batch of one image would fail in BatchNorm on the 1x1 extra map.
+        drop_last = len(self.train_set) > self.batch_size
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=drop_last,
+                          num_workers=self.num_workers, collate_fn=collate_train,
+                          persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        sampler = UnpaddedDistributedSampler(self.val_set) if dist.is_available() and dist.is_initialized() else None
+        return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False, sampler=sampler,
+                          num_workers=self.num_workers, collate_fn=collate_eval)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+def eval_dataset(images_dir: str | Path, annotation_file: str | Path, num_classes: int) -> tuple[
+        CocoEvalDataset, CategoryMap]:
+    """The evaluation dataset and category map of one instances file (for scripts)."""
+    records, cmap, _ = load_coco(annotation_file, images_dir, num_classes, min_box_size=0.0)
+    return CocoEvalDataset(records), cmap
+

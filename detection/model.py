@@ -1,0 +1,272 @@
+"""SSDLite (MobileNetV2 paper section 6.2; MobileNetV3 paper section 6.3) on a MobileNetV3 backbone.
+
+Feature maps: C4 (the expansion output of the first stride-32 bottleneck, stride 16), C5 (the last
+1x1 conv, stride 32), then four extra blocks (1x1 -> depthwise 3x3 stride 2 -> 1x1, ReLU6), each
+with a depthwise-separable classification and box head. Numerically the same as torchvision's
+``ssdlite320_mobilenet_v3_large`` given the same weights (:mod:`detection.weights` converts them).
+
+Contracts:
+
+- ``normalize(x)``: maps [0, 1] images to the network's input range ([-1, 1]: ``image_mean`` and
+  ``image_std`` are buffers of the model, the one owner of input normalisation).
+- ``forward(x)``: ``x`` float ``[N, 3, H, W]``, normalised and resized to ``image_size``. Returns raw
+  outputs ``{"box_regression": [N, A, 4], "cls_logits": [N, A, C]}`` for the ``A`` default boxes of
+  :meth:`SSDLite.default_boxes`; class 0 is background.
+- ``preprocess(images)``: list of [0, 1] images of any sizes -> ``forward``'s input (normalised, then
+  resized bilinearly, in torchvision's order so that results agree to the last bit).
+- ``predict(images)``: list of float ``[3, H_i, W_i]`` images in [0, 1], any sizes; returns per image
+  ``{"boxes": [K, 4] XYXY in that image's pixels, "scores": [K], "labels": [K] int64}``. Labels are
+  the model's class indices (1..C-1), not COCO category ids: :mod:`detection.coco` converts.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import batched_nms, clip_boxes_to_image
+
+from detection.anchors import DefaultBoxes
+from detection.box_coder import BoxCoder
+from mbv3_dense.backbone import MobileNetV3
+from mbv3_dense.layers import ConvNormAct, NormLayer
+
+# torchvision's SSDLite norm layer (backbone, extras and heads): TF's BN decay 0.97, eps 1e-3.
+ssd_norm_layer: NormLayer = partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)
+# Section 6.3: extra feature layers after C5 (output channels; each halves the resolution).
+EXTRA_CHANNELS: tuple[int, ...] = (512, 256, 256, 128)
+ScoreActivation = Literal["softmax", "sigmoid"]
+
+
+def relu6_layer(inplace: bool = True) -> nn.Module:
+    return nn.ReLU6(inplace=inplace)
+
+
+def normal_init(module: nn.Module, std: float = 0.03) -> None:
+    """Convs ~ N(0, std), biases 0: torchvision's SSDLite initialisation (from-scratch training)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class ExtraBlock(nn.Sequential):
+    """1x1 to ``out // 2`` -> depthwise 3x3 stride 2 -> 1x1 to ``out``, each with BN and ReLU6."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, norm_layer: NormLayer) -> None:
+        mid = out_channels // 2
+        super().__init__(
+            ConvNormAct(in_channels, mid, norm_layer=norm_layer, activation=relu6_layer),
+            ConvNormAct(mid, mid, kernel_size=3, stride=2, groups=mid, norm_layer=norm_layer,
+                        activation=relu6_layer),
+            ConvNormAct(mid, out_channels, norm_layer=norm_layer, activation=relu6_layer),
+        )
+        self.out_channels = out_channels
+
+
+class PredictionBlock(nn.Sequential):
+    """Depthwise 3x3 (BN, ReLU6) -> 1x1 conv with bias to ``boxes * columns`` channels."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, norm_layer: NormLayer) -> None:
+        super().__init__(
+            ConvNormAct(in_channels, in_channels, kernel_size=3, groups=in_channels, norm_layer=norm_layer,
+                        activation=relu6_layer),
+            nn.Conv2d(in_channels, out_channels, 1),
+        )
+
+
+def _flatten_predictions(outputs: list[Tensor], columns: int) -> Tensor:
+    """``[N, B*K, H, W]`` per map -> ``[N, sum(H*W*B), K]`` (location-major, then box)."""
+    flat = []
+    for out in outputs:
+        n, _, h, w = out.shape
+        flat.append(out.view(n, -1, columns, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, columns))
+    return torch.cat(flat, dim=1)
+
+
+class SSDLite(nn.Module):
+    """SSDLite detector: backbone taps C4/C5 + extra blocks + depthwise-separable heads.
+
+    Args:
+        backbone: a :class:`MobileNetV3` whose ``out_features`` are ``("c4_expand", "c5")``.
+        num_classes: classes including background (91: torchvision's COCO layout, where the label
+            is the COCO category id; 81: contiguous COCO labels).
+        extra_channels: output channels of the extra blocks.
+        default_boxes: the default box generator (one set of ratios per feature map).
+        image_size: ``(height, width)`` of the network input; ``predict`` resizes to it.
+        image_mean: per-channel mean of the [0, 1] input (0.5: inputs are mapped to [-1, 1]).
+        image_std: per-channel std.
+        norm_layer: norm of the extra blocks and heads.
+        score_activation: ``"softmax"`` (cross-entropy training) or ``"sigmoid"`` (focal loss).
+        score_thresh: detections scoring at most this are dropped.
+        topk_candidates: best boxes kept per class before NMS.
+        nms_thresh: IoU threshold of the per-class NMS.
+        detections_per_img: detections kept per image after NMS.
+        box_coder: the box parametrisation.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: MobileNetV3,
+        num_classes: int,
+        extra_channels: tuple[int, ...] = EXTRA_CHANNELS,
+        default_boxes: DefaultBoxes | None = None,
+        image_size: tuple[int, int] = (320, 320),
+        image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        image_std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        norm_layer: NormLayer = ssd_norm_layer,
+        score_activation: ScoreActivation = "softmax",
+        score_thresh: float = 0.001,
+        topk_candidates: int = 300,
+        nms_thresh: float = 0.55,
+        detections_per_img: int = 300,
+        box_coder: BoxCoder | None = None,
+    ) -> None:
+        super().__init__()
+        if tuple(backbone.out_features) != ("c4_expand", "c5"):
+            raise ValueError(f"SSDLite reads the 'c4_expand' and 'c5' taps, got {backbone.out_features}")
+        if score_activation not in ("softmax", "sigmoid"):
+            raise ValueError(f"score_activation must be 'softmax' or 'sigmoid', got {score_activation!r}")
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.score_activation = score_activation
+        self.score_thresh = score_thresh
+        self.topk_candidates = topk_candidates
+        self.nms_thresh = nms_thresh
+        self.detections_per_img = detections_per_img
+        self.box_coder = box_coder or BoxCoder()
+        self.default_box_generator = default_boxes or DefaultBoxes()
+        self.register_buffer("image_mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
+
+        c4, c5 = backbone.feature_info["c4_expand"], backbone.feature_info["c5"]
+        channels = [c4.channels, c5.channels]
+        self.feature_strides = [c4.stride, c5.stride]
+        extra: list[nn.Module] = []
+        for out in extra_channels:
+            extra.append(ExtraBlock(channels[-1], out, norm_layer=norm_layer))
+            channels.append(out)
+            self.feature_strides.append(self.feature_strides[-1] * 2)
+        self.extra = nn.ModuleList(extra)
+        boxes = self.default_box_generator.num_boxes_per_location()
+        if len(boxes) != len(channels):
+            raise ValueError(f"{len(channels)} feature maps but default boxes for {len(boxes)}")
+        self.cls_head = nn.ModuleList(
+            PredictionBlock(c, b * num_classes, norm_layer=norm_layer) for c, b in zip(channels, boxes, strict=True)
+        )
+        self.box_head = nn.ModuleList(
+            PredictionBlock(c, b * 4, norm_layer=norm_layer) for c, b in zip(channels, boxes, strict=True)
+        )
+        self.feature_channels = channels
+        normal_init(self.extra)
+        normal_init(self.cls_head)
+        normal_init(self.box_head)
+
+    # ------------------------------------------------------------------ raw network
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Args: x: ``[N, 3, H, W]`` normalised (:meth:`normalize`).
+
+        Returns: ``box_regression [N, A, 4]`` (box codes), ``cls_logits [N, A, C]``.
+        """
+        taps = self.backbone(x)
+        features = [taps["c4_expand"], taps["c5"]]
+        for block in self.extra:
+            features.append(block(features[-1]))
+        return {
+            "box_regression": _flatten_predictions([h(f) for h, f in zip(self.box_head, features, strict=True)], 4),
+            "cls_logits": _flatten_predictions([h(f) for h, f in zip(self.cls_head, features, strict=True)],
+                                               self.num_classes),
+        }
+
+    def grid_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """Feature-map sizes for an input size: every stride-2 conv (padding 1) rounds up."""
+        sizes = []
+        for stride in self.feature_strides:
+            h, w = height, width
+            s = stride
+            while s > 1:
+                h, w, s = (h + 1) // 2, (w + 1) // 2, s // 2
+            sizes.append((h, w))
+        return sizes
+
+    def default_boxes(self, height: int | None = None, width: int | None = None,
+                      device: torch.device | None = None) -> Tensor:
+        """Default boxes ``[A, 4]`` XYXY in input pixels for an input of ``height x width``
+        (``image_size`` by default), in the order of the raw outputs."""
+        height = height or self.image_size[0]
+        width = width or self.image_size[1]
+        boxes = self.default_box_generator(self.grid_sizes(height, width), (height, width))
+        return boxes.to(device or self.image_mean.device)
+
+    # ------------------------------------------------------------------ inference
+    def normalize(self, x: Tensor) -> Tensor:
+        """``[N, 3, H, W]`` (or ``[3, H, W]``) in [0, 1] -> the network's input range."""
+        if x.dim() == 3:
+            return (x - self.image_mean[0]) / self.image_std[0]
+        return (x - self.image_mean) / self.image_std
+
+    def preprocess(self, images: list[Tensor]) -> Tensor:
+        """Normalise each ``[3, H, W]`` image in [0, 1], resize it to ``image_size`` (bilinear) and stack."""
+        for i, img in enumerate(images):
+            if img.dim() != 3 or img.shape[0] != 3 or not img.is_floating_point():
+                raise ValueError(f"image {i}: expected a float [3, H, W] tensor, got {img.dtype} {tuple(img.shape)}")
+        return torch.stack([
+            F.interpolate(self.normalize(img)[None], size=self.image_size, mode="bilinear", align_corners=False)[0]
+            for img in images
+        ])
+
+    def scores(self, cls_logits: Tensor) -> Tensor:
+        """Per-class scores ``[N, A, C]`` from logits (softmax, or sigmoid for focal-loss training)."""
+        if self.score_activation == "softmax":
+            return F.softmax(cls_logits, dim=-1)
+        return torch.sigmoid(cls_logits)
+
+    def postprocess(self, outputs: dict[str, Tensor], original_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        """Raw outputs -> detections in each image's original pixels.
+
+        Per class: score > ``score_thresh``, best ``topk_candidates``; then class-wise NMS
+        (``torchvision.ops.batched_nms``) and the best ``detections_per_img``, as torchvision's SSD.
+        Selection is vectorised over images and classes; only NMS runs image by image.
+
+        Args:
+            outputs: ``forward``'s output for inputs of ``image_size``.
+            original_sizes: ``(height, width)`` of every image before resizing.
+        """
+        in_h, in_w = self.image_size
+        codes, logits = outputs["box_regression"], outputs["cls_logits"]
+        anchors = self.default_boxes(in_h, in_w, codes.device)
+        boxes = clip_boxes_to_image(self.box_coder.decode(codes, anchors[None]), (in_h, in_w))  # [N, A, 4]
+        scores = self.scores(logits)[..., 1:]  # background dropped: [N, A, C-1]
+        k = min(self.topk_candidates, scores.shape[1])
+        top_scores, top_idx = scores.topk(k, dim=1)  # [N, k, C-1], sorted per class
+        # Class-major order (all of class 1, then class 2, ...), as torchvision concatenates them.
+        top_scores, top_idx = top_scores.transpose(1, 2), top_idx.transpose(1, 2)  # [N, C-1, k]
+        labels = torch.arange(1, scores.shape[2] + 1, device=scores.device)[:, None].expand_as(top_idx[0])
+        results = []
+        for i, (orig_h, orig_w) in enumerate(original_sizes):
+            keep = top_scores[i] > self.score_thresh
+            s, idx, lab = top_scores[i][keep], top_idx[i][keep], labels[keep]
+            b = boxes[i][idx]
+            kept = batched_nms(b, s, lab, self.nms_thresh)[: self.detections_per_img]
+            ratio_h = torch.tensor(orig_h, dtype=torch.float32) / torch.tensor(in_h, dtype=torch.float32)
+            ratio_w = torch.tensor(orig_w, dtype=torch.float32) / torch.tensor(in_w, dtype=torch.float32)
+            scale = torch.stack((ratio_w, ratio_h, ratio_w, ratio_h)).to(b.device, b.dtype)
+            results.append({"boxes": b[kept] * scale, "scores": s[kept], "labels": lab[kept]})
+        return results
+
+    @torch.no_grad()
+    def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        """Detect objects in float ``[3, H, W]`` images in [0, 1] of any sizes (call ``eval()`` first).
+
+        Returns per image ``{"boxes": [K, 4] XYXY in its pixels, "scores": [K], "labels": [K]}``.
+        """
+        if not images:
+            return []
+        sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        return self.postprocess(self(self.preprocess(images)), sizes)

@@ -1,0 +1,136 @@
+"""The LightningModule where COCO data and SSDLite meet: loss parts, COCO mAP, latency hooks."""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+from torchmetrics.detection import MeanAveragePrecision
+
+from detection.coco import Batch
+from detection.loss import SSDLoss
+from detection.model import SSDLite
+
+log = logging.getLogger(__name__)
+
+# torchmetrics' result keys -> logged names (COCO's AP, AP50, AP75, APs, APm, APl).
+MAP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
+
+
+class SSDLiteModule(L.LightningModule):
+    """Train and evaluate an :class:`~detection.model.SSDLite`.
+
+    Logs ``train/{loss,box_loss,cls_loss}``, ``val/{loss,box_loss,cls_loss}`` and ``val/{map, map_50,
+    map_75, map_small, map_medium, map_large}`` (torchmetrics ``MeanAveragePrecision`` with the
+    faster-coco-eval backend, fed the annotations' ``area`` and ``iscrowd``, on the original image
+    sizes). Labels stay model labels throughout; the evaluation script converts to COCO ids.
+
+    Args:
+        model: the detector.
+        optimizer: builds the optimizer from the parameters.
+        scheduler: builds the LR scheduler, stepped once per epoch (cosine in torchvision's recipe).
+        loss: the SSD loss (hard negative mining by default).
+        warmup_steps: linear LR warm-up from ``warmup_factor`` over this many optimizer steps
+            (torchvision's detection reference: 1000 iterations from 0.001).
+        warmup_factor: starting LR factor of the warm-up.
+    """
+
+    def __init__(self, *, model: SSDLite, optimizer: OptimizerCallable = torch.optim.SGD,
+                 scheduler: LRSchedulerCallable | None = None, loss: SSDLoss | None = None,
+                 warmup_steps: int = 1000, warmup_factor: float = 0.001) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "loss"])
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.loss = loss or SSDLoss()
+        if (self.loss.classification == "focal") != (model.score_activation == "sigmoid"):
+            raise ValueError(f"loss classification {self.loss.classification!r} does not fit the model's "
+                             f"score_activation {model.score_activation!r} (focal needs 'sigmoid', "
+                             "hard_negative_mining needs 'softmax')")
+        self.warmup_steps, self.warmup_factor = warmup_steps, warmup_factor
+        self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="faster_coco_eval")
+
+    # ------------------------------------------------------------------ hooks used by callbacks
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return self.model(x)
+
+    def example_input(self, height: int, width: int) -> Tensor:
+        """A ``[1, 3, H, W]`` [0, 1] image (what :meth:`inference_step` takes)."""
+        return torch.rand(1, 3, height, width, device=self.device)
+
+    def inference_step(self, x: Tensor) -> list[dict[str, Tensor]]:
+        """One inference end to end: resize + normalise, network, decoding and NMS."""
+        return self.model.predict(list(x))
+
+    def precise_bn_forward(self, batch: Batch) -> None:
+        images, _ = batch
+        self.model(self.model.normalize(images))
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        num_classes = getattr(dm, "num_classes", None)
+        if num_classes is not None and num_classes != self.model.num_classes:
+            raise ValueError(f"data num_classes={num_classes} but the model has {self.model.num_classes} classes; "
+                             "set both to the same value (91: label = COCO id, 81: contiguous)")
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        images, targets = batch
+        outputs = self.model(self.model.normalize(images))
+        anchors = self.model.default_boxes(*images.shape[-2:], device=images.device)
+        losses = self.loss(outputs, anchors, targets)
+        self.log_dict({f"train/{k}": losses[k] for k in ("box_loss", "cls_loss")}, batch_size=len(targets))
+        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=len(targets))
+        return losses["loss"]
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        images, targets = batch
+        sizes = [(int(t["orig_size"][0]), int(t["orig_size"][1])) for t in targets]
+        outputs = self.model(self.model.preprocess(images))
+        detections = self.model.postprocess(outputs, sizes)
+        in_h, in_w = self.model.image_size
+        train_targets = []
+        for t, (h, w) in zip(targets, sizes, strict=True):
+            keep = ~t["iscrowd"]
+            scale = torch.tensor([in_w / w, in_h / h, in_w / w, in_h / h], device=t["boxes"].device)
+            train_targets.append({"boxes": t["boxes"][keep] * scale, "labels": t["labels"][keep]})
+        anchors = self.model.default_boxes(device=self.device)
+        losses = self.loss(outputs, anchors, train_targets)
+        self.log_dict({f"val/{k}": losses[k] for k in ("loss", "box_loss", "cls_loss")}, batch_size=len(targets),
+                      sync_dist=True)
+        self.val_map.update(detections, [
+            {"boxes": t["boxes"], "labels": t["labels"], "iscrowd": t["iscrowd"].long(), "area": t["area"]}
+            for t in targets])
+
+    def on_validation_epoch_end(self) -> None:
+        result = self.val_map.compute()  # every rank: torchmetrics gathers the states
+        self.val_map.reset()
+        self.log_dict({f"val/{k}": result[k].float() for k in MAP_KEYS if k != "map_50"}, sync_dist=False)
+        self.log("val/map_50", result["map_50"].float(), prog_bar=True, sync_dist=False)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):  # noqa: ANN201 - Lightning's union of return types
+        optimizer = self.optimizer(self.model.parameters())
+        if self.scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "epoch"}}
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:  # noqa: ANN001
+        """Linear warm-up: the LR is scaled for the step only, so epoch schedulers are undisturbed."""
+        step = self.trainer.global_step
+        if step >= self.warmup_steps:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        alpha = step / max(1, self.warmup_steps)
+        factor = self.warmup_factor * (1 - alpha) + alpha
+        lrs = [group["lr"] for group in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["lr"] *= factor
+        try:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        finally:
+            for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+                group["lr"] = lr

@@ -1,0 +1,180 @@
+"""Training and validating an image classifier: the LightningModule of ``lightning fit -c configs/*_imagenet.yaml``."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from mbv3_dense.classification_data import ClassificationBatch
+
+log = logging.getLogger(__name__)
+
+
+def split_weight_decay(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """``(decayed, not_decayed)``: norm-layer parameters and every bias go in the second list."""
+    norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            (no_decay if isinstance(module, norm_types) or name == "bias" else decay).append(param)
+    return decay, no_decay
+
+
+@torch.no_grad()
+def ema_update(average: nn.Module, model: nn.Module, decay: float) -> None:
+    """``average = decay * average + (1 - decay) * model`` over parameters and floating-point
+    buffers (BN running statistics); integer buffers are copied. Both have the same structure."""
+    for avg, new in zip(average.state_dict().values(), model.state_dict().values(), strict=True):
+        if avg.dtype.is_floating_point:
+            avg.lerp_(new.detach(), 1.0 - decay)
+        else:
+            avg.copy_(new)
+
+
+@torch.no_grad()
+def count_outputs(model: nn.Module, size: int = 32) -> int:
+    """Width of ``model``'s output on one ``[1, 3, size, size]`` input (evaluated in eval mode)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return int(model(torch.zeros(1, 3, size, size, device=next(model.parameters()).device)).shape[-1])
+    finally:
+        model.train(was_training)
+
+
+class ClassificationModule(L.LightningModule):
+    """Cross-entropy training of a classifier with top-1/top-5 validation accuracy.
+
+    The batch is a :class:`~mbv3_dense.classification_data.ClassificationBatch` (images
+    ``[N, 3, H, W]`` normalised as the model expects, labels ``[N]``, count of skipped files).
+    Logs ``train/loss``, ``train/top1``, ``val/loss``, ``val/top1``, ``val/top5`` (fractions in
+    [0, 1]) and ``data/skipped_images`` when a skip policy dropped files.
+
+    With ``ema_decay`` the module keeps ``model_ema``, an exponential moving average of
+    ``model``'s weights updated after every optimizer step; validation then uses it, and it is
+    saved in (and resumed from) the checkpoint under ``model_ema.*``, which
+    :func:`mbv3_dense.weights.lightning_model_state` prefers when loading the ``.ckpt``.
+
+    Args:
+        model: the network, ``[N, 3, H, W] -> [N, num_classes]`` logits, e.g.
+            :func:`mbv3_dense.mobilenet_v3_large`.
+        optimizer: builds the optimizer from parameter groups.
+        scheduler: builds the learning-rate scheduler, stepped once per epoch.
+        weight_decay_norm_bias: apply the optimizer's weight decay to norm layers and biases too
+            (torchvision's recipe does not).
+        label_smoothing: cross-entropy label smoothing.
+        ema_decay: per-step decay of the weight average; ``None`` disables it.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        optimizer: OptimizerCallable = torch.optim.SGD,
+        scheduler: LRSchedulerCallable | None = None,
+        weight_decay_norm_bias: bool = False,
+        label_smoothing: float = 0.0,
+        ema_decay: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
+        self.model = model
+        # The metrics need the class count: read it off the network's output once.
+        self.num_classes = num_classes = count_outputs(model)
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.weight_decay_norm_bias = weight_decay_norm_bias
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) or None, got {ema_decay}")
+        self.ema_decay = ema_decay
+        self.model_ema: nn.Module | None = None
+        if ema_decay is not None:
+            self.model_ema = copy.deepcopy(model).requires_grad_(False)
+        self._ema_step = -1
+        self.train_top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
+        self.val_top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
+        # top-5 needs at least 5 classes; with fewer it is the same as top-(num_classes) = 1.0.
+        self.val_top5 = MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes), average="micro")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[N, 3, H, W]`` -> logits ``[N, num_classes]`` of the trained (not averaged) network."""
+        return self.model(x)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The network that validation uses: the weight average when kept, else ``model``."""
+        return self.model_ema if self.model_ema is not None else self.model
+
+    def example_input(self, height: int, width: int) -> Tensor:
+        return torch.randn(1, 3, height, width)
+
+    def precise_bn_forward(self, batch: ClassificationBatch) -> None:
+        # PreciseBN resets every BN of the module, the average's included: recompute both.
+        self.model(batch.images)
+        if self.model_ema is not None:
+            self.model_ema(batch.images)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_classes = getattr(datamodule, "num_classes", None)
+        if data_classes is not None and data_classes != self.num_classes:
+            raise ValueError(
+                f"the data has {data_classes} classes ({datamodule.root}) but the module was configured "
+                f"with a network of {self.num_classes} outputs: set the network's num_classes "
+                f"(model.init_args.model.init_args.num_classes) to {data_classes}"
+            )
+
+    def training_step(self, batch: ClassificationBatch, batch_idx: int) -> Tensor | None:
+        self._log_skipped(batch, "train")
+        if batch.labels.numel() == 0:
+            return None
+        logits = self.model(batch.images)
+        loss = self.criterion(logits, batch.labels)
+        self.train_top1(logits.detach(), batch.labels)
+        bs = batch.labels.numel()
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/top1", self.train_top1, on_step=False, on_epoch=True, batch_size=bs)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:  # noqa: ANN001
+        # Once per optimizer step (gradient accumulation steps several batches per update).
+        if self.model_ema is not None and self.trainer.global_step != self._ema_step:
+            self._ema_step = self.trainer.global_step
+            ema_update(self.model_ema, self.model, self.ema_decay)
+
+    def validation_step(self, batch: ClassificationBatch, batch_idx: int) -> None:
+        self._log_skipped(batch, "val")
+        if batch.labels.numel() == 0:
+            return
+        logits = self.eval_model(batch.images)
+        bs = batch.labels.numel()
+        self.val_top1(logits, batch.labels)
+        self.val_top5(logits, batch.labels)
+        self.log("val/loss", self.criterion(logits, batch.labels), batch_size=bs, sync_dist=True)
+        self.log("val/top1", self.val_top1, prog_bar=True, batch_size=bs)
+        self.log("val/top5", self.val_top5, batch_size=bs)
+
+    def _log_skipped(self, batch: ClassificationBatch, split: str) -> None:
+        if batch.skipped.item():
+            self.log(f"data/skipped_images_{split}", batch.skipped.float(), reduce_fx="sum", on_step=False,
+                     on_epoch=True, batch_size=1, sync_dist=True)
+
+    def configure_optimizers(self):  # noqa: ANN201 - Lightning's union of return types
+        if self.weight_decay_norm_bias:
+            groups = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+        else:
+            decay, no_decay = split_weight_decay(self.model)
+            groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = self.optimizer(groups)
+        if self.scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "epoch"}}

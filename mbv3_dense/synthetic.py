@@ -1,0 +1,162 @@
+"""A small generated ImageFolder dataset for demos and tests: shapes and textures on noisy backgrounds.
+
+Each class is one kind of figure (``circle``, ``square``, ``triangle``, ...) drawn with a random
+colour, size, position and rotation over a random two-colour gradient background with pixel
+noise and a few distractor blobs, so that a classifier has to learn shape rather than colour.
+Every image is drawn from its own random stream keyed by ``(seed, split, class, index)``: the
+output is deterministic for a seed, the validation split never repeats a training image, and
+no two images are alike.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# Supersampling factor: figures are drawn larger and downsampled, which antialiases their edges.
+_SUPERSAMPLE = 2
+_SPLITS = {"train": 0, "val": 1}
+
+
+def _polygon(cx: float, cy: float, radius: float, sides: int, angle: float) -> list[tuple[float, float]]:
+    return [(cx + radius * math.cos(angle + 2 * math.pi * k / sides),
+             cy + radius * math.sin(angle + 2 * math.pi * k / sides)) for k in range(sides)]
+
+
+def _rotated(points: list[tuple[float, float]], cx: float, cy: float, angle: float) -> list[tuple[float, float]]:
+    c, s = math.cos(angle), math.sin(angle)
+    return [(cx + (x - cx) * c - (y - cy) * s, cy + (x - cx) * s + (y - cy) * c) for x, y in points]
+
+
+def _circle(d: ImageDraw.ImageDraw, cx, cy, r, angle, colour, rng) -> None:
+    d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+
+
+def _square(d, cx, cy, r, angle, colour, rng) -> None:
+    d.polygon(_polygon(cx, cy, r, 4, angle), fill=colour)
+
+
+def _triangle(d, cx, cy, r, angle, colour, rng) -> None:
+    d.polygon(_polygon(cx, cy, r, 3, angle), fill=colour)
+
+
+def _cross(d, cx, cy, r, angle, colour, rng) -> None:
+    w = r * rng.uniform(0.25, 0.4)
+    for bar in ([(cx - r, cy - w), (cx + r, cy - w), (cx + r, cy + w), (cx - r, cy + w)],
+                [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy + r), (cx - w, cy + r)]):
+        d.polygon(_rotated(bar, cx, cy, angle), fill=colour)
+
+
+def _ring(d, cx, cy, r, angle, colour, rng) -> None:
+    d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=colour, width=max(2, int(r * rng.uniform(0.2, 0.35))))
+
+
+def _star(d, cx, cy, r, angle, colour, rng) -> None:
+    inner = r * rng.uniform(0.35, 0.5)
+    points = [(cx + (r if k % 2 == 0 else inner) * math.cos(angle + math.pi * k / 5),
+               cy + (r if k % 2 == 0 else inner) * math.sin(angle + math.pi * k / 5)) for k in range(10)]
+    d.polygon(points, fill=colour)
+
+
+def _stripes(d, cx, cy, r, angle, colour, rng) -> None:
+    bars = int(rng.integers(3, 6))
+    pitch = 2 * r / bars
+    for k in range(bars):
+        x0 = cx - r + k * pitch
+        bar = [(x0, cy - r), (x0 + pitch * 0.5, cy - r), (x0 + pitch * 0.5, cy + r), (x0, cy + r)]
+        d.polygon(_rotated(bar, cx, cy, angle), fill=colour)
+
+
+def _checker(d, cx, cy, r, angle, colour, rng) -> None:
+    cells = int(rng.integers(3, 5))
+    pitch = 2 * r / cells
+    for i in range(cells):
+        for j in range(cells):
+            if (i + j) % 2:
+                continue
+            x0, y0 = cx - r + i * pitch, cy - r + j * pitch
+            cell = [(x0, y0), (x0 + pitch, y0), (x0 + pitch, y0 + pitch), (x0, y0 + pitch)]
+            d.polygon(_rotated(cell, cx, cy, angle), fill=colour)
+
+
+Drawer = Callable[..., None]
+# The classes, in order; ``num_classes`` takes the first ones.
+KINDS: dict[str, Drawer] = {
+    "circle": _circle,
+    "square": _square,
+    "triangle": _triangle,
+    "cross": _cross,
+    "ring": _ring,
+    "star": _star,
+    "stripes": _stripes,
+    "checker": _checker,
+}
+
+
+def draw_image(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
+    """One ``size`` x ``size`` RGB image of ``kind`` (a key of :data:`KINDS`)."""
+    big = size * _SUPERSAMPLE
+    # Background: a linear gradient between two random colours, plus pixel noise (added below).
+    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    theta = rng.uniform(0, 2 * math.pi)
+    yy, xx = np.mgrid[0:big, 0:big] / big
+    t = (np.cos(theta) * xx + np.sin(theta) * yy)
+    t = (t - t.min()) / max(t.max() - t.min(), 1e-6)
+    background = c0 * (1 - t[..., None]) + c1 * t[..., None]
+    img = Image.fromarray(background.astype(np.uint8))
+    d = ImageDraw.Draw(img)
+    # Distractors: small soft blobs that belong to no class.
+    for _ in range(int(rng.integers(0, 4))):
+        bx, by, br = rng.uniform(0, big), rng.uniform(0, big), rng.uniform(0.03, 0.08) * big
+        d.ellipse([bx - br, by - br, bx + br, by + br], fill=tuple(int(v) for v in rng.uniform(0, 255, 3)))
+    # The figure: a colour far enough from the local background to be visible.
+    r = rng.uniform(0.2, 0.42) * big
+    cx, cy = rng.uniform(r, big - r), rng.uniform(r, big - r)
+    bg_here = background[int(cy), int(cx)]
+    colour = rng.uniform(0, 255, 3)
+    for _ in range(20):
+        if np.abs(colour - bg_here).sum() > 150:
+            break
+        colour = rng.uniform(0, 255, 3)
+    KINDS[kind](d, cx, cy, r, rng.uniform(0, 2 * math.pi), tuple(int(v) for v in colour), rng)
+    img = img.resize((size, size), Image.Resampling.BILINEAR)
+    noisy = np.asarray(img, dtype=np.float32) + rng.normal(0, rng.uniform(4, 16), (size, size, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+def write_imagefolder(
+    root: str | Path,
+    *,
+    num_classes: int = 6,
+    train_per_class: int = 200,
+    val_per_class: int = 50,
+    size: int = 64,
+    seed: int = 0,
+) -> Path:
+    """Write ``root/{train,val}/<class>/<index>.jpg`` and return ``root``.
+
+    Args:
+        root: output folder (created; existing files with the same names are overwritten).
+        num_classes: how many of :data:`KINDS` to use (at most ``len(KINDS)``).
+        train_per_class: training images per class.
+        val_per_class: validation images per class (drawn from other random streams).
+        size: side of the square images in pixels.
+        seed: the dataset seed; the same seed writes the same files.
+    """
+    if not 1 <= num_classes <= len(KINDS):
+        raise ValueError(f"num_classes must be between 1 and {len(KINDS)}, got {num_classes}")
+    if size < 16:
+        raise ValueError(f"size must be at least 16 pixels, got {size}")
+    root = Path(root)
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for label, kind in enumerate(list(KINDS)[:num_classes]):
+            folder = root / split / kind
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                rng = np.random.default_rng([seed, _SPLITS[split], label, i])
+                draw_image(kind, size, rng).save(folder / f"{kind}_{i:05d}.jpg", quality=92)
+    return root

@@ -1,0 +1,164 @@
+"""Official Cityscapes evaluation of an LR-ASPP checkpoint.
+
+    python scripts/eval_cityscapes.py --weights W --arch large|small --variant paper|torchvision \
+        --root DIR --split val --export-dir OUT [--device cpu|cuda] [--visualize DIR] [--json OUT]
+
+Runs the model over the split at full resolution (progress bar), writes one single-channel labelId
+PNG per image to ``OUT`` (``<city>_<seq>_<frame>_leftImg8bit.png``, full size), runs
+cityscapesscripts' own ``evalPixelLevelSemanticLabeling`` on them, and prints the official
+per-class IoU and mean next to our torchmetrics mIoU (they must agree), the latency at
+``--latency-size`` (1024x2048 by default) and params/MAdds.
+
+Both means average over the classes that occur in the ground truth or the predictions (the
+official evaluator skips NaN classes, torchmetrics drops classes with an empty union): on the
+real val split that is all 19 classes; on generated data, the classes the scenes contain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from mbv3_dense.complexity import count_madds, count_params
+from mbv3_dense.image_io import read_image_rgb
+from mbv3_dense.latency import measure_latency
+from segmentation.cityscapes import list_split, read_train_ids
+from segmentation.labels import CLASS_NAMES, IGNORE_INDEX, colorize, train_ids_to_label_ids
+from segmentation.model import lraspp_mobilenet_v3_large, lraspp_mobilenet_v3_small
+from segmentation.module import miou_metric
+from segmentation.transforms import eval_transform
+
+
+class OfficialEvaluationError(RuntimeError):
+    """cityscapesscripts' evaluator stopped (it calls ``sys.exit`` on errors); carries its message."""
+
+
+def official_evaluation(predictions: list[Path], ground_truths: list[Path], export_file: Path,
+                        *, quiet: bool = False) -> dict:
+    """Run ``evalPixelLevelSemanticLabeling.evaluateImgLists`` on labelId PNGs; returns its result dict.
+
+    Instance-level scores are switched off: they need ``*_instanceIds.png`` and call ``np.in1d``,
+    which numpy 2.4 removed (../shared/REFERENCE.md). The evaluator's ``sys.exit`` on bad input
+    becomes an :class:`OfficialEvaluationError` with its printed message.
+    """
+    from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as official
+
+    args = official.args
+    args.evalInstLevelScore = False
+    args.evalPixelAccuracy = False
+    args.JSONOutput = True
+    args.exportFile = str(export_file)
+    args.quiet = quiet
+    args.colorized = False
+    args.bold = args.nocol = ""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured if quiet else sys.stdout):
+            return official.evaluateImgLists([str(p) for p in predictions], [str(p) for p in ground_truths], args)
+    except SystemExit as err:
+        raise OfficialEvaluationError(
+            f"cityscapesscripts' evaluator stopped: {captured.getvalue().strip()[-500:] or err}") from err
+
+
+def build_model(arch: str, variant: str, weights: str):
+    factory = {"large": lraspp_mobilenet_v3_large, "small": lraspp_mobilenet_v3_small}[arch]
+    num_classes = 19
+    if variant == "torchvision":
+        # torchvision's COCO/VOC checkpoints have 21 classes; ours (Cityscapes) 19: read it from the file.
+        from mbv3_dense.weights import extract_state_dict, read_checkpoint
+        from segmentation.weights import to_lraspp_layout
+
+        state, container = extract_state_dict(read_checkpoint(weights), weights)
+        num_classes = to_lraspp_layout(state, container, weights)["head.low_classifier.weight"].shape[0]
+    return factory(num_classes=num_classes, variant=variant, weights=weights)
+
+
+def overlay(image: np.ndarray, train_ids: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend the Cityscapes palette over the image."""
+    return (image * (1 - alpha) + colorize(train_ids) * alpha).astype(np.uint8)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", required=True, help="our .ckpt or a torchvision LR-ASPP state dict")
+    parser.add_argument("--arch", choices=("large", "small"), required=True)
+    parser.add_argument("--variant", choices=("paper", "torchvision"), default="paper")
+    parser.add_argument("--root", type=Path, required=True, help="Cityscapes root (leftImg8bit/, gtFine/)")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--export-dir", type=Path, required=True, help="where the labelId PNGs are written")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--visualize", type=Path, default=None, help="write colour overlays (PNG) here")
+    parser.add_argument("--json", type=Path, default=None, help="write a summary JSON here")
+    parser.add_argument("--latency-size", type=int, nargs=2, default=(1024, 2048), metavar=("H", "W"))
+    parser.add_argument("--latency-runs", type=int, default=5)
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    model = build_model(args.arch, args.variant, args.weights).to(device).eval()
+    pairs = list_split(args.root, args.split)
+    args.export_dir.mkdir(parents=True, exist_ok=True)
+    if args.visualize:
+        args.visualize.mkdir(parents=True, exist_ok=True)
+    transform = eval_transform()
+    metric = miou_metric().to(device)
+    predictions = []
+    with torch.inference_mode():
+        for image_path, label_path in tqdm(pairs, desc=f"LR-ASPP on {args.split}", unit="img"):
+            image = read_image_rgb(image_path)
+            target = torch.as_tensor(read_train_ids(label_path), dtype=torch.int64, device=device)
+            x = transform(image=image)["image"].unsqueeze(0).to(device)
+            pred = model(x).argmax(1)[0]
+            metric.update(pred[None], target[None])
+            train_ids = pred.cpu().numpy().astype(np.uint8)
+            out = args.export_dir / image_path.name
+            Image.fromarray(train_ids_to_label_ids(train_ids), mode="L").save(out)
+            predictions.append(out)
+            if args.visualize:
+                Image.fromarray(overlay(image, train_ids)).save(args.visualize / image_path.name)
+    ours = float(metric.compute())
+
+    results = official_evaluation(predictions, [label for _, label in pairs],
+                                  args.export_dir / "resultPixelLevelSemanticLabeling.json")
+    class_scores = results["classScores"]
+    official_mean = results["averageScoreClasses"]
+    present = [name for name in CLASS_NAMES if not math.isnan(class_scores[name])]
+
+    example = torch.randn(1, 3, *args.latency_size, device=device)
+    latency = measure_latency(model, example, warmup=2, runs=args.latency_runs)
+    params = count_params(model)
+    madds = count_madds(model, example)
+
+    print("\nofficial per-class IoU (cityscapesscripts):")
+    for name in CLASS_NAMES:
+        score = class_scores[name]
+        print(f"  {name:<14} {'   n/a' if math.isnan(score) else f'{score:6.4f}'}")
+    print(f"official mIoU:    {official_mean:.4f}  (over {len(present)} classes present: {', '.join(present)})")
+    print(f"torchmetrics mIoU: {ours:.4f}  (MulticlassJaccardIndex, ignore_index={IGNORE_INDEX})")
+    agree = abs(official_mean - ours) < 1e-4
+    print("the two means agree" if agree else f"WARNING: the means differ by {official_mean - ours:+.6f}")
+    h, w = args.latency_size
+    print(f"latency at {h}x{w}, batch 1, {latency.device}, {latency.threads} threads: "
+          f"median {latency.median_ms:.1f} ms (p90 {latency.p90_ms:.1f} ms)")
+    print(f"params {params / 1e6:.3f}M, MAdds at {h}x{w}: {madds / 1e9:.3f}G")
+    if args.json:
+        summary = {"metric": ours, "metric_name": "mIoU", "official_miou": official_mean,
+                   "classes_present": present, "per_class_iou": {n: class_scores[n] for n in present},
+                   "latency_ms": latency.median_ms, "latency_size": [h, w], "params_M": params / 1e6,
+                   "madds_G": madds / 1e9, "images": len(pairs)}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=2))
+    return 0 if agree else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Evaluate a classifier on an ImageFolder ``val`` split: top-1/top-5, latency, params and MAdds.
+
+    python scripts/eval_classify.py --weights W --arch large|small --root DIR [--split val]
+        [--image-size 224] [--device cpu|cuda] [--json OUT] [--visualize DIR]
+
+``--weights`` takes any checkpoint the classifier loads (torchvision, mmpretrain, timm, our
+``.ckpt``); the class count is read from it. Class indices follow the sorted folder names of
+``DIR/train`` (as in training), or of the split itself when there is no ``train`` folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from torchmetrics.classification import MulticlassAccuracy
+from tqdm import tqdm
+
+from mbv3_dense import mobilenet_v3_large, mobilenet_v3_small
+from mbv3_dense.classification_data import (
+    ImageFolderDataset,
+    collate_skipping,
+    eval_transform,
+    find_classes,
+    scan_image_folder,
+)
+from mbv3_dense.complexity import count_madds, count_params
+from mbv3_dense.latency import measure_latency
+from mbv3_dense.weights import WeightsError, extract_state_dict, read_checkpoint, to_classifier_layout
+
+BUILDERS = {"large": mobilenet_v3_large, "small": mobilenet_v3_small}
+
+
+def checkpoint_num_classes(path: Path, arch: str) -> int:
+    probe = BUILDERS[arch]()
+    state, container = extract_state_dict(read_checkpoint(path), path)
+    state, _ = to_classifier_layout(state, container, probe.backbone.features, str(path))
+    if "classifier.3.weight" not in state:
+        raise WeightsError(f"{path}: no classifier head (classifier.3.weight) to read the class count from")
+    return int(state["classifier.3.weight"].shape[0])
+
+
+def save_grid(images: list[torch.Tensor], titles: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(8, len(images))
+    rows = (len(images) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(1.8 * cols, 2.0 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title in zip(axes.flat, images, titles, strict=False):
+        ax.imshow(image.permute(1, 2, 0).numpy())
+        ax.set_title(title, fontsize=7, color="green" if "ok" in title else "red")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", type=Path, required=True)
+    p.add_argument("--arch", choices=sorted(BUILDERS), default="large")
+    p.add_argument("--root", type=Path, required=True)
+    p.add_argument("--split", default="val")
+    p.add_argument("--image-size", type=int, default=224, help="centre-crop size (also the latency input)")
+    p.add_argument("--resize-size", type=int, default=None, help="short side before the crop (default size*256/224)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--latency-runs", type=int, default=20)
+    p.add_argument("--json", type=Path, default=None, help="write the summary as JSON here")
+    p.add_argument("--visualize", type=Path, default=None, help="save a grid of predictions as PNG here")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    num_classes = checkpoint_num_classes(args.weights, args.arch)
+    model = BUILDERS[args.arch](num_classes=num_classes, weights=args.weights).eval().to(device)
+    class_dir = args.root / "train" if (args.root / "train").is_dir() else args.root / args.split
+    classes = find_classes(class_dir)
+    if len(classes) != num_classes:
+        raise SystemExit(f"{class_dir} has {len(classes)} classes but {args.weights} predicts {num_classes}")
+    scan = scan_image_folder(args.root / args.split, {c: i for i, c in enumerate(classes)})
+    resize = args.resize_size or round(args.image_size * 256 / 224)
+    dataset = ImageFolderDataset(scan.samples, eval_transform(resize_size=resize, crop_size=args.image_size))
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_skipping)
+    top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro").to(device)
+    top5 = MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes), average="micro").to(device)
+    shown: list[tuple[torch.Tensor, str]] = []
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc=f"eval {args.split}", unit="batch"):
+            images, labels = batch.images.to(device), batch.labels.to(device)
+            logits = model(images)
+            top1.update(logits, labels)
+            top5.update(logits, labels)
+            if args.visualize and len(shown) < 16:
+                pred = logits.argmax(1)
+                mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+                std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+                for img, y, t in zip(images.cpu(), pred.cpu(), labels.cpu(), strict=True):
+                    if len(shown) < 16:
+                        mark = "ok" if y == t else f"true {classes[t]}"
+                        shown.append(((img * std + mean).clamp(0, 1), f"{classes[y]} ({mark})"))
+    example = torch.rand(1, 3, args.image_size, args.image_size, device=device)
+    latency = measure_latency(model, example, runs=args.latency_runs)
+    summary = {
+        "task": "classify", "metric_name": "top1", "metric": float(top1.compute()),
+        "top1": float(top1.compute()), "top5": float(top5.compute()), "images": len(dataset),
+        "latency_ms": latency.median_ms, "latency_p90_ms": latency.p90_ms,
+        "latency_input": [args.image_size, args.image_size], "device": latency.device, "threads": latency.threads,
+        "params_M": count_params(model) / 1e6, "madds_G": count_madds(model, example) / 1e9,
+    }
+    print(f"top-1 {summary['top1']:.4f}  top-5 {summary['top5']:.4f}  on {len(dataset)} images of {args.split}")
+    print(f"latency (batch 1, {args.image_size}x{args.image_size}, {latency.device}, {latency.threads} threads): "
+          f"median {latency.median_ms:.2f} ms, p90 {latency.p90_ms:.2f} ms")
+    print(f"params {summary['params_M']:.3f}M  MAdds {summary['madds_G']:.4f}G")
+    if args.visualize and shown:
+        path = args.visualize / "predictions.png"
+        save_grid([img for img, _ in shown], [t for _, t in shown], path)
+        print(f"predictions drawn in {path}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Evaluate an SSDLite checkpoint on a COCO-format dataset with the official COCO metric.
+
+    python scripts/eval_coco.py --weights W --arch large|small --num-classes N \\
+        --images DIR --annotations FILE --results OUT.json [--device cpu|cuda] [--batch-size B] \\
+        [--backend pycocotools|faster_coco_eval] [--visualize DIR] [--json METRICS.json]
+
+Runs the model over every image of the annotation file (progress bar), writes OUT.json in the COCO
+results format (original category ids, XYWH boxes in original-image pixels), runs COCOeval and
+prints its 12-number summary, then the latency (batch 1, 320x320, end to end: resize, network,
+decoding, NMS) and params/MAdds (raw network at 320x320). ``--weights`` takes our Lightning
+``.ckpt``, our state dict or torchvision's ``ssdlite320_mobilenet_v3_large`` state dict. With no
+detections at all the metrics are reported as zeros (pycocotools' ``loadRes([])`` would raise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from detection import ssdlite_mobilenet_v3_large, ssdlite_mobilenet_v3_small  # noqa: E402
+from detection.coco import collate_eval, eval_dataset  # noqa: E402
+from mbv3_dense.complexity import count_madds, count_params  # noqa: E402
+from mbv3_dense.latency import measure_latency  # noqa: E402
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def coco_results(detections: list[dict[str, torch.Tensor]], image_ids: list[int], cmap) -> list[dict]:  # noqa: ANN001
+    """Detections (XYXY, model labels) -> COCO results entries (XYWH, category ids)."""
+    out = []
+    for det, image_id in zip(detections, image_ids, strict=True):
+        boxes = det["boxes"].cpu().double()
+        xywh = torch.cat((boxes[:, :2], boxes[:, 2:] - boxes[:, :2]), dim=1).tolist()
+        cats = cmap.to_category_ids(det["labels"].cpu()).tolist()
+        for box, score, cat in zip(xywh, det["scores"].cpu().tolist(), cats, strict=True):
+            out.append({"image_id": int(image_id), "category_id": int(cat),
+                        "bbox": [round(v, 3) for v in box], "score": round(float(score), 5)})
+    return out
+
+
+def coco_evaluate(annotations: str | Path, results: str | Path, backend: str = "pycocotools") -> np.ndarray:
+    """COCOeval (bbox) of a results file; prints the summary. Returns the 12 stats (zeros if no detections)."""
+    if not json.loads(Path(results).read_text()):
+        print("no detections: every metric is 0")
+        return np.zeros(12)
+    if backend == "faster_coco_eval":
+        from faster_coco_eval import COCO
+        from faster_coco_eval import COCOeval_faster as COCOeval
+    else:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(annotations))
+        dt = gt.loadRes(str(results))
+    evaluator = COCOeval(gt, dt, "bbox")
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator.evaluate()
+        evaluator.accumulate()
+    evaluator.summarize()
+    return np.asarray(evaluator.stats[:12], dtype=np.float64)
+
+
+def visualize(images: list[torch.Tensor], detections: list[dict], image_ids: list[int], cmap, names: dict,  # noqa: ANN001
+              out_dir: Path, threshold: float) -> None:
+    from PIL import Image, ImageDraw
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for img, det, image_id in zip(images, detections, image_ids, strict=True):
+        pil = Image.fromarray((img.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
+        draw = ImageDraw.Draw(pil)
+        keep = det["scores"] > threshold
+        cats = cmap.to_category_ids(det["labels"][keep].cpu()).tolist()
+        for box, score, cat in zip(det["boxes"][keep].tolist(), det["scores"][keep].tolist(), cats, strict=True):
+            draw.rectangle(box, outline=(255, 40, 40), width=2)
+            draw.text((box[0] + 3, box[1] + 2), f"{names.get(cat, cat)} {score:.2f}", fill=(255, 255, 0))
+        pil.save(out_dir / f"{image_id}.png")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", required=True, help="our .ckpt / state dict, or torchvision's SSDLite state dict")
+    p.add_argument("--arch", choices=("large", "small"), required=True)
+    p.add_argument("--num-classes", type=int, required=True,
+                   help="incl. background: 91 = label is the COCO id; categories + 1 = contiguous labels")
+    p.add_argument("--images", required=True, type=Path)
+    p.add_argument("--annotations", required=True, type=Path)
+    p.add_argument("--results", required=True, type=Path)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--width-mult", type=float, default=1.0)
+    p.add_argument("--no-reduced-tail", action="store_true", help="the backbone has the full-width tail")
+    p.add_argument("--score-activation", choices=("softmax", "sigmoid"), default="softmax",
+                   help="sigmoid for models trained with the focal loss")
+    p.add_argument("--backend", choices=("pycocotools", "faster_coco_eval"), default="pycocotools")
+    p.add_argument("--visualize", type=Path, default=None, help="write a few images with detections as PNG")
+    p.add_argument("--num-visualize", type=int, default=8)
+    p.add_argument("--vis-threshold", type=float, default=0.3)
+    p.add_argument("--json", type=Path, default=None, help="write the headline figures to this JSON file")
+    args = p.parse_args(argv)
+
+    build = ssdlite_mobilenet_v3_large if args.arch == "large" else ssdlite_mobilenet_v3_small
+    model = build(num_classes=args.num_classes, width_mult=args.width_mult, reduced_tail=not args.no_reduced_tail,
+                  weights=args.weights, score_activation=args.score_activation)
+    device = torch.device(args.device)
+    model.eval().to(device)
+    dataset, cmap = eval_dataset(args.images, args.annotations, args.num_classes)
+    names = {c["id"]: c["name"] for c in json.loads(args.annotations.read_text())["categories"]}
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_eval)
+
+    results: list[dict] = []
+    shown = 0
+    for images, targets in tqdm(loader, desc="detect", unit="batch"):
+        image_ids = [int(t["image_id"]) for t in targets]
+        detections = model.predict([img.to(device) for img in images])
+        results += coco_results(detections, image_ids, cmap)
+        if args.visualize is not None and shown < args.num_visualize:
+            n = args.num_visualize - shown
+            visualize(images[:n], detections[:n], image_ids[:n], cmap, names, args.visualize, args.vis_threshold)
+            shown += len(images[:n])
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(results))
+    print(f"wrote {len(results)} detections for {len(dataset)} images to {args.results}")
+
+    stats = coco_evaluate(args.annotations, args.results, args.backend)
+    example = torch.rand(1, 3, 320, 320, device=device)
+    latency = measure_latency(lambda x: model.predict(list(x)), example, warmup=3, runs=10)
+    params, madds = count_params(model), count_madds(model, model.normalize(example))
+    print(f"latency (batch 1, 320x320, end to end, {latency.device}, {latency.threads} threads): "
+          f"median {latency.median_ms:.1f} ms, p90 {latency.p90_ms:.1f} ms")
+    print(f"params {params / 1e6:.3f}M, MAdds {madds / 1e9:.3f}G (network at 320x320)")
+    summary = {"metric": float(stats[0]), "map_50": float(stats[1]), "map_75": float(stats[2]),
+               "stats": dict(zip(STAT_NAMES, (float(s) for s in stats), strict=True)),
+               "latency_ms": latency.median_ms, "params_M": params / 1e6, "madds_G": madds / 1e9,
+               "images": len(dataset), "detections": len(results)}
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Cityscapes on disk: the dataset over the official layout and the LightningDataModule.
+
+Layout (the official one)::
+
+    root/leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png
+    root/gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png
+
+Label files hold labelIds (8-bit, single channel); they are converted to trainIds (0..18,
+255 = ignore) here, at the edge, with :func:`segmentation.labels.label_ids_to_train_ids`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from mbv3_dense.image_io import ImageReadError, read_image_rgb, read_label_png
+from segmentation.labels import label_ids_to_train_ids
+from segmentation.transforms import eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIX = "_leftImg8bit.png"
+LABEL_SUFFIX = "_gtFine_labelIds.png"
+
+
+class CityscapesDataError(ValueError):
+    """The Cityscapes tree or one of its files is not what the layout promises; names the file(s)."""
+
+
+def label_path_for(image_path: Path, root: Path, split: str) -> Path:
+    """``leftImg8bit/<split>/<city>/X_leftImg8bit.png`` -> ``gtFine/<split>/<city>/X_gtFine_labelIds.png``."""
+    stem = image_path.name[: -len(IMAGE_SUFFIX)]
+    return root / "gtFine" / split / image_path.parent.name / f"{stem}{LABEL_SUFFIX}"
+
+
+def list_split(root: str | Path, split: str, *, require_labels: bool = True) -> list[tuple[Path, Path]]:
+    """Sorted ``(image, label)`` pairs of a split.
+
+    Raises:
+        CityscapesDataError: the split folder is missing or holds no ``*_leftImg8bit.png``, or an
+            image has no label file (naming both; only when ``require_labels``).
+    """
+    root = Path(root)
+    image_dir = root / "leftImg8bit" / split
+    if not image_dir.is_dir():
+        raise CityscapesDataError(f"{image_dir}: no such split folder (expected root/leftImg8bit/{split}/<city>/)")
+    images = sorted(image_dir.glob(f"*/*{IMAGE_SUFFIX}"))
+    if not images:
+        raise CityscapesDataError(f"{image_dir}: split folder holds no <city>/*{IMAGE_SUFFIX} images")
+    pairs = []
+    for image in images:
+        label = label_path_for(image, root, split)
+        if require_labels and not label.is_file():
+            raise CityscapesDataError(f"{image}: its label file {label} does not exist")
+        pairs.append((image, label))
+    return pairs
+
+
+def read_train_ids(label_path: Path) -> np.ndarray:
+    """Read a ``*_gtFine_labelIds.png`` and return ``[H, W]`` uint8 trainIds.
+
+    Raises:
+        ImageReadError: missing/corrupt file or a colour (RGB) label image.
+        CityscapesDataError: a 16-bit label image (labelIds are 8-bit; 16-bit files are usually
+            ``*_instanceIds.png``).
+    """
+    ids = read_label_png(label_path)
+    if ids.dtype != np.uint8:
+        raise CityscapesDataError(
+            f"{label_path}: label image is 16/32-bit; Cityscapes labelIds are 8-bit single-channel PNGs "
+            "(is this an *_instanceIds.png?)"
+        )
+    return label_ids_to_train_ids(ids, label_path)
+
+
+class CityscapesSegmentation(Dataset):
+    """Images and trainId masks of one split.
+
+    ``dataset[i]`` is ``(image, mask)`` after ``transform``: with the pipelines of
+    :mod:`segmentation.transforms`, a float ``[3, H, W]`` tensor and an int64 ``[H, W]`` tensor of
+    trainIds (255 = ignore).
+
+    Args:
+        root: the Cityscapes root folder.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        transform: an albumentations pipeline called as ``transform(image=..., mask=...)``.
+    """
+
+    def __init__(self, root: str | Path, split: str, transform: Callable[..., dict]) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.pairs = list_split(self.root, split)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        image_path, label_path = self.pairs[index]
+        image = read_image_rgb(image_path)
+        mask = read_train_ids(label_path)
+        if image.shape[:2] != mask.shape:
+            raise CityscapesDataError(
+                f"{image_path} is {image.shape[1]}x{image.shape[0]} (WxH) but its label {label_path} "
+                f"is {mask.shape[1]}x{mask.shape[0]}"
+            )
+        out = self.transform(image=image, mask=mask)
+        return out["image"], torch.as_tensor(out["mask"], dtype=torch.int64)
+
+
+class CityscapesDataModule(L.LightningDataModule):
+    """Cityscapes fine annotations for LR-ASPP training and validation.
+
+    Batches are ``(images [N, 3, H, W] float, masks [N, H, W] int64 trainIds, 255 = ignore)``.
+    Validation runs at full resolution. Under DDP, validation uses an unpadded distributed
+    sampler, so each image is counted once (a padded sampler would duplicate images, and the
+    synced confusion matrix would count them twice).
+
+    Args:
+        root: the Cityscapes root (``leftImg8bit/`` and ``gtFine/`` inside).
+        batch_size: training batch size per process.
+        val_batch_size: validation batch size per process (full-size images of one size).
+        num_workers: data loader workers.
+        crop_size: training crop ``(height, width)``; 769x769 is the paper's protocol.
+        scale_range: random scale factors for training.
+        hflip: random horizontal flips in training.
+        train_split: split used for training.
+        val_split: split used for validation.
+    """
+
+    def __init__(self, *, root: str, batch_size: int = 8, val_batch_size: int = 1, num_workers: int = 4,
+                 crop_size: tuple[int, int] = (769, 769), scale_range: tuple[float, float] = (0.5, 2.0),
+                 hflip: bool = True, train_split: str = "train", val_split: str = "val") -> None:
+        super().__init__()
+        self.root = Path(root)
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.num_workers = num_workers
+        self.crop_size = tuple(crop_size)
+        self.scale_range = tuple(scale_range)
+        self.hflip = hflip
+        self.train_split = train_split
+        self.val_split = val_split
+        self.train_set: CityscapesSegmentation | None = None
+        self.val_set: CityscapesSegmentation | None = None
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.train_set = CityscapesSegmentation(
+                self.root, self.train_split,
+                train_transform(crop_size=self.crop_size, scale_range=self.scale_range, hflip=self.hflip))
+            log.info("Cityscapes %s: %d images", self.train_split, len(self.train_set))
+        if stage in ("fit", "validate"):
+            self.val_set = CityscapesSegmentation(self.root, self.val_split, eval_transform())
+            log.info("Cityscapes %s: %d images", self.val_split, len(self.val_set))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        sampler = None
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            sampler = UnrepeatedDistributedSampler(self.val_set, num_replicas=trainer.world_size,
+                                                   rank=trainer.global_rank, shuffle=False)
+        return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False, sampler=sampler,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+
+__all__ = ["CityscapesDataError", "CityscapesDataModule", "CityscapesSegmentation", "ImageReadError",
+           "list_split", "read_train_ids"]

@@ -1,0 +1,99 @@
+"""The LightningModule where Cityscapes data and the LR-ASPP model meet: loss, metrics, poly LR.
+
+Logged: ``train/loss``, ``val/loss``, ``val/miou`` (mean IoU over the 19 trainIds that occur in
+the ground truth or the predictions, as the official evaluator averages), ``val/iou/<class>``
+(per class; 0 where a class is absent from both) and, from
+:class:`mbv3_dense.latency.LatencyCallback`, ``latency_ms`` at the configured size (1024x2048 in
+the paper's protocol).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassJaccardIndex
+
+from segmentation.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
+
+
+def segmentation_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Pixel-wise cross-entropy; ``logits [N, C, H, W]``, ``target [N, H, W]`` trainIds, 255 ignored.
+
+    Returns 0 (with a gradient) when every pixel is ignored, instead of NaN.
+    """
+    if not (target != IGNORE_INDEX).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+
+
+def miou_metric() -> MulticlassJaccardIndex:
+    """mIoU over the 19 trainIds, 255 ignored; classes absent from ground truth and predictions are
+    left out of the mean (as the official evaluator's NaN-skipping average)."""
+    return MulticlassJaccardIndex(num_classes=NUM_CLASSES, ignore_index=IGNORE_INDEX, average="macro")
+
+
+class SegmentationModule(LightningModule):
+    """Trains and validates an LR-ASPP model on Cityscapes trainIds.
+
+    Batches: ``(images [N, 3, H, W] float, masks [N, H, W] int64 trainIds, 255 = ignore)``.
+
+    Args:
+        model: the network (e.g. :func:`segmentation.lraspp_mobilenet_v3_large`); its forward returns
+            logits ``[N, 19, H, W]`` at input size.
+        optimizer: builds the optimizer from the parameters.
+        scheduler: builds the LR scheduler; stepped every iteration (poly LR:
+            ``torch.optim.lr_scheduler.PolynomialLR(total_iters=<max_steps>, power=0.9)``).
+    """
+
+    def __init__(self, *, model: nn.Module, optimizer: OptimizerCallable = torch.optim.SGD,
+                 scheduler: LRSchedulerCallable | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.val_miou = miou_metric()
+        self.val_iou = MulticlassJaccardIndex(num_classes=NUM_CLASSES, ignore_index=IGNORE_INDEX, average="none")
+        self.val_loss = MeanMetric()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def example_input(self, height: int, width: int) -> Tensor:
+        """A normalised-looking ``[1, 3, height, width]`` input for latency and MAdds."""
+        return torch.randn(1, 3, height, width)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, masks = batch
+        loss = segmentation_loss(self.model(images), masks)
+        self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        images, masks = batch
+        logits = self.model(images)
+        self.val_loss.update(segmentation_loss(logits, masks), weight=images.shape[0])
+        preds = logits.argmax(1)
+        self.val_miou.update(preds, masks)
+        self.val_iou.update(preds, masks)
+
+    def on_validation_epoch_end(self) -> None:
+        # compute() syncs the confusion matrices across processes (every rank calls it).
+        per_class = self.val_iou.compute()
+        self.log("val/miou", self.val_miou.compute(), prog_bar=True)
+        metrics = {"val/loss": self.val_loss.compute()}
+        metrics.update({f"val/iou/{name}": per_class[i] for i, name in enumerate(CLASS_NAMES)})
+        self.log_dict(metrics)
+        for metric in (self.val_miou, self.val_iou, self.val_loss):
+            metric.reset()
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer(self.parameters())
+        if self.scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "step", "frequency": 1}}

@@ -1,0 +1,92 @@
+"""The pretraining command through the real entry point, on a tiny generated ImageFolder."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mbv3_dense.synthetic import write_imagefolder
+
+REPO = Path(__file__).resolve().parents[1]
+LIGHTNING = Path(sys.executable).parent / "lightning"
+SMALL = str(REPO / "configs/mobilenet_v3_small_imagenet.yaml")
+LARGE = str(REPO / "configs/mobilenet_v3_large_imagenet.yaml")
+DEMO = str(REPO / "configs/demo/classify.yaml")
+# Shrinks the demo run to seconds: 3 classes, 32 px, a narrow network, no worker processes.
+TINY = ["--model.init_args.model.init_args.num_classes", "3", "--model.init_args.model.init_args.width_mult",
+        "0.5", "--data.num_workers", "0", "--data.batch_size", "4", "--data.crop_size", "32",
+        "--data.val_resize_size", "32", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false"]
+
+
+def lightning(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(LIGHTNING), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"lightning {' '.join(args)} failed:\n{result.stdout}\n{result.stderr[-4000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("imagefolder")
+    return write_imagefolder(root, num_classes=3, train_per_class=6, val_per_class=3, size=40, seed=3)
+
+
+def test_print_config_carries_the_recipe(tmp_path: Path) -> None:
+    out = lightning("fit", "-c", LARGE, "--data.root", "/data/imagenet", "--print_config", cwd=tmp_path).stdout
+    for expected in ("torch.optim.RMSprop", "lr: 0.064", "alpha: 0.9", "eps: 0.0316", "momentum: 0.9",
+                     "weight_decay: 1.0e-05", "torch.optim.lr_scheduler.StepLR", "step_size: 2", "gamma: 0.973",
+                     "max_epochs: 600", "auto_augment: true", "random_erase: 0.2", "dropout: 0.2",
+                     "ema_decay: 0.9999", "weight_decay_norm_bias: false", "root: /data/imagenet",
+                     "mbv3_dense.latency.LatencyCallback", "monitor: val/top1", "save_last: true"):
+        assert expected in out, expected
+
+
+def test_small_config_is_the_large_recipe_with_the_small_model() -> None:
+    large = Path(LARGE).read_text().replace("mobilenet_v3_large", "X").replace("MobileNetV3-Large", "X")
+    small = Path(SMALL).read_text().replace("mobilenet_v3_small", "X").replace("MobileNetV3-Small", "X")
+    assert large == small
+
+
+def test_fast_dev_run(data: Path, tmp_path: Path) -> None:
+    result = lightning("fit", "-c", SMALL, "-c", DEMO, "--data.root", str(data), "--trainer.fast_dev_run", "2",
+                       *TINY, cwd=tmp_path)
+    assert "latency" in result.stderr
+
+
+def test_fit_validate_and_resume(data: Path, tmp_path: Path) -> None:
+    common = ["-c", SMALL, "-c", DEMO, "--data.root", str(data), *TINY, "--trainer.limit_train_batches", "2",
+              "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
+              "--model.init_args.ema_decay", "0.9"]
+    lightning("fit", *common, "--trainer.max_epochs", "1", cwd=tmp_path)
+    last = tmp_path / "runs/demo_classify/checkpoints/last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 0 and ckpt["global_step"] == 2
+    assert any(k.startswith("model_ema.") for k in ckpt["state_dict"])
+
+    result = lightning("validate", *common, "--ckpt_path", str(last), cwd=tmp_path)
+    assert "val/top1" in result.stdout
+
+    lightning("fit", *common, "--trainer.max_epochs", "2", "--ckpt_path", "last", cwd=tmp_path)
+    resumed = torch.load(last, map_location="cpu", weights_only=True)
+    assert resumed["epoch"] == 1 and resumed["global_step"] == 4  # continued, not restarted
+    before, after = ckpt["state_dict"], resumed["state_dict"]
+    key = "model_ema.classifier.3.weight"
+    assert not torch.equal(before[key], after[key])
+
+
+def test_wrong_class_count_is_explained(data: Path) -> None:
+    import lightning as L
+
+    import mbv3_dense
+    from mbv3_dense.classification import ClassificationModule
+    from mbv3_dense.classification_data import ImageNetDataModule
+
+    module = ClassificationModule(model=mbv3_dense.mobilenet_v3_small(num_classes=5, width_mult=0.5))
+    dm = ImageNetDataModule(root=data, batch_size=2, num_workers=0, crop_size=32, val_resize_size=32)
+    trainer = L.Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="the data has 3 classes"):
+        trainer.fit(module, datamodule=dm)
