@@ -131,7 +131,7 @@ def evaluate(spec: Task, data: Path, run_dir: Path, out: Path, quick: bool) -> d
     pictures = out / "pictures" / spec.name
     if spec.name == "detect":
         run([python(), "scripts/eval_coco.py", "--weights", str(ckpt), "--arch", "small",
-             "--num-classes", "0", "--images", str(data / "val2017"),
+             "--num-classes", "5", "--images", str(data / "val2017"),
              "--annotations", str(data / "annotations" / "instances_val2017.json"),
              "--results", str(run_dir / "coco_results.json"), "--json", str(summary_path),
              "--visualize", str(pictures)] + (["--latency-runs", "3"] if quick else []))

@@ -30,6 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mbv3_dense.complexity import count_madds, count_params
+from mbv3_dense.deploy import BACKENDS, make_backend
 from mbv3_dense.image_io import read_image_rgb
 from mbv3_dense.latency import measure_latency
 from segmentation.cityscapes import list_split, read_train_ids
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write a summary JSON here")
     parser.add_argument("--latency-size", type=int, nargs=2, default=(1024, 2048), metavar=("H", "W"))
     parser.add_argument("--latency-runs", type=int, default=5)
+    parser.add_argument("--backend", choices=BACKENDS, default="torch",
+                        help="runtime of the network (onnxruntime: exported once per input size, CPU)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -110,6 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.visualize:
         args.visualize.mkdir(parents=True, exist_ok=True)
     transform = eval_transform()
+    runtimes: dict[tuple[int, ...], object] = {}
+
+    def network(x: torch.Tensor) -> torch.Tensor:
+        """The model on the chosen runtime; ONNX graphs have a fixed size, so one per input shape."""
+        if args.backend == "torch":
+            return model(x)
+        if tuple(x.shape) not in runtimes:
+            runtimes[tuple(x.shape)] = make_backend(args.backend, model, x)
+        return runtimes[tuple(x.shape)](x)
+
     metric = miou_metric().to(device)
     predictions = []
     with torch.inference_mode():
@@ -117,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             image = read_image_rgb(image_path)
             target = torch.as_tensor(read_train_ids(label_path), dtype=torch.int64, device=device)
             x = transform(image=image)["image"].unsqueeze(0).to(device)
-            pred = model(x).argmax(1)[0]
+            pred = network(x).argmax(1)[0]
             metric.update(pred[None], target[None])
             train_ids = pred.cpu().numpy().astype(np.uint8)
             out = args.export_dir / image_path.name
@@ -134,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     present = [name for name in CLASS_NAMES if not math.isnan(class_scores[name])]
 
     example = torch.randn(1, 3, *args.latency_size, device=device)
-    latency = measure_latency(model, example, warmup=2, runs=args.latency_runs)
+    latency = measure_latency(network, example, warmup=2, runs=args.latency_runs)
     params = count_params(model)
     madds = count_madds(model, example)
 
@@ -147,13 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     agree = abs(official_mean - ours) < 1e-4
     print("the two means agree" if agree else f"WARNING: the means differ by {official_mean - ours:+.6f}")
     h, w = args.latency_size
-    print(f"latency at {h}x{w}, batch 1, {latency.device}, {latency.threads} threads: "
+    print(f"latency ({args.backend}) at {h}x{w}, batch 1, {latency.device}, {latency.threads} threads: "
           f"median {latency.median_ms:.1f} ms (p90 {latency.p90_ms:.1f} ms)")
     print(f"params {params / 1e6:.3f}M, MAdds at {h}x{w}: {madds / 1e9:.3f}G")
     if args.json:
         summary = {"metric": ours, "metric_name": "mIoU", "official_miou": official_mean,
                    "classes_present": present, "per_class_iou": {n: class_scores[n] for n in present},
-                   "latency_ms": latency.median_ms, "latency_size": [h, w], "params_M": params / 1e6,
+                   "latency_ms": latency.median_ms, "latency_p90_ms": latency.p90_ms,
+                   "latency_input": [h, w], "backend": args.backend, "params_M": params / 1e6,
                    "madds_G": madds / 1e9, "images": len(pairs)}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2))

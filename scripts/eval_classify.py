@@ -29,6 +29,7 @@ from mbv3_dense.classification_data import (
     scan_image_folder,
 )
 from mbv3_dense.complexity import count_madds, count_params
+from mbv3_dense.deploy import BACKENDS, make_backend
 from mbv3_dense.latency import measure_latency
 from mbv3_dense.weights import WeightsError, extract_state_dict, read_checkpoint, to_classifier_layout
 
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--latency-runs", type=int, default=20)
+    p.add_argument("--backend", choices=BACKENDS, default="torch", help="runtime of the network")
     p.add_argument("--json", type=Path, default=None, help="write the summary as JSON here")
     p.add_argument("--visualize", type=Path, default=None, help="save a grid of predictions as PNG here")
     args = p.parse_args(argv)
@@ -93,11 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_skipping)
     top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro").to(device)
     top5 = MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes), average="micro").to(device)
+    example = torch.rand(1, 3, args.image_size, args.image_size, device=device)
+    net = model if args.backend == "torch" else make_backend(args.backend, model, example)
     shown: list[tuple[torch.Tensor, str]] = []
     with torch.inference_mode():
         for batch in tqdm(loader, desc=f"eval {args.split}", unit="batch"):
             images, labels = batch.images.to(device), batch.labels.to(device)
-            logits = model(images)
+            logits = net(images)
             top1.update(logits, labels)
             top5.update(logits, labels)
             if args.visualize and len(shown) < 16:
@@ -108,17 +112,18 @@ def main(argv: list[str] | None = None) -> int:
                     if len(shown) < 16:
                         mark = "ok" if y == t else f"true {classes[t]}"
                         shown.append(((img * std + mean).clamp(0, 1), f"{classes[y]} ({mark})"))
-    example = torch.rand(1, 3, args.image_size, args.image_size, device=device)
-    latency = measure_latency(model, example, runs=args.latency_runs)
+    latency = measure_latency(net, example, runs=args.latency_runs)
     summary = {
         "task": "classify", "metric_name": "top1", "metric": float(top1.compute()),
         "top1": float(top1.compute()), "top5": float(top5.compute()), "images": len(dataset),
         "latency_ms": latency.median_ms, "latency_p90_ms": latency.p90_ms,
         "latency_input": [args.image_size, args.image_size], "device": latency.device, "threads": latency.threads,
+        "backend": args.backend,
         "params_M": count_params(model) / 1e6, "madds_G": count_madds(model, example) / 1e9,
     }
     print(f"top-1 {summary['top1']:.4f}  top-5 {summary['top5']:.4f}  on {len(dataset)} images of {args.split}")
-    print(f"latency (batch 1, {args.image_size}x{args.image_size}, {latency.device}, {latency.threads} threads): "
+    size = f"{args.image_size}x{args.image_size}"
+    print(f"latency ({args.backend}, batch 1, {size}, {latency.device}, {latency.threads} threads): "
           f"median {latency.median_ms:.2f} ms, p90 {latency.p90_ms:.2f} ms")
     print(f"params {summary['params_M']:.3f}M  MAdds {summary['madds_G']:.4f}G")
     if args.visualize and shown:

@@ -6,9 +6,8 @@ import pytest
 import torch
 from parity_utils import calibrate_and_perturb
 
+import detection
 from mbv3_dense.deploy import OnnxModel, export_onnx, make_backend
-
-detection = pytest.importorskip("detection")
 
 
 @pytest.fixture(scope="module")

@@ -6,19 +6,11 @@ import pytest
 import torch
 from parity_utils import assert_input_dependent, calibrate_and_perturb
 
+import segmentation
 from mbv3_dense.deploy import OnnxModel, compare_outputs, export_onnx
 
-segmentation = pytest.importorskip("segmentation")
 
-
-PAPER_XFAIL = pytest.mark.xfail(
-    strict=False,
-    reason="the paper variant's ClampedAvgPool2d computes its window from x.shape, which the ONNX tracer records "
-    "as tensors; it exports once the window is computed from int(x.shape[-2]), int(x.shape[-1])",
-)
-
-
-@pytest.mark.parametrize("variant", [pytest.param("paper", marks=PAPER_XFAIL), "torchvision"])
+@pytest.mark.parametrize("variant", ["paper", "torchvision"])
 @torch.no_grad()
 def test_lraspp_onnx_matches_pytorch(variant, tmp_path):
     torch.manual_seed(0)
