@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from detection.transforms import train_transform
 from mbv3_dense.image_io import read_image_rgb
+from mbv3_dense.sampling import ResumableRandomSampler, global_seed
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +116,59 @@ class LoadStats:
     notes: list[str] = field(default_factory=list)
 
 
+_IMAGE_KEYS = ("id", "file_name", "height", "width")
+_ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox")
+
+
+def validate_coco_dict(data: object, source: str) -> None:
+    """Check the structure of a parsed instances file before pycocotools indexes it.
+
+    Raises:
+        AnnotationError: naming ``source`` and the first offending entry: a missing top-level key
+            (``images``, ``annotations``, ``categories``), an entry without a required key, a
+            ``bbox`` that is not four numbers, a duplicate image or annotation id, or annotations
+            whose ``image_id`` is not among the images (counted, first ones named).
+    """
+    if not isinstance(data, dict):
+        raise AnnotationError(f"{source}: expected a JSON object with images/annotations/categories, "
+                              f"got {type(data).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise AnnotationError(f"{source}: missing or non-list top-level key {key!r} (is this an instances "
+                                  "file? image_info_*.json files have no annotations)")
+    for kind, entries, keys in (("image", data["images"], _IMAGE_KEYS),
+                                ("annotation", data["annotations"], _ANNOTATION_KEYS),
+                                ("category", data["categories"], ("id",))):
+        for i, entry in enumerate(entries):
+            missing = [k for k in keys if not isinstance(entry, dict) or k not in entry]
+            if missing:
+                ident = entry.get("id", f"#{i}") if isinstance(entry, dict) else f"#{i}"
+                raise AnnotationError(f"{source}: {kind} {ident} has no {', '.join(missing)}")
+    for kind, entries in (("image", data["images"]), ("annotation", data["annotations"])):
+        seen: set = set()
+        for entry in entries:
+            if entry["id"] in seen:
+                raise AnnotationError(f"{source}: duplicate {kind} id {entry['id']}")
+            seen.add(entry["id"])
+    image_ids = {img["id"] for img in data["images"]}
+    orphans = [a for a in data["annotations"] if a["image_id"] not in image_ids]
+    if orphans:
+        first = ", ".join(f"annotation {a['id']} -> image {a['image_id']}" for a in orphans[:3])
+        raise AnnotationError(f"{source}: {len(orphans)} annotations refer to images that are not in 'images' "
+                              f"({first}{', ...' if len(orphans) > 3 else ''})")
+    for ann in data["annotations"]:
+        box = ann["bbox"]
+        if (not isinstance(box, list) or len(box) != 4
+                or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)):
+            raise AnnotationError(f"{source}: annotation {ann['id']} of image {ann['image_id']}: bbox {box!r} "
+                                  "is not four finite numbers [x, y, width, height]")
+
+
+def missing_image_files(records: list[ImageRecord]) -> list[Path]:
+    """The records whose image file does not exist (one ``stat`` each)."""
+    return [r.path for r in records if not r.path.is_file()]
+
+
 def load_coco(annotation_file: str | Path, images_dir: str | Path, num_classes: int,
               min_box_size: float = 1.0) -> tuple[list[ImageRecord], CategoryMap, LoadStats]:
     """Read a COCO instances file into records, clamping boxes to the image.
@@ -121,16 +177,22 @@ def load_coco(annotation_file: str | Path, images_dir: str | Path, num_classes: 
     pixels after clamping (degenerate, or entirely outside) are dropped. Both are counted.
 
     Raises:
-        AnnotationError: unreadable file, missing keys, or an unknown ``category_id`` (named).
+        AnnotationError: unreadable or malformed JSON, missing keys, malformed boxes, duplicate image
+            ids, annotations of images that are not listed, or an unknown ``category_id`` (each named
+            with the file and the entry).
     """
     annotation_file, images_dir = Path(annotation_file), Path(images_dir)
     if not annotation_file.is_file():
         raise AnnotationError(f"{annotation_file}: annotation file not found")
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco = COCO(str(annotation_file))
-    except (ValueError, KeyError, TypeError) as err:
-        raise AnnotationError(f"{annotation_file}: not a COCO instances file ({err!r})") from err
+        data = json.loads(annotation_file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise AnnotationError(f"{annotation_file}: not valid JSON ({err})") from err
+    validate_coco_dict(data, str(annotation_file))
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
     cmap = CategoryMap(coco.getCatIds(), num_classes, str(annotation_file))
     stats = LoadStats()
     records = []
@@ -297,6 +359,12 @@ class CocoDataModule(L.LightningDataModule):
         images, annotations = self.paths[split]
         records, cmap, stats = load_coco(annotations, images, self.num_classes, self.min_box_size)
         self.category_map = cmap
+        missing = missing_image_files(records)
+        if missing:
+            raise AnnotationError(f"{annotations}: {len(missing)} of {len(records)} listed images are missing from "
+                                  f"{images} (first: {', '.join(str(p) for p in missing[:3])})")
+        if not records:
+            raise AnnotationError(f"{annotations}: lists no images")
         log.info("%s: %d images, %d boxes (%d crowd); %d boxes clamped to the image, %d degenerate or "
                  "outside boxes dropped; %d images without a non-crowd box", annotations, stats.images,
                  stats.boxes, stats.crowd, stats.clamped, stats.dropped_degenerate, stats.images_without_boxes)
@@ -306,6 +374,9 @@ class CocoDataModule(L.LightningDataModule):
         if stage == "fit" and self.train_set is None:
             records = self._load("train")
             self.train_set = CocoTrainDataset(records, self.transform)
+            if not len(self.train_set):
+                raise AnnotationError(f"{self.paths['train'][1]}: no image has a usable (non-crowd, non-degenerate) "
+                                      "box: nothing to train on (empty or fully filtered annotation list)")
             log.info("training on %d images; %d images without a non-crowd box dropped from training "
                      "(they stay in evaluation)", len(self.train_set), len(records) - len(self.train_set))
         if stage in ("fit", "validate", "test") and self.val_set is None:
@@ -314,9 +385,10 @@ class CocoDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # drop_last: a last batch of one image would fail in BatchNorm on the 1x1 extra map.
         drop_last = len(self.train_set) > self.batch_size
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=drop_last,
-                          num_workers=self.num_workers, collate_fn=collate_train,
-                          persistent_workers=self.num_workers > 0)
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=ResumableRandomSampler(self.train_set),
+                          drop_last=drop_last, num_workers=self.num_workers, collate_fn=collate_train,
+                          persistent_workers=self.num_workers > 0,
+                          generator=torch.Generator().manual_seed(global_seed()))
 
     def val_dataloader(self) -> DataLoader:
         sampler = UnpaddedDistributedSampler(self.val_set) if dist.is_available() and dist.is_initialized() else None

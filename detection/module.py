@@ -7,12 +7,14 @@ import logging
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor
-from torchmetrics.detection import MeanAveragePrecision
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
 from detection.coco import Batch
 from detection.loss import SSDLoss
+from detection.metric import GatheredMeanAveragePrecision
 from detection.model import SSDLite
+from mbv3_dense.guards import NonFinitePolicy, check_loss
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +38,15 @@ class SSDLiteModule(L.LightningModule):
         warmup_steps: linear LR warm-up from ``warmup_factor`` over this many optimizer steps
             (torchvision's detection reference: 1000 iterations from 0.001).
         warmup_factor: starting LR factor of the warm-up.
+        nonfinite_loss: ``"stop"`` raises :class:`~mbv3_dense.guards.NonFiniteLossError` naming the
+            step and the box/class losses at the first NaN/inf loss; ``"skip"`` skips that batch's
+            update and counts it (``train/skipped_nonfinite``).
     """
 
     def __init__(self, *, model: SSDLite, optimizer: OptimizerCallable = torch.optim.SGD,
                  scheduler: LRSchedulerCallable | None = None, loss: SSDLoss | None = None,
-                 warmup_steps: int = 1000, warmup_factor: float = 0.001) -> None:
+                 warmup_steps: int = 1000, warmup_factor: float = 0.001,
+                 nonfinite_loss: NonFinitePolicy = "stop") -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "loss"])
         self.model = model
@@ -52,7 +58,13 @@ class SSDLiteModule(L.LightningModule):
                              f"score_activation {model.score_activation!r} (focal needs 'sigmoid', "
                              "hard_negative_mining needs 'softmax')")
         self.warmup_steps, self.warmup_factor = warmup_steps, warmup_factor
-        self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="faster_coco_eval")
+        if nonfinite_loss not in ("stop", "skip"):
+            raise ValueError(f"nonfinite_loss must be 'stop' or 'skip', got {nonfinite_loss!r}")
+        self.nonfinite_loss = nonfinite_loss
+        # Image-weighted means that torchmetrics syncs: exact under DDP with uneven shards (a logged
+        # sync_dist mean would average the ranks' means).
+        self.val_losses = nn.ModuleDict({k: MeanMetric() for k in ("loss", "box_loss", "cls_loss")})
+        self.val_map = GatheredMeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="faster_coco_eval")
 
     # ------------------------------------------------------------------ hooks used by callbacks
     def forward(self, x: Tensor) -> dict[str, Tensor]:
@@ -78,14 +90,18 @@ class SSDLiteModule(L.LightningModule):
                              "set both to the same value (91: label = COCO id, 81: contiguous)")
 
     # ------------------------------------------------------------------ steps
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         images, targets = batch
         outputs = self.model(self.model.normalize(images))
         anchors = self.model.default_boxes(*images.shape[-2:], device=images.device)
         losses = self.loss(outputs, anchors, targets)
+        parts = {k: losses[k] for k in ("box_loss", "cls_loss")}
+        loss = check_loss(self, losses["loss"], parts, self.nonfinite_loss)
+        if loss is not losses["loss"]:
+            return loss  # skipped (None; a zero loss under DDP)
         self.log_dict({f"train/{k}": losses[k] for k in ("box_loss", "cls_loss")}, batch_size=len(targets))
-        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=len(targets))
-        return losses["loss"]
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(targets))
+        return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         images, targets = batch
@@ -100,8 +116,9 @@ class SSDLiteModule(L.LightningModule):
             train_targets.append({"boxes": t["boxes"][keep] * scale, "labels": t["labels"][keep]})
         anchors = self.model.default_boxes(device=self.device)
         losses = self.loss(outputs, anchors, train_targets)
-        self.log_dict({f"val/{k}": losses[k] for k in ("loss", "box_loss", "cls_loss")}, batch_size=len(targets),
-                      sync_dist=True)
+        for key, mean in self.val_losses.items():
+            mean.update(losses[key], weight=len(targets))
+        self.log_dict({f"val/{k}": mean for k, mean in self.val_losses.items()}, batch_size=len(targets))
         self.val_map.update(detections, [
             {"boxes": t["boxes"], "labels": t["labels"], "iscrowd": t["iscrowd"].long(), "area": t["area"]}
             for t in targets])

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
+from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
 
@@ -74,3 +77,71 @@ class PreciseBN(L.Callback):
                 m.running_var.copy_(trainer.strategy.reduce(m.running_var, reduce_op="mean"))
         log.info("PreciseBN: recomputed %d BatchNorm layers over %d training batches", len(norms), used)
         return used
+
+
+class ResumeState(L.Callback):
+    """Save the random number generators in every checkpoint; on resume, restore them and continue
+    the interrupted epoch where it stopped.
+
+    Lightning's checkpoints hold weights, optimizer, LR schedulers, loops and callback states but
+    not the RNG states; and a plain ``DataLoader`` restarts the interrupted epoch at its first
+    batch. This callback stores the torch (CPU and CUDA), numpy and Python generator states under
+    ``checkpoint["rng_states"]`` (tensors and tuples only, so ``torch.load(weights_only=True)``
+    reads them) and, when training starts from a checkpoint, restores them and tells a
+    :class:`~mbv3_dense.sampling.ResumableRandomSampler` to skip the batches already done in
+    the epoch. Restoring happens at ``on_train_start``, after the data loaders were created and
+    the sanity check ran, i.e. just before the next training batch is drawn.
+
+    With ``num_workers=0`` and a ``ResumableRandomSampler``, a run resumed from a step checkpoint
+    then sees the same batches, augmentations and dropout masks as an uninterrupted run. With
+    worker processes the sample order still continues exactly, but the workers' augmentation
+    seeds are drawn anew (see ../docs/robustness.md).
+    """
+
+    def __init__(self) -> None:
+        self._loaded: dict[str, Any] | None = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self._loaded = checkpoint.get("rng_states")
+        if self._loaded is None:
+            log.warning("the checkpoint holds no RNG states (written without ResumeState): random streams restart")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.ckpt_path is None:
+            return
+        # Batches of the interrupted epoch whose step ran (a checkpoint written at on_train_batch_end
+        # counts its batch as processed, not yet completed); none when the epoch had ended.
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if done >= trainer.num_training_batches:
+            done = 0
+        loader = trainer.train_dataloader
+        sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None) or getattr(loader, "sampler", None)
+        if done and hasattr(sampler, "skip_next") and getattr(loader, "batch_size", None):
+            sampler.skip_next(done * loader.batch_size)
+            log.info("resuming epoch %d after its first %d batches", trainer.current_epoch, done)
+        elif done:
+            log.warning("resuming epoch %d after %d batches with a sampler that cannot skip them: the epoch "
+                        "restarts its data order (use mbv3_dense.sampling.ResumableRandomSampler)",
+                        trainer.current_epoch, done)
+        if self._loaded is not None:
+            states, self._loaded = self._loaded, None
+            torch.set_rng_state(states["torch"])
+            if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(states["cuda"])
+            kind, keys, pos, has_gauss, cached = states["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+            random.setstate(_as_tuples(states["python"]))
+
+
+def _as_tuples(value: Any) -> Any:
+    """``random.setstate`` wants tuples; a checkpoint round trip may hand back lists."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value

@@ -9,9 +9,11 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from mbv3_dense.classification_data import ClassificationBatch
+from mbv3_dense.guards import NonFinitePolicy, check_loss
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,9 @@ class ClassificationModule(L.LightningModule):
             (torchvision's recipe does not).
         label_smoothing: cross-entropy label smoothing.
         ema_decay: per-step decay of the weight average; ``None`` disables it.
+        nonfinite_loss: ``"stop"`` raises :class:`~mbv3_dense.guards.NonFiniteLossError` naming
+            the step at the first NaN/inf loss; ``"skip"`` skips that batch's update and counts it
+            (``train/skipped_nonfinite``).
     """
 
     def __init__(
@@ -83,6 +88,7 @@ class ClassificationModule(L.LightningModule):
         weight_decay_norm_bias: bool = False,
         label_smoothing: float = 0.0,
         ema_decay: float | None = None,
+        nonfinite_loss: NonFinitePolicy = "stop",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
@@ -96,11 +102,14 @@ class ClassificationModule(L.LightningModule):
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {ema_decay}")
         self.ema_decay = ema_decay
+        if nonfinite_loss not in ("stop", "skip"):
+            raise ValueError(f"nonfinite_loss must be 'stop' or 'skip', got {nonfinite_loss!r}")
+        self.nonfinite_loss = nonfinite_loss
         self.model_ema: nn.Module | None = None
         if ema_decay is not None:
             self.model_ema = copy.deepcopy(model).requires_grad_(False)
-        self._ema_step = -1
         self.train_top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
+        self.val_loss = MeanMetric()  # image-weighted, synced by torchmetrics: exact under DDP with uneven shards
         self.val_top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
         # top-5 needs at least 5 classes; with fewer it is the same as top-(num_classes) = 1.0.
         self.val_top5 = MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes), average="micro")
@@ -135,20 +144,26 @@ class ClassificationModule(L.LightningModule):
 
     def training_step(self, batch: ClassificationBatch, batch_idx: int) -> Tensor | None:
         self._log_skipped(batch, "train")
-        if batch.labels.numel() == 0:
+        self._no_update = batch.labels.numel() == 0  # a step that changes no weight leaves the average alone
+        if self._no_update:
             return None
         logits = self.model(batch.images)
         loss = self.criterion(logits, batch.labels)
+        checked = check_loss(self, loss, {"cross_entropy": loss}, self.nonfinite_loss)
+        if checked is not loss:
+            self._no_update = checked is None
+            return checked  # skipped (None; a zero loss under DDP)
         self.train_top1(logits.detach(), batch.labels)
         bs = batch.labels.numel()
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/top1", self.train_top1, on_step=False, on_epoch=True, batch_size=bs)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:  # noqa: ANN001
-        # Once per optimizer step (gradient accumulation steps several batches per update).
-        if self.model_ema is not None and self.trainer.global_step != self._ema_step:
-            self._ema_step = self.trainer.global_step
+    def optimizer_step(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - Lightning's hook signature
+        # The average follows every optimizer step, inside the step, so that a checkpoint written at
+        # on_train_batch_end (step checkpoints) already holds the average of that step.
+        super().optimizer_step(*args, **kwargs)
+        if self.model_ema is not None and not getattr(self, "_no_update", False):
             ema_update(self.model_ema, self.model, self.ema_decay)
 
     def validation_step(self, batch: ClassificationBatch, batch_idx: int) -> None:
@@ -159,7 +174,8 @@ class ClassificationModule(L.LightningModule):
         bs = batch.labels.numel()
         self.val_top1(logits, batch.labels)
         self.val_top5(logits, batch.labels)
-        self.log("val/loss", self.criterion(logits, batch.labels), batch_size=bs, sync_dist=True)
+        self.val_loss.update(self.criterion(logits, batch.labels), weight=bs)
+        self.log("val/loss", self.val_loss, batch_size=bs)
         self.log("val/top1", self.val_top1, prog_bar=True, batch_size=bs)
         self.log("val/top5", self.val_top5, batch_size=bs)
 

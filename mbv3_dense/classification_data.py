@@ -23,12 +23,14 @@ from typing import Literal, NamedTuple
 
 import lightning as L
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from mbv3_dense.classifier import IMAGENET_MEAN, IMAGENET_STD
 from mbv3_dense.image_io import ImageReadError, read_image_rgb
+from mbv3_dense.sampling import ResumableRandomSampler, global_seed
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +162,11 @@ class ImageNetDataModule(L.LightningDataModule):
 
     Class folders: every class must have training images (an empty training class folder is an
     error naming it, since its index would be unlearnable); validation class folders must be a
-    subset of the training ones (a missing or empty one is logged). Under DDP Lightning wraps the
-    loaders in a ``DistributedSampler``.
+    subset of the training ones (a missing or empty one is logged). Training batches are drawn by a
+    :class:`~mbv3_dense.sampling.ResumableRandomSampler` (order fixed by seed and epoch; a resumed
+    epoch continues where it stopped), which Lightning replaces by a ``DistributedSampler`` under
+    DDP. Validation under DDP uses an unpadded distributed sampler, so every image is counted once
+    (a padded one repeats images to even out the ranks, and top-1 would count them twice).
 
     Args:
         root: folder holding ``train/`` and ``val/``.
@@ -248,11 +253,13 @@ class ImageNetDataModule(L.LightningDataModule):
             log.info("%s/%s: ignored %d files that are not images by their extension", self.root, split,
                      scan.ignored)
 
-    def _loader(self, dataset: Dataset, *, shuffle: bool, drop_last: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, *, sampler: torch.utils.data.Sampler | None, drop_last: bool,
+                generator: torch.Generator | None = None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
+            generator=generator,
             drop_last=drop_last,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
@@ -261,7 +268,16 @@ class ImageNetDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True, drop_last=len(self.train_set) > self.batch_size)
+        # The loader's own generator (worker seeds) keeps iter() from drawing on the global RNG, whose
+        # state ResumeState restores: a resumed run then draws the same augmentations.
+        return self._loader(self.train_set, sampler=ResumableRandomSampler(self.train_set),
+                            drop_last=len(self.train_set) > self.batch_size,
+                            generator=torch.Generator().manual_seed(global_seed()))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False, drop_last=False)
+        sampler = None
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            sampler = UnrepeatedDistributedSampler(self.val_set, num_replicas=trainer.world_size,
+                                                   rank=trainer.global_rank, shuffle=False)
+        return self._loader(self.val_set, sampler=sampler, drop_last=False)

@@ -109,12 +109,12 @@ def draw_image(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
     background = c0 * (1 - t[..., None]) + c1 * t[..., None]
     img = Image.fromarray(background.astype(np.uint8))
     d = ImageDraw.Draw(img)
-    # Distractors: small soft blobs that belong to no class.
+    # Distractors: specks that belong to no class (kept small: larger round blobs read as circles).
     for _ in range(int(rng.integers(0, 4))):
-        bx, by, br = rng.uniform(0, big), rng.uniform(0, big), rng.uniform(0.03, 0.08) * big
+        bx, by, br = rng.uniform(0, big), rng.uniform(0, big), rng.uniform(0.015, 0.035) * big
         d.ellipse([bx - br, by - br, bx + br, by + br], fill=tuple(int(v) for v in rng.uniform(0, 255, 3)))
     # The figure: a colour far enough from the local background to be visible.
-    r = rng.uniform(0.2, 0.42) * big
+    r = rng.uniform(0.26, 0.44) * big
     cx, cy = rng.uniform(r, big - r), rng.uniform(r, big - r)
     bg_here = background[int(cy), int(cx)]
     colour = rng.uniform(0, 255, 3)

@@ -14,6 +14,8 @@ from pathlib import Path
 def classify(args: argparse.Namespace) -> Path:
     from mbv3_dense.synthetic import write_imagefolder
 
+    if args.tiny:
+        args.train_per_class, args.val_per_class = 6, 3
     return write_imagefolder(args.out, num_classes=args.num_classes, train_per_class=args.train_per_class,
                              val_per_class=args.val_per_class, size=args.size, seed=args.seed)
 
@@ -49,10 +51,11 @@ def main(argv: list[str] | None = None) -> None:
     p = tasks.add_parser("classify", help="ImageFolder of shapes and textures (root/{train,val}/<class>/*.jpg)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--num-classes", type=int, default=6)
-    p.add_argument("--train-per-class", type=int, default=200)
-    p.add_argument("--val-per-class", type=int, default=50)
+    p.add_argument("--train-per-class", type=int, default=1000)
+    p.add_argument("--val-per-class", type=int, default=100)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="6 train / 3 val images per class (smoke tests)")
     p.set_defaults(run=classify)
 
     p = tasks.add_parser("segment", help="Cityscapes tree of street scenes (leftImg8bit/, gtFine/ labelIds)")

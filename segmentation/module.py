@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassJaccardIndex
 
+from mbv3_dense.guards import NonFinitePolicy, check_loss
 from segmentation.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 
 
@@ -47,15 +48,21 @@ class SegmentationModule(LightningModule):
         optimizer: builds the optimizer from the parameters.
         scheduler: builds the LR scheduler; stepped every iteration (poly LR:
             ``torch.optim.lr_scheduler.PolynomialLR(total_iters=<max_steps>, power=0.9)``).
+        nonfinite_loss: ``"stop"`` raises :class:`~mbv3_dense.guards.NonFiniteLossError` naming the
+            step at the first NaN/inf loss; ``"skip"`` skips that batch's update and counts it
+            (``train/skipped_nonfinite``).
     """
 
     def __init__(self, *, model: nn.Module, optimizer: OptimizerCallable = torch.optim.SGD,
-                 scheduler: LRSchedulerCallable | None = None) -> None:
+                 scheduler: LRSchedulerCallable | None = None, nonfinite_loss: NonFinitePolicy = "stop") -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
+        if nonfinite_loss not in ("stop", "skip"):
+            raise ValueError(f"nonfinite_loss must be 'stop' or 'skip', got {nonfinite_loss!r}")
+        self.nonfinite_loss = nonfinite_loss
         self.val_miou = miou_metric()
         self.val_iou = MulticlassJaccardIndex(num_classes=NUM_CLASSES, ignore_index=IGNORE_INDEX, average="none")
         self.val_loss = MeanMetric()
@@ -67,9 +74,12 @@ class SegmentationModule(LightningModule):
         """A normalised-looking ``[1, 3, height, width]`` input for latency and MAdds."""
         return torch.randn(1, 3, height, width)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         images, masks = batch
         loss = segmentation_loss(self.model(images), masks)
+        checked = check_loss(self, loss, {"cross_entropy": loss}, self.nonfinite_loss)
+        if checked is not loss:
+            return checked  # skipped (None; a zero loss under DDP)
         self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
         return loss
 

@@ -27,13 +27,15 @@ def tiny_coco(tmp_path_factory) -> Path:
 
 
 def test_fit_fast_dev_run(tiny_coco: Path, tmp_path: Path):
-    cmd = [str(BIN / "lightning"), "fit", "-c", "configs/ssdlite_mobilenet_v3_small_coco.yaml",
+    cmd = [str(BIN / "lightning"), "fit", "-c", str(ROOT / "configs/ssdlite_mobilenet_v3_small_coco.yaml"),
            "--data.root", str(tiny_coco), "--data.num_classes", "5", "--data.batch_size", "2",
            "--data.val_batch_size", "2", "--data.num_workers", "0",
            "--model.model.init_args.num_classes", "5",
            "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.fast_dev_run", "1",
            "--trainer.default_root_dir", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    # cwd: the config's checkpoint folder is relative to it (Lightning writes last.ckpt at the end even in fast_dev_run)
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "val/map_50" in proc.stdout + proc.stderr
 
