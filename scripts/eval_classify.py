@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 from tqdm import tqdm
 
-from mbv3_dense import mobilenet_v3_large, mobilenet_v3_small
+from mbv3_dense import IMAGENET_MEAN, IMAGENET_STD, mobilenet_v3_large, mobilenet_v3_small
 from mbv3_dense.classification_data import (
     ImageFolderDataset,
     collate_skipping,
@@ -98,20 +98,24 @@ def main(argv: list[str] | None = None) -> int:
     example = torch.rand(1, 3, args.image_size, args.image_size, device=device)
     net = model if args.backend == "torch" else make_backend(args.backend, model, example)
     shown: list[tuple[torch.Tensor, str]] = []
+    # A spread of the split (it is sorted by class), not just its first class.
+    wanted = {round(i * (len(dataset) - 1) / 15) for i in range(16)} if args.visualize else set()
+    seen = 0
     with torch.inference_mode():
         for batch in tqdm(loader, desc=f"eval {args.split}", unit="batch"):
             images, labels = batch.images.to(device), batch.labels.to(device)
             logits = net(images)
             top1.update(logits, labels)
             top5.update(logits, labels)
-            if args.visualize and len(shown) < 16:
+            if wanted:
                 pred = logits.argmax(1)
-                mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-                std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-                for img, y, t in zip(images.cpu(), pred.cpu(), labels.cpu(), strict=True):
-                    if len(shown) < 16:
+                mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+                std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+                for offset, (img, y, t) in enumerate(zip(images.cpu(), pred.cpu(), labels.cpu(), strict=True)):
+                    if seen + offset in wanted:
                         mark = "ok" if y == t else f"true {classes[t]}"
                         shown.append(((img * std + mean).clamp(0, 1), f"{classes[y]} ({mark})"))
+            seen += len(labels)
     latency = measure_latency(net, example, runs=args.latency_runs)
     summary = {
         "task": "classify", "metric_name": "top1", "metric": float(top1.compute()),
