@@ -23,14 +23,13 @@ from typing import Literal, NamedTuple
 
 import lightning as L
 import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from mbv3_dense.classifier import IMAGENET_MEAN, IMAGENET_STD
 from mbv3_dense.image_io import ImageReadError, read_image_rgb
-from mbv3_dense.sampling import ResumableRandomSampler, global_seed
+from mbv3_dense.sampling import ResumableRandomSampler, evaluation_sampler, global_seed
 
 log = logging.getLogger(__name__)
 
@@ -275,9 +274,5 @@ class ImageNetDataModule(L.LightningDataModule):
                             generator=torch.Generator().manual_seed(global_seed()))
 
     def val_dataloader(self) -> DataLoader:
-        sampler = None
-        trainer = self.trainer
-        if trainer is not None and trainer.world_size > 1:
-            sampler = UnrepeatedDistributedSampler(self.val_set, num_replicas=trainer.world_size,
-                                                   rank=trainer.global_rank, shuffle=False)
+        sampler = evaluation_sampler(self.val_set, self.trainer)
         return self._loader(self.val_set, sampler=sampler, drop_last=False)

@@ -8,7 +8,6 @@ Each task's ``training_step`` passes its total loss and parts through :func:`che
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping
 from typing import Literal
 
@@ -86,7 +85,3 @@ class FiniteCheckpointGuard(L.Callback):
                 f"refusing to save a checkpoint at global step {trainer.global_step}: non-finite values in "
                 f"{len(bad)} tensors ({', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''})"
             )
-
-
-def is_finite_number(value: float) -> bool:
-    return math.isfinite(value)

@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterator, Sized
 
 import torch
-from torch.utils.data import RandomSampler
+from torch.utils.data import RandomSampler, Sampler
 
 
 def global_seed() -> int:
@@ -55,3 +55,18 @@ class ResumableRandomSampler(RandomSampler):
 
     def __len__(self) -> int:
         return len(self.data_source)
+
+
+def evaluation_sampler(dataset: Sized, trainer: object | None) -> Sampler | None:
+    """The validation sampler: under DDP each sample goes to exactly one process.
+
+    A padded ``DistributedSampler`` repeats samples to even out the shards, and the metrics would
+    count the repeats twice; Lightning's ``UnrepeatedDistributedSampler`` does not pad. Returns
+    ``None`` (the loader's sequential order) in a single process.
+    """
+    world_size = getattr(trainer, "world_size", 1) if trainer is not None else 1
+    if world_size <= 1:
+        return None
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    return UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=trainer.global_rank, shuffle=False)

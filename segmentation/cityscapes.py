@@ -18,13 +18,12 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from mbv3_dense.image_io import ImageReadError, read_image_rgb, read_label_png
-from mbv3_dense.sampling import ResumableRandomSampler, global_seed
+from mbv3_dense.sampling import ResumableRandomSampler, evaluation_sampler, global_seed
 from segmentation.labels import label_ids_to_train_ids
 from segmentation.transforms import eval_transform, train_transform
 
@@ -213,11 +212,7 @@ class CityscapesDataModule(L.LightningDataModule):
                           generator=torch.Generator().manual_seed(global_seed()))
 
     def val_dataloader(self) -> DataLoader:
-        sampler = None
-        trainer = self.trainer
-        if trainer is not None and trainer.world_size > 1:
-            sampler = UnrepeatedDistributedSampler(self.val_set, num_replicas=trainer.world_size,
-                                                   rank=trainer.global_rank, shuffle=False)
+        sampler = evaluation_sampler(self.val_set, self.trainer)
         return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False, sampler=sampler,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
