@@ -29,7 +29,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from detection.transforms import train_transform
 from mbv3_dense.image_io import read_image_rgb
-from mbv3_dense.sampling import ResumableRandomSampler, global_seed
+from mbv3_dense.sampling import SampleKey, loader_generator, sample_randomness, training_sampler
 
 log = logging.getLogger(__name__)
 
@@ -240,11 +240,15 @@ class CocoTrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Target]:
-        rec = self.records[index]
+    def __getitem__(self, key: int | SampleKey) -> tuple[Tensor, Target]:
+        """``key``: an index, or the :class:`~mbv3_dense.sampling.SampleKey` a training sampler yields;
+        the augmentation's draws are a function of it, never of a worker's or the OS's state."""
+        rec = self.records[int(key[0] if isinstance(key, tuple) else key)]
         image = read_image_rgb(rec.path)
         keep = ~rec.iscrowd
-        out = self.transform(image=image, bboxes=rec.boxes[keep], labels=rec.labels[keep].tolist())
+        with sample_randomness(key) as generators:
+            self.transform.set_random_state(generators.numpy, generators.python)
+            out = self.transform(image=image, bboxes=rec.boxes[keep], labels=rec.labels[keep].tolist())
         boxes = torch.as_tensor(np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4))
         labels = torch.as_tensor(np.asarray(out["labels"], dtype=np.int64).reshape(-1))
         img = torch.from_numpy(np.ascontiguousarray(out["image"])).permute(2, 0, 1).float().div_(255)
@@ -385,10 +389,10 @@ class CocoDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # drop_last: a last batch of one image would fail in BatchNorm on the 1x1 extra map.
         drop_last = len(self.train_set) > self.batch_size
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=ResumableRandomSampler(self.train_set),
-                          drop_last=drop_last, num_workers=self.num_workers, collate_fn=collate_train,
-                          persistent_workers=self.num_workers > 0,
-                          generator=torch.Generator().manual_seed(global_seed()))
+        return DataLoader(self.train_set, batch_size=self.batch_size,
+                          sampler=training_sampler(self.train_set, self.trainer, self.batch_size), drop_last=drop_last,
+                          num_workers=self.num_workers, collate_fn=collate_train,
+                          persistent_workers=self.num_workers > 0, generator=loader_generator())
 
     def val_dataloader(self) -> DataLoader:
         sampler = UnpaddedDistributedSampler(self.val_set) if dist.is_available() and dist.is_initialized() else None

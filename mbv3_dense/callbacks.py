@@ -11,6 +11,9 @@ import lightning as L
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
+
+from mbv3_dense.sampling import SeededSampler
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +22,7 @@ class PreciseBN(L.Callback):
     """Recompute BatchNorm running statistics over training batches before each validation.
 
     In short runs the running averages (momentum 0.01-0.03) lag far behind the weights, so
-    eval-mode metrics sit near zero although the network has learned (../shared/REFERENCE.md;
+    eval-mode metrics sit near zero although the network has learned (docs/robustness.md;
     detectron2 calls this PreciseBN). This runs ``num_batches`` training batches through the
     network in train mode without gradients, with every BN accumulating an exact average, then
     restores the momenta. Under DDP the statistics are averaged over the processes.
@@ -59,14 +62,17 @@ class PreciseBN(L.Callback):
         pl_module.train()
         used = 0
         forward = getattr(pl_module, "precise_bn_forward", None)
+        # Dropout draws in train mode: fork the generators so that the training run's own streams
+        # go on as if this pass had not happened (a run with and without PreciseBN differs only by BN).
         try:
-            for batch in itertools.islice(trainer.train_dataloader, self.num_batches):
-                batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
-                if forward is not None:
-                    forward(batch)
-                else:
-                    pl_module(batch[0])
-                used += 1
+            with torch.random.fork_rng(devices=[]):
+                for batch in itertools.islice(_fresh_loader(trainer.train_dataloader), self.num_batches):
+                    batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+                    if forward is not None:
+                        forward(batch)
+                    else:
+                        pl_module(batch[0])
+                    used += 1
         finally:
             for m, momentum in zip(norms, momenta, strict=True):
                 m.momentum = momentum
@@ -79,6 +85,20 @@ class PreciseBN(L.Callback):
         return used
 
 
+def _fresh_loader(loader: DataLoader) -> DataLoader:
+    """A loader over the same data, sampler and collation as ``loader`` but with its own iterator.
+
+    Iterating the trainer's loader itself would reset its persistent workers' iterator, i.e. the
+    training epoch in progress when validation runs mid-epoch. The sampler is shared: its order is a
+    function of (seed, epoch), so iterating it again draws nothing and changes nothing.
+    """
+    if not isinstance(loader, DataLoader):
+        return loader
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=loader.sampler,
+                      drop_last=loader.drop_last, collate_fn=loader.collate_fn, num_workers=loader.num_workers,
+                      generator=torch.Generator().manual_seed(0))
+
+
 class ResumeState(L.Callback):
     """Save the random number generators in every checkpoint; on resume, restore them and continue
     the interrupted epoch where it stopped.
@@ -87,15 +107,15 @@ class ResumeState(L.Callback):
     not the RNG states; and a plain ``DataLoader`` restarts the interrupted epoch at its first
     batch. This callback stores the torch (CPU and CUDA), numpy and Python generator states under
     ``checkpoint["rng_states"]`` (tensors and tuples only, so ``torch.load(weights_only=True)``
-    reads them) and, when training starts from a checkpoint, restores them and tells a
-    :class:`~mbv3_dense.sampling.ResumableRandomSampler` to skip the batches already done in
-    the epoch. Restoring happens at ``on_train_start``, after the data loaders were created and
-    the sanity check ran, i.e. just before the next training batch is drawn.
+    reads them) and, when training starts from a checkpoint, restores them at ``on_train_start``,
+    after the data loaders were created and the sanity check ran, i.e. just before the next
+    training batch is drawn. The data order continues where it stopped because every data module
+    of this project builds its sampler with :func:`~mbv3_dense.sampling.training_sampler`, which
+    skips the batches the interrupted epoch had done; with another sampler this warns.
 
-    With ``num_workers=0`` and a ``ResumableRandomSampler``, a run resumed from a step checkpoint
-    then sees the same batches, augmentations and dropout masks as an uninterrupted run. With
-    worker processes the sample order still continues exactly, but the workers' augmentation
-    seeds are drawn anew (see ../docs/robustness.md).
+    Since samples draw their augmentation from ``(seed, epoch, index)``, a run resumed from a step
+    checkpoint sees the same batches, augmentations and dropout masks as an uninterrupted run, with
+    any number of loader workers and on every rank under DDP (docs/robustness.md).
     """
 
     def __init__(self) -> None:
@@ -125,12 +145,9 @@ class ResumeState(L.Callback):
             done = 0
         loader = trainer.train_dataloader
         sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None) or getattr(loader, "sampler", None)
-        if done and hasattr(sampler, "skip_next") and getattr(loader, "batch_size", None):
-            sampler.skip_next(done * loader.batch_size)
-            log.info("resuming epoch %d after its first %d batches", trainer.current_epoch, done)
-        elif done:
+        if done and not isinstance(sampler, SeededSampler):
             log.warning("resuming epoch %d after %d batches with a sampler that cannot skip them: the epoch "
-                        "restarts its data order (use mbv3_dense.sampling.ResumableRandomSampler)",
+                        "restarts its data order (use mbv3_dense.sampling.training_sampler)",
                         trainer.current_epoch, done)
         if self._loaded is not None:
             states, self._loaded = self._loaded, None

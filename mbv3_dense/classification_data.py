@@ -29,7 +29,13 @@ from torchvision.transforms import v2
 
 from mbv3_dense.classifier import IMAGENET_MEAN, IMAGENET_STD
 from mbv3_dense.image_io import ImageReadError, read_image_rgb
-from mbv3_dense.sampling import ResumableRandomSampler, evaluation_sampler, global_seed
+from mbv3_dense.sampling import (
+    SampleKey,
+    evaluation_sampler,
+    loader_generator,
+    sample_randomness,
+    training_sampler,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +110,10 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
-        path, label = self.samples[index]
+    def __getitem__(self, key: int | SampleKey) -> tuple[Tensor, int] | None:
+        """``key``: an index, or the :class:`~mbv3_dense.sampling.SampleKey` a training sampler yields;
+        the transform's random draws are a function of it (:func:`~mbv3_dense.sampling.sample_randomness`)."""
+        path, label = self.samples[int(key[0] if isinstance(key, tuple) else key)]
         try:
             array = read_image_rgb(path)
         except ImageReadError as err:
@@ -114,7 +122,8 @@ class ImageFolderDataset(Dataset):
             warnings.warn(f"skipping unreadable image: {err}", stacklevel=1)
             return None
         image = torch.from_numpy(array).permute(2, 0, 1).contiguous()
-        return self.transform(image), label
+        with sample_randomness(key):
+            return self.transform(image), label
 
 
 def collate_skipping(items: list[tuple[Tensor, int] | None]) -> ClassificationBatch:
@@ -162,9 +171,10 @@ class ImageNetDataModule(L.LightningDataModule):
     Class folders: every class must have training images (an empty training class folder is an
     error naming it, since its index would be unlearnable); validation class folders must be a
     subset of the training ones (a missing or empty one is logged). Training batches are drawn by a
-    :class:`~mbv3_dense.sampling.ResumableRandomSampler` (order fixed by seed and epoch; a resumed
-    epoch continues where it stopped), which Lightning replaces by a ``DistributedSampler`` under
-    DDP. Validation under DDP uses an unpadded distributed sampler, so every image is counted once
+    :class:`~mbv3_dense.sampling.SeededSampler` (order fixed by seed and epoch, sharded over the
+    processes under DDP; a resumed epoch continues where it stopped), and each sample's augmentation
+    is a function of ``(seed, epoch, index)``: worker count, rank and resumes change nothing.
+    Validation under DDP uses an unpadded distributed sampler, so every image is counted once
     (a padded one repeats images to even out the ranks, and top-1 would count them twice).
 
     Args:
@@ -267,11 +277,10 @@ class ImageNetDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        # The loader's own generator (worker seeds) keeps iter() from drawing on the global RNG, whose
-        # state ResumeState restores: a resumed run then draws the same augmentations.
-        return self._loader(self.train_set, sampler=ResumableRandomSampler(self.train_set),
-                            drop_last=len(self.train_set) > self.batch_size,
-                            generator=torch.Generator().manual_seed(global_seed()))
+        # Augmentations are drawn per sample from (seed, epoch, index); the loader's own generator keeps
+        # iter() from drawing on the global RNG (dropout's), whose state ResumeState restores.
+        return self._loader(self.train_set, sampler=training_sampler(self.train_set, self.trainer, self.batch_size),
+                            drop_last=len(self.train_set) > self.batch_size, generator=loader_generator())
 
     def val_dataloader(self) -> DataLoader:
         sampler = evaluation_sampler(self.val_set, self.trainer)

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from mbv3_dense.image_io import ImageReadError, read_image_rgb, read_label_png
-from mbv3_dense.sampling import ResumableRandomSampler, evaluation_sampler, global_seed
+from mbv3_dense.sampling import SampleKey, evaluation_sampler, loader_generator, sample_randomness, training_sampler
 from segmentation.labels import label_ids_to_train_ids
 from segmentation.transforms import eval_transform, train_transform
 
@@ -140,8 +140,10 @@ class CityscapesSegmentation(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        image_path, label_path = self.pairs[index]
+    def __getitem__(self, key: int | SampleKey) -> tuple[Tensor, Tensor]:
+        """``key``: an index, or the :class:`~mbv3_dense.sampling.SampleKey` a training sampler yields;
+        the augmentation's draws are a function of it, never of a worker's or the OS's state."""
+        image_path, label_path = self.pairs[int(key[0] if isinstance(key, tuple) else key)]
         image = read_image_rgb(image_path)
         mask = read_train_ids(label_path)
         if image.shape[:2] != mask.shape:
@@ -149,7 +151,10 @@ class CityscapesSegmentation(Dataset):
                 f"{image_path} is {image.shape[1]}x{image.shape[0]} (WxH) but its label {label_path} "
                 f"is {mask.shape[1]}x{mask.shape[0]}"
             )
-        out = self.transform(image=image, mask=mask)
+        with sample_randomness(key) as generators:
+            if hasattr(self.transform, "set_random_state"):  # albumentations: hand it the sample's generators
+                self.transform.set_random_state(generators.numpy, generators.python)
+            out = self.transform(image=image, mask=mask)
         return out["image"], torch.as_tensor(out["mask"], dtype=torch.int64)
 
 
@@ -207,9 +212,10 @@ class CityscapesDataModule(L.LightningDataModule):
             log.info("Cityscapes %s: %d images", self.val_split, len(self.val_set))
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=ResumableRandomSampler(self.train_set),
-                          drop_last=True, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          generator=torch.Generator().manual_seed(global_seed()))
+        return DataLoader(self.train_set, batch_size=self.batch_size,
+                          sampler=training_sampler(self.train_set, self.trainer, self.batch_size), drop_last=True,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          generator=loader_generator())
 
     def val_dataloader(self) -> DataLoader:
         sampler = evaluation_sampler(self.val_set, self.trainer)

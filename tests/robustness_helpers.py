@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+from pathlib import Path
 
 import lightning as L
 
@@ -15,3 +18,27 @@ class Throttle(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
         time.sleep(self.seconds)
+
+
+class RecordSamples(L.Callback):
+    """Write, per rank, which sample keys each training batch held and a digest of each augmented image.
+
+    Reads the keys from the training sampler (a :class:`mbv3_dense.sampling.SeededSampler`), so it is
+    meant for uninterrupted runs, where batch ``i`` of an epoch holds keys ``i * B .. (i + 1) * B - 1``.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.rows: list[dict] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        loader = trainer.train_dataloader
+        size = loader.batch_size
+        indices = loader.sampler.indices()[batch_idx * size:(batch_idx + 1) * size]
+        for index, image in zip(indices, batch.images.cpu(), strict=True):
+            digest = hashlib.sha1(image.contiguous().numpy().tobytes()).hexdigest()
+            self.rows.append({"epoch": trainer.current_epoch, "index": index, "digest": digest})
+
+    def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.rows))
