@@ -43,3 +43,23 @@ def assert_input_dependent(a: torch.Tensor, b: torch.Tensor, min_diff: float = 1
     """Fail when two outputs for different inputs agree: the comparison would then prove nothing."""
     diff = (a - b).abs().max().item()
     assert diff > min_diff, f"reference output ignores its input (max difference {diff:.2e})"
+
+
+def assert_same_detections(got: dict, ref: dict, *, box_atol: float = 1e-3, score_atol: float = 1e-4) -> None:
+    """The two detection lists hold the same (box, score, label) triples, in whatever order.
+
+    Detections of exactly (or nearly) equal score may come out in either order, and which one depends
+    on the CPU's floating-point paths, so the lists are compared as sets: every reference detection is
+    matched to one unmatched detection of the same label with box and score within tolerance.
+    """
+    assert len(got["boxes"]) == len(ref["boxes"]), (len(got["boxes"]), len(ref["boxes"]))
+    close = ((got["labels"][:, None] == ref["labels"][None, :])
+             & ((got["boxes"][:, None, :] - ref["boxes"][None, :, :]).abs().amax(-1) <= box_atol)
+             & ((got["scores"][:, None] - ref["scores"][None, :]).abs() <= score_atol))
+    free = torch.ones(len(got["boxes"]), dtype=torch.bool)
+    # Reference detections with the fewest candidates first: greedy matching then cannot strand one.
+    for j in torch.argsort(close.sum(0), stable=True).tolist():
+        candidates = torch.nonzero(close[:, j] & free).flatten()
+        assert len(candidates), (f"reference detection {j} (label {int(ref['labels'][j])}, score "
+                                 f"{float(ref['scores'][j]):.6f}, box {ref['boxes'][j].tolist()}) has no match")
+        free[candidates[0]] = False

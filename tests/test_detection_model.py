@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from parity_utils import assert_input_dependent, calibrate_and_perturb
+from parity_utils import assert_input_dependent, assert_same_detections, calibrate_and_perturb
 from torch import nn
 from torchvision.models.detection import ssdlite320_mobilenet_v3_large
 
@@ -47,10 +47,8 @@ def test_parity_with_torchvision(torchvision_pair):
     raw = [_TorchvisionRaw(tv)(tv.transform([img])[0].tensors) for img in images]
     assert_input_dependent(raw[0], raw[1])
     for r, g in zip(ref, got, strict=True):
-        assert len(r["boxes"]) == len(g["boxes"]) > 0
-        torch.testing.assert_close(g["boxes"], r["boxes"], atol=1e-3, rtol=0)
-        torch.testing.assert_close(g["scores"], r["scores"], atol=1e-4, rtol=0)
-        assert torch.equal(g["labels"], r["labels"])
+        assert len(r["boxes"]) > 0
+        assert_same_detections(g, r)  # as sets: which of two exactly tied detections comes first is CPU-dependent
 
 
 def test_size_matches_torchvision(torchvision_pair):
