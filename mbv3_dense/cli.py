@@ -8,9 +8,15 @@ the YAML file, so this module imports neither ``detection`` nor ``segmentation``
 from __future__ import annotations
 
 import logging
+import sys
+from typing import Any
 
 import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
+
+from mbv3_dense.progress import progress_bar_for
 
 
 class MBV3CLI(LightningCLI):
@@ -23,6 +29,16 @@ class MBV3CLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(args=args, **kwargs)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        """Progress as periodic lines when standard output is not a terminal (CI, ``> log``); the tqdm bar
+        in a terminal, or whatever progress bar the config names."""
+        listed = [c for c in (config.get("callbacks") or []) + callbacks if isinstance(c, ProgressBar)]
+        if config.get("enable_progress_bar", True) is not False and not listed:
+            bar = progress_bar_for(sys.stdout)
+            if bar is not None:
+                callbacks = [*callbacks, bar]
+        return super()._instantiate_trainer(config, callbacks)
 
 
 def main(args: list[str] | None = None) -> None:

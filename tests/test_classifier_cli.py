@@ -92,3 +92,16 @@ def test_wrong_class_count_is_explained(data: Path) -> None:
     trainer = L.Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False)
     with pytest.raises(ValueError, match="the data has 3 classes"):
         trainer.fit(module, datamodule=dm)
+
+
+def test_progress_comes_as_lines_when_output_is_not_a_terminal(data: Path, tmp_path: Path) -> None:
+    """Piped output (CI, ``> log``) gets periodic lines instead of carriage-return redraws of a bar."""
+    at = TINY.index("--trainer.enable_progress_bar")
+    args = TINY[:at] + TINY[at + 2:]
+    result = lightning("fit", "-c", SMALL, "-c", DEMO, "--data.root", str(data), "--trainer.max_epochs", "2",
+                       *args, cwd=tmp_path)
+    assert "\r" not in result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split(" done")[0] for line in lines if line.startswith("[train]")] == [
+        "[train] epoch 0/1", "[train] epoch 1/1"]
+    assert sum(line.startswith("[val] epoch") and "val/top1" in line for line in lines) == 2
