@@ -72,10 +72,12 @@ class SampleGenerators(NamedTuple):
 def sample_randomness(key: int | SampleKey) -> Iterator[SampleGenerators]:
     """Seed every generator from ``key`` for the duration of one sample's augmentation.
 
-    Inside the block torch's global CPU generator, numpy's legacy global generator and Python's
-    ``random`` are seeded from ``(seed, epoch, index)``; outside it they are exactly as before.
-    The yielded numpy/Python generators are independent streams of the same key, for libraries
-    that take generators (``albumentations.Compose.set_random_state``).
+    Inside the block torch's global CPU generator, Python's ``random`` and numpy's legacy global
+    generator are seeded from ``(seed, epoch, index)``. Afterwards torch's and Python's are exactly
+    as before; numpy's legacy one is left seeded (saving and restoring its state costs 0.2 ms a
+    sample, and nothing in training draws from it). The yielded numpy/Python generators are
+    independent streams of the same key, for libraries that take generators
+    (``albumentations.Compose.set_random_state``).
     """
     key = as_sample_key(key)
     if min(key) < 0:
@@ -83,16 +85,16 @@ def sample_randomness(key: int | SampleKey) -> Iterator[SampleGenerators]:
     sequence = np.random.SeedSequence([key.seed, key.epoch, key.index])
     words = [int(w) for w in sequence.generate_state(4, dtype=np.uint32)]
     generators = SampleGenerators(np.random.default_rng(sequence), random.Random(words[0] << 32 | words[1]))
-    python_state, numpy_state = random.getstate(), np.random.get_state()
+    python_state = random.getstate()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(words[2] << 32 | words[3])
+        # The CPU generator only: torch.manual_seed would also queue seeds for every accelerator (0.3 ms).
+        torch.default_generator.manual_seed(words[2] << 32 | words[3])
         random.seed(words[1] << 32 | words[2])
         np.random.seed(words[3])
         try:
             yield generators
         finally:
             random.setstate(python_state)
-            np.random.set_state(numpy_state)
 
 
 class SeededSampler(DistributedSampler):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from detection.synthetic import DetectionSpec, generate_coco
@@ -76,17 +77,38 @@ def test_generated_cityscapes_uses_real_label_ids(tmp_path):
         assert any(id2label[int(i)].trainId not in (255, -1) for i in ids)
 
 
-def test_quick_demo_runs_every_task_and_writes_results(tmp_path):
-    out = tmp_path / "demo"
-    result = subprocess.run([sys.executable, "scripts/demo.py", "--quick", "--out", str(out)], cwd=ROOT,
+def quick_demo(out: Path, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "scripts/demo.py", "--quick", "--out", str(out), *args], cwd=ROOT,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    report = json.loads((out / "demo_results.json").read_text())
-    assert [r["task"] for r in report["results"]] == ["classify", "detect", "segment"]
+    return result
+
+
+def test_quick_demo_runs_every_task_per_seed_and_a_seed_repeats_exactly(tmp_path):
+    result = quick_demo(tmp_path / "demo", "--seeds", "0,1")
+    report = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
+    assert [(r["task"], r["seed"]) for r in report["results"]] == [
+        (task, seed) for task in ("classify", "detect", "segment") for seed in (0, 1)]
     for row in report["results"]:
         assert 0.0 <= row["metric"] <= 1.0
         assert row["latency_ms"] > 0 and row["params_M"] > 0 and row["madds_G"] > 0
         assert Path(row["checkpoint"]).is_file()
     assert Path(report["training_curves"]).is_file()
-    assert list((out / "pictures").rglob("*.png")), "no pictures were saved"
-    assert "task" in result.stdout and "latency ms" in result.stdout
+    assert list((tmp_path / "demo" / "pictures").rglob("*.png")), "no pictures were saved"
+    assert "task" in result.stdout and "latency ms" in result.stdout and "wall time" in result.stdout
+    assert "\r" not in result.stdout, "progress redraws in a piped log"
+
+    quick_demo(tmp_path / "again", "--seed", "1")  # data generated anew, same seed: the same run
+    repeat = json.loads((tmp_path / "again" / "demo_results.json").read_text())["results"]
+    first = {r["task"]: r for r in report["results"] if r["seed"] == 1}
+    assert [r["seed"] for r in repeat] == [1, 1, 1]
+    for row in repeat:
+        assert row["metric"] == first[row["task"]]["metric"], row["task"]
+        a = torch.load(row["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+        b = torch.load(first[row["task"]]["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+        assert all(torch.equal(a[k], b[k]) for k in b), row["task"]
+    zero = {r["task"]: r for r in report["results"] if r["seed"] == 0}
+    for task, row in first.items():
+        a = torch.load(row["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+        b = torch.load(zero[task]["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+        assert not all(torch.equal(a[k], b[k]) for k in b), f"{task}: seeds 0 and 1 trained the same weights"
