@@ -1,7 +1,7 @@
 """Reading images from disk: one function, strict about broken files, forgiving about modes.
 
 PIL is used rather than cv2 because PIL raises on garbage and truncation where cv2 returns
-``None`` or a partial image (../shared/REFERENCE.md). EXIF orientation is applied explicitly.
+``None`` or a partial image (docs/known_traps.md). EXIF orientation is applied explicitly.
 """
 
 from __future__ import annotations

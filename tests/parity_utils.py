@@ -1,7 +1,7 @@
 """Helpers for parity tests: weights and BN statistics that make a network's output depend on its input.
 
 A default-initialised MobileNetV3 with random BN statistics gives almost the same logits for any
-input (../shared/REFERENCE.md), which would hide a broken layer. So: random weights with a scale
+input (docs/known_traps.md), which would hide a broken layer. So: random weights with a scale
 that keeps activations alive, BN statistics measured by a forward pass in train mode (cumulative
 average), then perturbed so that BN is not a plain standardisation.
 """
