@@ -4,17 +4,22 @@ Lightning's tqdm bar redraws itself with carriage returns many times a second; i
 thousands of lines of redraws. :class:`LineProgressBar` prints one plain line every
 ``every_n_seconds`` and one at the end of each epoch and validation, with the step, the rate, the
 remaining time and the progress-bar metrics. :func:`progress_bar_for` picks it when standard output
-is not a terminal; in a terminal the tqdm bar stays.
+is not a terminal; in a terminal the tqdm bar stays. :func:`progress` does the same for the loops of
+the scripts (evaluation, export, data generation).
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
+from tqdm import tqdm
+
+T = TypeVar("T")
 
 
 def _clock(seconds: float) -> str:
@@ -99,3 +104,41 @@ def progress_bar_for(stream: Any = None) -> ProgressBar | None:
     stream = sys.stdout if stream is None else stream
     isatty = getattr(stream, "isatty", None)
     return None if isatty is not None and isatty() else LineProgressBar()
+
+
+def progress(iterable: Iterable[T], *, desc: str, unit: str = "it", total: int | None = None,
+             every_n_seconds: float = 30.0, stream: Any = None) -> Iterator[T]:
+    """``iterable`` with progress: a tqdm bar on a terminal, else a line every ``every_n_seconds`` and one at the end.
+
+    Args:
+        iterable: what to loop over.
+        desc: what the loop does (the line's prefix).
+        unit: what one item is.
+        total: the number of items (``len(iterable)`` when it has one).
+        every_n_seconds: the longest gap between two lines when the output is not a terminal.
+        stream: where progress goes (standard error by default, as tqdm's).
+    """
+    stream = sys.stderr if stream is None else stream
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    isatty = getattr(stream, "isatty", None)
+    if isatty is not None and isatty():
+        yield from tqdm(iterable, desc=desc, unit=unit, total=total, file=stream)
+        return
+    start = last = time.monotonic()
+    done = 0
+
+    def line(final: bool) -> str:
+        elapsed = max(time.monotonic() - start, 1e-9)
+        share = f"{done}/{total} ({100 * done / total:.0f}%)" if total else f"{done}"
+        eta = f"  eta {_clock((total - done) * elapsed / done)}" if total and done and not final else ""
+        return f"[{desc}] {share} {unit}  {done / elapsed:.2f} {unit}/s  {_clock(elapsed)}{eta}"
+
+    for item in iterable:
+        yield item
+        done += 1
+        now = time.monotonic()
+        if now - last >= every_n_seconds:
+            last = now
+            print(line(False), file=stream, flush=True)
+    print(line(True), file=stream, flush=True)
