@@ -2,6 +2,7 @@
 
     python scripts/eval_cityscapes.py --weights W --arch large|small --variant paper|torchvision \
         --root DIR --split val --export-dir OUT [--device cpu|cuda] [--visualize DIR] [--json OUT]
+        [--backend torch|onnxruntime|executorch [--int8 --calibration-images DIR] [--pte FILE]]
 
 Runs the model over the split at full resolution (progress bar), writes one single-channel labelId
 PNG per image to ``OUT`` (``<city>_<seq>_<frame>_leftImg8bit.png``, full size), runs
@@ -12,6 +13,13 @@ per-class IoU and mean next to our torchmetrics mIoU (they must agree), the late
 Both means average over the classes that occur in the ground truth or the predictions (the
 official evaluator skips NaN classes, torchmetrics drops classes with an empty union): on the
 real val split that is all 19 classes; on generated data, the classes the scenes contain.
+
+``--backend onnxruntime|executorch`` runs the network exported (ONNX Runtime, or a ``.pte`` lowered
+to XNNPACK run by ExecuTorch), once per input size met, so mIoU and latency describe the deployed
+form. ``--int8`` quantizes it, calibrated on ``--calibration-images`` (normalised as the evaluation
+images, resized to the exported size). ``--pte FILE`` runs a file written by ``scripts/export.py
+--task segment --format executorch``; it must match the images' size, and the latency is then
+measured at that size.
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from mbv3_dense.complexity import count_madds, count_params
-from mbv3_dense.deploy import BACKENDS, make_backend
+from mbv3_dense.deploy import make_backend
+from mbv3_dense.deploy.options import add_backend_arguments, backend_label, calibration_images, check_backend_arguments
 from mbv3_dense.image_io import read_image_rgb
 from mbv3_dense.latency import measure_latency
 from segmentation.cityscapes import list_split, read_train_ids
@@ -102,9 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write a summary JSON here")
     parser.add_argument("--latency-size", type=int, nargs=2, default=(1024, 2048), metavar=("H", "W"))
     parser.add_argument("--latency-runs", type=int, default=5)
-    parser.add_argument("--backend", choices=BACKENDS, default="torch",
-                        help="runtime of the network (onnxruntime: exported once per input size, CPU)")
+    add_backend_arguments(parser)
     args = parser.parse_args(argv)
+    check_backend_arguments(parser, args)
+    if args.backend != "torch" and args.device != "cpu":
+        raise SystemExit(f"--backend {args.backend} runs on the CPU: use --device cpu")
 
     device = torch.device(args.device)
     model = build_model(args.arch, args.variant, args.weights).to(device).eval()
@@ -114,13 +125,22 @@ def main(argv: list[str] | None = None) -> int:
         args.visualize.mkdir(parents=True, exist_ok=True)
     transform = eval_transform()
     runtimes: dict[tuple[int, ...], object] = {}
+    calibration = None
+    if args.int8:
+        calibration = [transform(image=a)["image"].unsqueeze(0)
+                       for a in calibration_images(args.calibration_images, args.calibration_count)]
 
     def network(x: torch.Tensor) -> torch.Tensor:
-        """The model on the chosen runtime; ONNX graphs have a fixed size, so one per input shape."""
+        """The model on the chosen runtime; exported graphs have a fixed size, so one per input shape."""
         if args.backend == "torch":
             return model(x)
         if tuple(x.shape) not in runtimes:
-            runtimes[tuple(x.shape)] = make_backend(args.backend, model, x)
+            size = tuple(x.shape[-2:])
+            calib = None if calibration is None else [
+                torch.nn.functional.interpolate(c, size=size, mode="bilinear", align_corners=False)
+                if tuple(c.shape[-2:]) != size else c for c in calibration]
+            runtimes[tuple(x.shape)] = make_backend(args.backend, model, x, threads=args.threads,
+                                                    int8_calibration=calib, pte_file=args.pte, task="segment")
         return runtimes[tuple(x.shape)](x)
 
     metric = miou_metric().to(device)
@@ -146,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     official_mean = results["averageScoreClasses"]
     present = [name for name in CLASS_NAMES if not math.isnan(class_scores[name])]
 
+    if args.pte is not None:  # the file runs at one size only
+        args.latency_size = tuple(next(iter(runtimes.values())).input_shape[2:]) if runtimes else args.latency_size
     example = torch.randn(1, 3, *args.latency_size, device=device)
     latency = measure_latency(network, example, warmup=2, runs=args.latency_runs)
     params = count_params(model)
@@ -160,14 +182,16 @@ def main(argv: list[str] | None = None) -> int:
     agree = abs(official_mean - ours) < 1e-4
     print("the two means agree" if agree else f"WARNING: the means differ by {official_mean - ours:+.6f}")
     h, w = args.latency_size
-    print(f"latency ({args.backend}) at {h}x{w}, batch 1, {latency.device}, {latency.threads} threads: "
+    runtime, int8 = backend_label(args.backend, next(iter(runtimes.values()), None))
+    print(f"latency ({runtime}) at {h}x{w}, batch 1, {latency.device}, {latency.threads} threads: "
           f"median {latency.median_ms:.1f} ms (p90 {latency.p90_ms:.1f} ms)")
     print(f"params {params / 1e6:.3f}M, MAdds at {h}x{w}: {madds / 1e9:.3f}G")
     if args.json:
         summary = {"metric": ours, "metric_name": "mIoU", "official_miou": official_mean,
                    "classes_present": present, "per_class_iou": {n: class_scores[n] for n in present},
                    "latency_ms": latency.median_ms, "latency_p90_ms": latency.p90_ms,
-                   "latency_input": [h, w], "backend": args.backend, "params_M": params / 1e6,
+                   "latency_input": [h, w], "backend": args.backend, "int8": int8,
+                   "pte": str(args.pte) if args.pte else None, "params_M": params / 1e6,
                    "madds_G": madds / 1e9, "images": len(pairs)}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2))

@@ -2,10 +2,15 @@
 
     python scripts/eval_classify.py --weights W --arch large|small --root DIR [--split val]
         [--image-size 224] [--device cpu|cuda] [--json OUT] [--visualize DIR]
+        [--backend torch|onnxruntime|executorch [--int8 --calibration-images DIR] [--pte FILE]]
 
 ``--weights`` takes any checkpoint the classifier loads (torchvision, mmpretrain, timm, our
 ``.ckpt``); the class count is read from it. Class indices follow the sorted folder names of
 ``DIR/train`` (as in training), or of the split itself when there is no ``train`` folder.
+``--backend onnxruntime|executorch`` runs the network exported (ONNX Runtime, or a ``.pte`` lowered to
+XNNPACK run by ExecuTorch), so top-1 and latency describe the deployed form; ``--int8`` quantizes it,
+calibrated on ``--calibration-images`` prepared like the evaluation images; ``--pte FILE`` runs a file
+written by ``scripts/export.py --format executorch`` (checked: task ``classify``, ``--image-size``).
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from mbv3_dense.classification_data import (
     scan_image_folder,
 )
 from mbv3_dense.complexity import count_madds, count_params
-from mbv3_dense.deploy import BACKENDS, make_backend
+from mbv3_dense.deploy import make_backend
+from mbv3_dense.deploy.options import add_backend_arguments, backend_label, calibration_images, check_backend_arguments
 from mbv3_dense.latency import measure_latency
 from mbv3_dense.weights import WeightsError, extract_state_dict, read_checkpoint, to_classifier_layout
 
@@ -77,12 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--latency-runs", type=int, default=20)
-    p.add_argument("--backend", choices=BACKENDS, default="torch", help="runtime of the network")
+    add_backend_arguments(p)
     p.add_argument("--json", type=Path, default=None, help="write the summary as JSON here")
     p.add_argument("--visualize", type=Path, default=None, help="save a grid of predictions as PNG here")
     args = p.parse_args(argv)
+    check_backend_arguments(p, args)
 
     device = torch.device(args.device)
+    if args.backend != "torch" and device.type != "cpu":
+        raise SystemExit(f"--backend {args.backend} runs on the CPU: use --device cpu")
     num_classes = checkpoint_num_classes(args.weights, args.arch)
     model = BUILDERS[args.arch](num_classes=num_classes, weights=args.weights).eval().to(device)
     class_dir = args.root / "train" if (args.root / "train").is_dir() else args.root / args.split
@@ -96,7 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro").to(device)
     top5 = MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes), average="micro").to(device)
     example = torch.rand(1, 3, args.image_size, args.image_size, device=device)
-    net = model if args.backend == "torch" else make_backend(args.backend, model, example)
+    calibration = None
+    if args.int8:
+        calibration = [dataset.transform(torch.from_numpy(a).permute(2, 0, 1).contiguous())[None]
+                       for a in calibration_images(args.calibration_images, args.calibration_count)]
+    net = model if args.backend == "torch" else make_backend(
+        args.backend, model, example, threads=args.threads, int8_calibration=calibration, pte_file=args.pte,
+        task="classify")
+    runtime, int8 = backend_label(args.backend, net)
     shown: list[tuple[torch.Tensor, str]] = []
     # A spread of the split (it is sorted by class), not just its first class.
     wanted = {round(i * (len(dataset) - 1) / 15) for i in range(16)} if args.visualize else set()
@@ -122,12 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         "top1": float(top1.compute()), "top5": float(top5.compute()), "images": len(dataset),
         "latency_ms": latency.median_ms, "latency_p90_ms": latency.p90_ms,
         "latency_input": [args.image_size, args.image_size], "device": latency.device, "threads": latency.threads,
-        "backend": args.backend,
+        "backend": args.backend, "int8": int8, "pte": str(args.pte) if args.pte else None,
         "params_M": count_params(model) / 1e6, "madds_G": count_madds(model, example) / 1e9,
     }
     print(f"top-1 {summary['top1']:.4f}  top-5 {summary['top5']:.4f}  on {len(dataset)} images of {args.split}")
     size = f"{args.image_size}x{args.image_size}"
-    print(f"latency ({args.backend}, batch 1, {size}, {latency.device}, {latency.threads} threads): "
+    print(f"latency ({runtime}, batch 1, {size}, {latency.device}, {latency.threads} threads): "
           f"median {latency.median_ms:.2f} ms, p90 {latency.p90_ms:.2f} ms")
     print(f"params {summary['params_M']:.3f}M  MAdds {summary['madds_G']:.4f}G")
     if args.visualize and shown:

@@ -2,7 +2,8 @@
 
     python scripts/eval_coco.py --weights W --arch large|small --num-classes N \\
         --images DIR --annotations FILE --results OUT.json [--device cpu|cuda] [--batch-size B] \\
-        [--backend torch|onnxruntime] [--evaluator pycocotools|faster_coco_eval] [--visualize DIR] \\
+        [--backend torch|onnxruntime|executorch [--int8 --calibration-images DIR] [--pte FILE]] \\
+        [--evaluator pycocotools|faster_coco_eval] [--visualize DIR] \\
         [--json METRICS.json]
 
 Runs the model over every image of the annotation file (progress bar), writes OUT.json in the COCO
@@ -12,7 +13,11 @@ decoding, NMS) and params/MAdds (raw network at 320x320). ``--weights`` takes ou
 ``.ckpt``, our state dict or torchvision's ``ssdlite320_mobilenet_v3_large`` state dict. With no
 detections at all the metrics are reported as zeros (pycocotools' ``loadRes([])`` would raise).
 ``--backend onnxruntime`` runs the network (backbone and heads) exported to ONNX in ONNX Runtime and
-decodes + NMS in the same vectorised PyTorch step, so metric and latency describe the deployed form.
+decodes + NMS in the same vectorised PyTorch step, so metric and latency describe the deployed form;
+``--backend executorch`` does the same with the network lowered to XNNPACK in a ``.pte`` run by
+ExecuTorch (``model.preprocess`` -> ``.pte`` -> ``model.postprocess``). ``--int8`` quantizes the network,
+calibrated on ``--calibration-images`` passed through ``model.preprocess``; ``--pte FILE`` runs a file
+written by ``scripts/export.py --task detect --format executorch`` (checked: task and input size).
 """
 
 from __future__ import annotations
@@ -34,7 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from detection import ssdlite_mobilenet_v3_large, ssdlite_mobilenet_v3_small  # noqa: E402
 from detection.coco import collate_eval, eval_dataset  # noqa: E402
 from mbv3_dense.complexity import count_madds, count_params  # noqa: E402
-from mbv3_dense.deploy import BACKENDS, make_backend  # noqa: E402
+from mbv3_dense.deploy import make_backend  # noqa: E402
+from mbv3_dense.deploy.options import (  # noqa: E402
+    add_backend_arguments,
+    backend_label,
+    calibration_images,
+    check_backend_arguments,
+)
 from mbv3_dense.latency import measure_latency  # noqa: E402
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -107,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-reduced-tail", action="store_true", help="the backbone has the full-width tail")
     p.add_argument("--score-activation", choices=("softmax", "sigmoid"), default="softmax",
                    help="sigmoid for models trained with the focal loss")
-    p.add_argument("--backend", choices=BACKENDS, default="torch", help="runtime of the network")
+    add_backend_arguments(p)
     p.add_argument("--evaluator", choices=("pycocotools", "faster_coco_eval"), default="pycocotools")
     p.add_argument("--visualize", type=Path, default=None, help="write a few images with detections as PNG")
     p.add_argument("--num-visualize", type=int, default=8)
@@ -115,6 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", type=Path, default=None, help="write the headline figures to this JSON file")
     p.add_argument("--latency-runs", type=int, default=20)
     args = p.parse_args(argv)
+    check_backend_arguments(p, args)
 
     build = ssdlite_mobilenet_v3_large if args.arch == "large" else ssdlite_mobilenet_v3_small
     model = build(num_classes=args.num_classes, width_mult=args.width_mult, reduced_tail=not args.no_reduced_tail,
@@ -125,10 +137,18 @@ def main(argv: list[str] | None = None) -> dict:
     names = {c["id"]: c["name"] for c in json.loads(args.annotations.read_text())["categories"]}
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_eval)
     predict = model.predict
+    runtime, int8 = args.backend, False
     if args.backend != "torch":
         if device.type != "cpu":
-            raise SystemExit("--backend onnxruntime runs on the CPU: use --device cpu")
-        net = make_backend(args.backend, model, model.preprocess([torch.rand(3, *model.image_size)]))
+            raise SystemExit(f"--backend {args.backend} runs on the CPU: use --device cpu")
+        calibration = None
+        if args.int8:
+            with torch.no_grad():
+                calibration = [model.preprocess([torch.from_numpy(a).permute(2, 0, 1).float() / 255.0])
+                               for a in calibration_images(args.calibration_images, args.calibration_count)]
+        net = make_backend(args.backend, model, model.preprocess([torch.rand(3, *model.image_size)]),
+                           threads=args.threads, int8_calibration=calibration, pte_file=args.pte, task="detect")
+        runtime, int8 = backend_label(args.backend, net)
 
         def predict(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
             sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
@@ -153,13 +173,14 @@ def main(argv: list[str] | None = None) -> dict:
     example = torch.rand(1, 3, 320, 320, device=device)
     latency = measure_latency(lambda x: predict(list(x)), example, warmup=3, runs=args.latency_runs)
     params, madds = count_params(model), count_madds(model, model.normalize(example))
-    print(f"latency ({args.backend}, batch 1, 320x320, end to end, {latency.device}, {latency.threads} threads): "
+    print(f"latency ({runtime}, batch 1, 320x320, end to end, {latency.device}, {latency.threads} threads): "
           f"median {latency.median_ms:.1f} ms, p90 {latency.p90_ms:.1f} ms")
     print(f"params {params / 1e6:.3f}M, MAdds {madds / 1e9:.3f}G (network at 320x320)")
     summary = {"metric": float(stats[0]), "map_50": float(stats[1]), "map_75": float(stats[2]),
                "stats": dict(zip(STAT_NAMES, (float(s) for s in stats), strict=True)),
                "latency_ms": latency.median_ms, "latency_p90_ms": latency.p90_ms, "latency_input": [320, 320],
-               "backend": args.backend, "params_M": params / 1e6, "madds_G": madds / 1e9,
+               "backend": args.backend, "int8": int8, "pte": str(args.pte) if args.pte else None,
+               "params_M": params / 1e6, "madds_G": madds / 1e9,
                "images": len(dataset), "detections": len(results)}
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

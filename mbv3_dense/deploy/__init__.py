@@ -1,10 +1,12 @@
-"""Deployment: eager rewrites (BN folding, channels-last), ONNX export, ONNX Runtime and int8.
+"""Deployment: eager rewrites (BN folding, channels-last), ONNX Runtime, ExecuTorch with XNNPACK, and int8.
 
-``make_backend("torch" | "onnxruntime", model, example)`` gives a callable ``backend(x)`` with the
+``make_backend("torch" | "onnxruntime" | "executorch", model, example)`` gives a callable ``backend(x)`` with the
 model's output structure; evaluation scripts use it for ``--backend``.
 """
 
 from mbv3_dense.deploy.backend import BACKENDS, make_backend
+from mbv3_dense.deploy.executorch_export import ExecuTorchExport, export_executorch, quantize_pt2e_int8
+from mbv3_dense.deploy.executorch_runtime import ExecuTorchFileError, ExecuTorchModel
 from mbv3_dense.deploy.fuse import ChannelsLast, count_batchnorms, fold_batchnorm, to_channels_last
 from mbv3_dense.deploy.onnx_export import ParityReport, compare_outputs, export_onnx
 from mbv3_dense.deploy.quantize import CalibrationReader, quantize_int8
@@ -15,15 +17,20 @@ __all__ = [
     "BACKENDS",
     "CalibrationReader",
     "ChannelsLast",
+    "ExecuTorchExport",
+    "ExecuTorchFileError",
+    "ExecuTorchModel",
     "OnnxModel",
     "ParityReport",
     "compare_outputs",
     "count_batchnorms",
     "create_session",
+    "export_executorch",
     "export_onnx",
     "fold_batchnorm",
     "interleaved_latency",
     "make_backend",
     "quantize_int8",
+    "quantize_pt2e_int8",
     "to_channels_last",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import tempfile
@@ -13,6 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mbv3_dense.deploy.executorch_export import export_executorch
+from mbv3_dense.deploy.executorch_runtime import ExecuTorchModel
 from mbv3_dense.deploy.fuse import ChannelsLast, fold_batchnorm, to_channels_last
 from mbv3_dense.deploy.onnx_export import compare_outputs, export_onnx
 from mbv3_dense.deploy.quantize import quantize_int8
@@ -20,8 +23,8 @@ from mbv3_dense.deploy.runtime import OnnxModel
 
 log = logging.getLogger(__name__)
 
-BackendKind = Literal["torch", "onnxruntime"]
-BACKENDS: tuple[str, ...] = ("torch", "onnxruntime")
+BackendKind = Literal["torch", "onnxruntime", "executorch"]
+BACKENDS: tuple[str, ...] = ("torch", "onnxruntime", "executorch")
 
 
 class TorchBackend:
@@ -45,6 +48,9 @@ def make_backend(
     channels_last: bool = False,
     onnx_path: str | Path | None = None,
     int8_calibration: Iterable[Tensor | np.ndarray] | None = None,
+    pte_path: str | Path | None = None,
+    pte_file: str | Path | None = None,
+    task: str | None = None,
 ) -> Callable[[Tensor], object]:
     """A callable ``backend(x)`` computing ``model(x)`` (eval mode, no autograd) on the chosen runtime.
 
@@ -52,18 +58,25 @@ def make_backend(
     (postprocess, metrics) does not change with the backend.
 
     Args:
-        kind: ``"torch"`` (eager, optionally rewritten) or ``"onnxruntime"`` (exported, CPU).
+        kind: ``"torch"`` (eager, optionally rewritten), ``"onnxruntime"`` (exported, CPU) or
+            ``"executorch"`` (exported to a ``.pte`` lowered to XNNPACK, CPU, batch 1 per call).
         model: the network; it is not modified.
         example: an input of the shape that will be used (``[1, 3, H, W]``): the ONNX graph is traced
             on it, and its spatial size is fixed there.
-        threads: ONNX Runtime intra-op threads (``None``: ``torch.get_num_threads()``).
+        threads: ONNX Runtime intra-op threads or XNNPACK threads (``None``: ``torch.get_num_threads()``).
         fold: torch only: fold batch norms into convs (:func:`fold_batchnorm`). ONNX Runtime folds
             them itself.
         channels_last: torch only: run in NHWC memory format.
         onnx_path: onnxruntime only: keep the exported file there (default: a temporary file,
             deleted once the session has loaded it).
-        int8_calibration: onnxruntime only: a few preprocessed inputs; when given, the model is
-            statically quantized to int8 (:func:`quantize_int8`) after export.
+        int8_calibration: onnxruntime and executorch: a few preprocessed inputs; when given, the
+            model is statically quantized to int8 (ORT: :func:`quantize_int8` after export;
+            ExecuTorch: PT2E with the XNNPACK quantizer before lowering).
+        pte_path: executorch only: keep the exported ``.pte`` there (default: a temporary file).
+        pte_file: executorch only: run this already exported ``.pte`` instead of exporting ``model``;
+            it must have been exported for ``task`` at ``example``'s size
+            (:class:`ExecuTorchFileError` otherwise, naming the file).
+        task: executorch only: stored in the exported file, or checked against ``pte_file``.
     """
     if kind not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {kind!r}")
@@ -73,6 +86,9 @@ def make_backend(
         if channels_last:
             net = ChannelsLast(to_channels_last(net))
         return TorchBackend(net)
+    if kind == "executorch":
+        return _executorch_backend(model, example, threads=threads, int8_calibration=int8_calibration,
+                                   pte_path=pte_path, pte_file=pte_file, task=task)
     tmp = None if onnx_path is not None else Path(tempfile.mkdtemp(prefix="mbv3_onnx_"))
     try:
         path = Path(onnx_path) if onnx_path is not None else tmp / "model.onnx"
@@ -87,4 +103,32 @@ def make_backend(
         report = compare_outputs(model(example), backend(example), tolerance=float("inf"))
     log.info("ONNX Runtime backend (%s) vs PyTorch on the example: %s", path.name,
              ", ".join(f"{k} {v:.2e}" for k, v in report.max_abs_error.items()))
+    return backend
+
+
+def _executorch_backend(model: nn.Module, example: Tensor, *, threads: int | None,
+                        int8_calibration: Iterable[Tensor | np.ndarray] | None, pte_path: str | Path | None,
+                        pte_file: str | Path | None, task: str | None) -> ExecuTorchModel:
+    size = (int(example.shape[-2]), int(example.shape[-1]))
+    example = example.detach().cpu()
+    on_cpu = all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
+    model = model if on_cpu else copy.deepcopy(model).cpu()  # the caller's model stays where it is
+    if pte_file is not None:
+        backend = ExecuTorchModel(pte_file, task=task, input_size=size, threads=threads)
+    else:
+        tmp = None if pte_path is not None else Path(tempfile.mkdtemp(prefix="mbv3_pte_"))
+        try:
+            path = Path(pte_path) if pte_path is not None else tmp / "model.pte"
+            calibration = None
+            if int8_calibration is not None:
+                calibration = [torch.as_tensor(x, dtype=torch.float32) for x in int8_calibration]
+            export_executorch(model, example[:1], path, task=task, int8_calibration=calibration)
+            backend = ExecuTorchModel(path, task=task, input_size=size, threads=threads)
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+    with torch.inference_mode():
+        report = compare_outputs(model(example[:1]), backend(example[:1]), tolerance=float("inf"))
+    log.info("ExecuTorch backend (%s, %s) vs PyTorch on the example: %s", backend.path.name,
+             "int8" if backend.int8 else "fp32", ", ".join(f"{k} {v:.2e}" for k, v in report.max_abs_error.items()))
     return backend

@@ -1,0 +1,179 @@
+"""ExecuTorch with XNNPACK: export parity (fp32, int8), file checks, make_backend, and the scripts' CLI.
+
+Lowering to XNNPACK takes seconds per graph even for small ones, so the unit tests use a tiny network
+with the layer kinds of MobileNetV3 (conv-BN-hardswish, depthwise, SE-style gate, bilinear upsampling,
+linear head) and the script tests export one real (small, 64x64) classifier once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from parity_utils import assert_input_dependent, calibrate_and_perturb
+from PIL import Image
+from torch import nn
+
+from mbv3_dense.deploy import ExecuTorchFileError, ExecuTorchModel, export_executorch, make_backend
+
+pytest.importorskip("executorch")
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 32
+
+
+class TinyDense(nn.Module):
+    """Dict output like SSDLite's, MobileNetV3's layer kinds, a few hundred parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.Hardswish())
+        self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, 1, 1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, 8, 1), nn.Hardsigmoid())
+        self.seg = nn.Conv2d(8, 3, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = self.dw(self.stem(x))
+        f = f * self.gate(f)
+        seg = nn.functional.interpolate(self.seg(f), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return {"logits": self.fc(f.mean((2, 3), keepdim=True).flatten(1)), "seg": seg}
+
+
+@pytest.fixture(scope="module")
+def tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return calibrate_and_perturb(TinyDense(), torch.randn(8, 3, SIZE, SIZE))
+
+
+@pytest.fixture(scope="module")
+def inputs() -> torch.Tensor:
+    return torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def fp32_pte(tiny, inputs, tmp_path_factory):
+    return export_executorch(tiny, inputs[:1], tmp_path_factory.mktemp("pte") / "tiny.pte", task="segment")
+
+
+@torch.no_grad()
+def test_fp32_pte_equals_pytorch_with_the_same_output_structure(tiny, inputs, fp32_pte):
+    runtime = ExecuTorchModel(fp32_pte.path, task="segment", input_size=(SIZE, SIZE), threads=1)
+    assert not runtime.int8 and runtime.input_shape == (1, 3, SIZE, SIZE)
+    reference = tiny(inputs)
+    assert_input_dependent(reference["logits"][0], reference["logits"][1])
+    got = runtime(inputs)  # batch 3 through a batch-1 program: one item at a time
+    assert list(got) == ["logits", "seg"]
+    for key in reference:
+        torch.testing.assert_close(got[key], reference[key], rtol=1e-4, atol=1e-4)
+    # XNNPACK takes every operator that depends on the input; what is left acts on constants only.
+    assert fp32_pte.delegated > 0
+    assert fp32_pte.not_delegated == fp32_pte.constant_only, fp32_pte.delegation_summary()
+
+
+@torch.no_grad()
+def test_int8_pte_is_quantized_and_stays_close(tiny, inputs, tmp_path):
+    gen = torch.Generator().manual_seed(2)
+    calibration = [torch.randn(1, 3, SIZE, SIZE, generator=gen) for _ in range(8)]
+    result = export_executorch(tiny, inputs[:1], tmp_path / "tiny.int8.pte", task="segment",
+                               int8_calibration=calibration)
+    assert result.meta["int8"] and result.path.stat().st_size > 0
+    runtime = ExecuTorchModel(result.path, threads=1)
+    assert runtime.int8
+    reference, got = tiny(inputs), runtime(inputs)
+    for key in reference:
+        scale = reference[key].abs().max().item()
+        error = (got[key] - reference[key]).abs().max().item()
+        assert error < 0.15 * scale, f"{key}: int8 error {error:.3g} vs output scale {scale:.3g}"
+        assert error > 0, "an int8 program that reproduces float exactly was not quantized"
+
+
+def test_bad_pte_files_are_refused_naming_the_file(fp32_pte, tmp_path):
+    missing = tmp_path / "missing.pte"
+    with pytest.raises(FileNotFoundError, match="missing.pte"):
+        ExecuTorchModel(missing)
+    corrupt = tmp_path / "corrupt.pte"
+    corrupt.write_bytes(b"not a flatbuffer at all" * 4)
+    with pytest.raises(ExecuTorchFileError, match="corrupt.pte.*not a loadable ExecuTorch program"):
+        ExecuTorchModel(corrupt)
+    truncated = tmp_path / "truncated.pte"
+    truncated.write_bytes(fp32_pte.path.read_bytes()[:2000])
+    with pytest.raises(ExecuTorchFileError, match="truncated.pte"):
+        ExecuTorchModel(truncated)
+    with pytest.raises(ExecuTorchFileError, match=r"tiny.pte: exported for task 'segment', not 'detect'"):
+        ExecuTorchModel(fp32_pte.path, task="detect")
+    with pytest.raises(ExecuTorchFileError, match=r"tiny.pte: exported for input size 32x32, not 64x64"):
+        ExecuTorchModel(fp32_pte.path, input_size=(64, 64))
+    with pytest.raises(ValueError, match=r"tiny.pte: input of shape \(1, 3, 16, 16\)"):
+        ExecuTorchModel(fp32_pte.path)(torch.zeros(1, 3, 16, 16))
+
+
+@torch.no_grad()
+def test_make_backend_runs_a_ready_pte_and_checks_it(tiny, inputs, fp32_pte):
+    backend = make_backend("executorch", tiny, inputs[:1], pte_file=fp32_pte.path, task="segment", threads=1)
+    torch.testing.assert_close(backend(inputs)["seg"], tiny(inputs)["seg"], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ExecuTorchFileError, match="tiny.pte: exported for input size"):
+        make_backend("executorch", tiny, torch.zeros(1, 3, 48, 48), pte_file=fp32_pte.path, task="segment")
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def classifier_pte(tmp_path_factory):
+    """A small classifier (3 classes, 64x64) saved as a state dict and exported by the script."""
+    from mbv3_dense import mobilenet_v3_small
+
+    work = tmp_path_factory.mktemp("cls")
+    torch.manual_seed(0)
+    weights = work / "cls.pth"
+    torch.save(mobilenet_v3_small(num_classes=3).state_dict(), weights)
+    out = work / "cls.pte"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = _script("export").main(["--task", "classify", "--arch", "small", "--num-classes", "3", "--size", "64",
+                                       "64", "--weights", str(weights), "--format", "executorch", "--out", str(out),
+                                       "--threads", "1"])
+    return code, weights, out, printed.getvalue()
+
+
+def test_export_script_writes_a_checked_pte(classifier_pte):
+    code, _, out, printed = classifier_pte
+    assert code == 0 and out.is_file()
+    assert "ExecuTorch (XNNPACK) vs PyTorch" in printed and ": OK" in printed
+    assert "XNNPACK delegation:" in printed and "not delegated" in printed
+
+
+def test_eval_classify_through_the_pte_and_refusing_a_wrong_one(classifier_pte, fp32_pte, tmp_path):
+    _, weights, pte, _ = classifier_pte
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("a", "b", "c"):
+            folder = tmp_path / "data" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 255, (72, 72, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    evaluate = _script("eval_classify").main
+    common = ["--weights", str(weights), "--arch", "small", "--root", str(tmp_path / "data"), "--image-size", "64",
+              "--latency-runs", "2"]
+    assert evaluate([*common, "--json", str(tmp_path / "torch.json")]) == 0
+    assert evaluate([*common, "--backend", "executorch", "--pte", str(pte), "--threads", "1",
+                     "--json", str(tmp_path / "et.json")]) == 0
+    torch_summary = json.loads((tmp_path / "torch.json").read_text())
+    et_summary = json.loads((tmp_path / "et.json").read_text())
+    assert et_summary["backend"] == "executorch" and et_summary["pte"] == str(pte) and not et_summary["int8"]
+    assert et_summary["top1"] == torch_summary["top1"] and et_summary["images"] == 6
+    with pytest.raises(ExecuTorchFileError, match=r"tiny.pte: exported for task 'segment', not 'classify'"):
+        evaluate([*common, "--backend", "executorch", "--pte", str(fp32_pte.path)])
+    with pytest.raises(SystemExit):  # argparse: --pte without --backend executorch
+        evaluate([*common, "--pte", str(pte)])
