@@ -243,3 +243,54 @@ def test_ddp_each_index_gets_its_augmentation_on_any_rank_and_resumes_mid_epoch(
     assert saved["global_step"] == EVERY_N_STEPS and saved["epoch"] == 0, "not killed mid-epoch"
     fit(tiny_config(case, data, broken / "c.yaml", workers=2, devices=2), broken, "--ckpt_path", "last")
     assert_same_training_state(load(last_ckpt(broken)), reference, "DDP resumed after SIGKILL vs uninterrupted")
+
+
+def test_seeded_sampler_shards_an_epoch_like_distributed_sampler_and_skips_on_resume() -> None:
+    from torch.utils.data import DistributedSampler
+
+    from mbv3_dense.sampling import SampleKey, SeededSampler
+
+    data = list(range(11))  # 11 over 3 ranks: padded to 12, as DistributedSampler does
+    shards = []
+    for rank in range(3):
+        ours = SeededSampler(data, num_replicas=3, rank=rank, seed=5)
+        ours.set_epoch(2)
+        reference = DistributedSampler(data, num_replicas=3, rank=rank, shuffle=True, seed=5)
+        reference.set_epoch(2)
+        keys = list(ours)
+        assert keys == [SampleKey(i, 2, 5) for i in reference]
+        shards.append([k.index for k in keys])
+        ours.skip_next(2)
+        assert list(ours) == keys[2:] and list(ours) == keys  # the skip applies to the next iteration only
+    assert sorted(i for s in shards for i in s) == sorted([*range(11), shards[0][0]])
+
+
+def test_augmentation_is_a_function_of_the_key_and_leaves_global_generators_alone() -> None:
+    import random
+
+    import numpy as np
+
+    from detection.transforms import train_transform
+    from mbv3_dense.sampling import SampleKey, sample_randomness
+
+    pipeline = train_transform(image_size=64, zoom_out_p=0.5, photometric_p=0.5)
+    image = np.random.default_rng(0).integers(0, 255, (80, 100, 3), dtype=np.uint8)
+    boxes = np.array([[10, 10, 60, 50], [40, 30, 90, 70]], dtype=np.float32)
+
+    def draw(key: SampleKey) -> tuple[bytes, list]:
+        with sample_randomness(key) as generators:
+            pipeline.set_random_state(generators.numpy, generators.python)
+            out = pipeline(image=image, bboxes=boxes, labels=[1, 2])
+            return out["image"].tobytes(), np.asarray(out["bboxes"]).round(4).tolist()
+
+    torch.manual_seed(1)
+    random.seed(1)
+    before = torch.rand(1), random.random()
+    torch.manual_seed(1)
+    random.seed(1)
+    first = draw(SampleKey(3, 1, 0))
+    assert draw(SampleKey(3, 1, 0)) == first
+    others = {draw(SampleKey(3, epoch, 0))[0] for epoch in range(2, 8)} | {draw(SampleKey(3, 1, seed))[0]
+                                                                           for seed in range(1, 7)}
+    assert len(others | {first[0]}) >= 10, "epochs and seeds should draw different augmentations"
+    assert (torch.rand(1), random.random()) == before, "loading a sample moved the global generators"
