@@ -13,7 +13,9 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from mbv3_dense.classification_data import ClassificationBatch
+from mbv3_dense.classification_predict import ClassificationWriter, TopK
 from mbv3_dense.guards import NonFinitePolicy, check_loss
+from mbv3_dense.predict import PredictBatch
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +136,13 @@ class ClassificationModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if stage == "predict":
+            names = getattr(datamodule, "predict_class_names", None)
+            if names is not None and len(names) != self.num_classes:
+                raise ValueError(f"{datamodule.root / 'train'} has {len(names)} class folders but the network has "
+                                 f"{self.num_classes} outputs: its class names do not fit these weights (point "
+                                 "--data.root at the training data of the checkpoint, or at a folder without train/)")
+            return
         data_classes = getattr(datamodule, "num_classes", None)
         if data_classes is not None and data_classes != self.num_classes:
             raise ValueError(
@@ -178,6 +187,19 @@ class ClassificationModule(L.LightningModule):
         self.log("val/loss", self.val_loss, batch_size=bs)
         self.log("val/top1", self.val_top1, prog_bar=True, batch_size=bs)
         self.log("val/top5", self.val_top5, batch_size=bs)
+
+    def predict_step(self, batch: PredictBatch, batch_idx: int) -> list[TopK]:
+        """Top-5 (or all, with fewer classes) softmax probabilities of each image of ``batch``, whose
+        ``inputs`` the data module's validation transform made; uses the weight average when kept."""
+        if batch.inputs is None:
+            return []
+        probabilities = self.eval_model(batch.inputs).float().softmax(dim=1)
+        top = probabilities.topk(min(5, self.num_classes), dim=1)
+        return [TopK(p, i) for p, i in zip(top.values.cpu(), top.indices.cpu(), strict=True)]
+
+    def prediction_writer(self, **options) -> ClassificationWriter:  # noqa: ANN003 - the writer's options
+        """The writer ``lightning predict`` adds when the config names none."""
+        return ClassificationWriter(**options)
 
     def _log_skipped(self, batch: ClassificationBatch, split: str) -> None:
         if batch.skipped.item():

@@ -29,6 +29,7 @@ from torchvision.transforms import v2
 
 from mbv3_dense.classifier import IMAGENET_MEAN, IMAGENET_STD
 from mbv3_dense.image_io import ImageReadError, read_image_rgb
+from mbv3_dense.predict import DEFAULT_MAX_PIXELS, ImageList, list_images, note_ignored, predict_loader
 from mbv3_dense.sampling import (
     SampleKey,
     evaluation_sampler,
@@ -190,6 +191,11 @@ class ImageNetDataModule(L.LightningDataModule):
         on_bad_image: ``"error"`` (stop, naming the file) or ``"skip"`` (warn naming the file,
             drop it from its batch, count it).
         pin_memory: pin host memory for faster copies to the GPU.
+        predict_images: what ``lightning predict`` runs on: a folder (read recursively), a glob or a
+            text file of paths (:func:`mbv3_dense.predict.list_images`). Each image goes through the
+            validation transform (short side ``val_resize_size``, centre crop ``crop_size``), in
+            batches of ``batch_size``; class names come from ``root/train`` when it exists.
+        predict_max_pixels: images with more pixels are skipped with a warning naming them.
     """
 
     def __init__(
@@ -206,6 +212,8 @@ class ImageNetDataModule(L.LightningDataModule):
         random_erase: float = 0.2,
         on_bad_image: BadImagePolicy = "error",
         pin_memory: bool = True,
+        predict_images: str | None = None,
+        predict_max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         super().__init__()
         if on_bad_image not in ("error", "skip"):
@@ -221,6 +229,10 @@ class ImageNetDataModule(L.LightningDataModule):
         self.classes: list[str] = []
         self.train_set: ImageFolderDataset | None = None
         self.val_set: ImageFolderDataset | None = None
+        self.predict_images = predict_images
+        self.predict_max_pixels = predict_max_pixels
+        self.predict_list: ImageList | None = None
+        self.predict_class_names: list[str] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -229,6 +241,9 @@ class ImageNetDataModule(L.LightningDataModule):
         return len(self.classes)
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":
+            self._setup_predict()
+            return
         classes = find_classes(self.root / "train")
         self.classes = classes
         class_to_idx = {name: i for i, name in enumerate(classes)}
@@ -254,6 +269,21 @@ class ImageNetDataModule(L.LightningDataModule):
                             scan.empty_classes[:10])
             self._note("val", scan)
             self.val_set = ImageFolderDataset(scan.samples, self.val_tf, on_bad_image=self.on_bad_image)
+
+    def _setup_predict(self) -> None:
+        if self.predict_images is None:
+            raise ValueError("lightning predict needs the images: --data.predict_images PATH (a folder, a glob or "
+                             "a text file of paths)")
+        self.predict_list = list_images(self.predict_images)
+        note_ignored(self.predict_list, self.predict_images)
+        try:
+            self.predict_class_names = find_classes(self.root / "train")
+        except FileNotFoundError:
+            log.info("%s: no class folders; predictions name classes by index", self.root / "train")
+
+    def predict_dataloader(self) -> DataLoader:
+        return predict_loader(self.predict_list.files, transform=self.val_tf, batch_size=self.batch_size,
+                              num_workers=self.num_workers, max_pixels=self.predict_max_pixels)
 
     def _note(self, split: str, scan: FolderScan) -> None:
         log.info("%s/%s: %d images in %d classes (bad-image policy: %s)", self.root, split,

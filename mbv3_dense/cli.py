@@ -13,15 +13,22 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mbv3_dense.progress import progress_bar_for
 
 
 class MBV3CLI(LightningCLI):
     """LightningCLI with the project's defaults: any LightningModule / LightningDataModule by
-    ``class_path``, the resolved config saved next to the logs (overwriting on resume)."""
+    ``class_path``, the resolved config saved next to the logs (overwriting on resume).
+
+    ``predict`` writes files: when the config names no ``BasePredictionWriter`` callback, the
+    module's own writer (``model.prediction_writer(...)``) is added, configured by
+    ``--writer.output_dir`` (default ``<default_root_dir>/predictions``), ``--writer.overwrite`` and
+    ``--writer.pictures``; predictions are written batch by batch and not kept in memory
+    (``return_predictions`` defaults to false).
+    """
 
     def __init__(self, args: list[str] | None = None, **kwargs) -> None:
         kwargs.setdefault("subclass_mode_model", True)
@@ -30,9 +37,33 @@ class MBV3CLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(args=args, **kwargs)
 
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            parser.add_argument("--writer.output_dir", type=str | None, default=None,
+                                help="where the default prediction writer writes (default: "
+                                     "<trainer.default_root_dir>/predictions)")
+            parser.add_argument("--writer.overwrite", type=bool, default=False,
+                                help="replace the results of an earlier run in that folder")
+            parser.add_argument("--writer.pictures", type=bool, default=True,
+                                help="also draw the predictions on the images")
+            parser.set_defaults(return_predictions=False)
+        return parser
+
+    def _default_writer(self, config: dict[str, Any], callbacks: list[Callback]) -> list[Callback]:
+        listed = [c for c in (config.get("callbacks") or []) + callbacks if isinstance(c, BasePredictionWriter)]
+        make = getattr(self.model, "prediction_writer", None)
+        if listed or make is None:
+            return callbacks
+        options = self.config_init[self.subcommand].get("writer") or {}
+        return [*callbacks, make(output_dir=options.get("output_dir"), overwrite=bool(options.get("overwrite")),
+                                 pictures=options.get("pictures", True) is not False)]
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """Progress as periodic lines when standard output is not a terminal (CI, ``> log``); the tqdm bar
         in a terminal, or whatever progress bar the config names."""
+        if self.subcommand == "predict":
+            callbacks = self._default_writer(config, callbacks)
         listed = [c for c in (config.get("callbacks") or []) + callbacks if isinstance(c, ProgressBar)]
         if config.get("enable_progress_bar", True) is not False and not listed:
             bar = progress_bar_for(sys.stdout)
