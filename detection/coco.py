@@ -29,6 +29,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from detection.transforms import train_transform
 from mbv3_dense.image_io import read_image_rgb
+from mbv3_dense.predict import DEFAULT_MAX_PIXELS, ImageList, list_images, note_ignored, predict_loader
 from mbv3_dense.sampling import SampleKey, loader_generator, sample_randomness, training_sampler
 
 log = logging.getLogger(__name__)
@@ -325,6 +326,11 @@ class CocoDataModule(L.LightningDataModule):
         photometric_p: probability of photometric distortion.
         hflip_p: probability of a horizontal flip.
         min_box_size: boxes smaller than this (pixels) after clamping/augmenting are dropped.
+        predict_images: what ``lightning predict`` runs on: a folder (read recursively), a glob or a
+            text file of paths (:func:`mbv3_dense.predict.list_images`); images at their original
+            sizes, in batches of ``val_batch_size``. Category ids and names come from the validation
+            (else training) annotation file's ``categories`` when one exists.
+        predict_max_pixels: images with more pixels are skipped with a warning naming them.
     """
 
     def __init__(
@@ -345,6 +351,8 @@ class CocoDataModule(L.LightningDataModule):
         photometric_p: float = 0.0,
         hflip_p: float = 0.5,
         min_box_size: float = 1.0,
+        predict_images: str | None = None,
+        predict_max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -358,6 +366,10 @@ class CocoDataModule(L.LightningDataModule):
         self.train_set: CocoTrainDataset | None = None
         self.val_set: CocoEvalDataset | None = None
         self.category_map: CategoryMap | None = None
+        self.category_names: dict[int, str] | None = None
+        self.predict_images = predict_images
+        self.predict_max_pixels = predict_max_pixels
+        self.predict_list: ImageList | None = None
 
     def _load(self, split: str) -> list[ImageRecord]:
         images, annotations = self.paths[split]
@@ -385,6 +397,33 @@ class CocoDataModule(L.LightningDataModule):
                      "(they stay in evaluation)", len(self.train_set), len(records) - len(self.train_set))
         if stage in ("fit", "validate", "test") and self.val_set is None:
             self.val_set = CocoEvalDataset(self._load("val"))
+        if stage == "predict":
+            if self.predict_images is None:
+                raise ValueError("lightning predict needs the images: --data.predict_images PATH (a folder, a glob "
+                                 "or a text file of paths)")
+            self.predict_list = list_images(self.predict_images)
+            note_ignored(self.predict_list, self.predict_images)
+            self._load_categories()
+
+    def _load_categories(self) -> None:
+        """Category ids and names of the training annotations (validation file first: it is smaller)."""
+        for split in ("val", "train"):
+            annotations = self.paths[split][1]
+            if annotations.is_file():
+                try:
+                    categories = json.loads(annotations.read_text())["categories"]
+                    ids = [int(c["id"]) for c in categories]
+                except (ValueError, KeyError, TypeError) as err:
+                    raise AnnotationError(f"{annotations}: cannot read its categories ({err})") from err
+                self.category_map = CategoryMap(ids, self.num_classes, str(annotations))
+                self.category_names = {int(c["id"]): str(c.get("name", c["id"])) for c in categories}
+                log.info("%s: category ids and names for the predictions", annotations)
+                return
+        log.info("no annotation file under %s: predictions give model labels as category ids", self.root)
+
+    def predict_dataloader(self) -> DataLoader:
+        return predict_loader(self.predict_list.files, batch_size=self.val_batch_size, num_workers=self.num_workers,
+                              max_pixels=self.predict_max_pixels)
 
     def train_dataloader(self) -> DataLoader:
         # drop_last: a last batch of one image would fail in BatchNorm on the 1x1 extra map.

@@ -14,7 +14,9 @@ from detection.coco import Batch
 from detection.loss import SSDLoss
 from detection.metric import GatheredMeanAveragePrecision
 from detection.model import SSDLite
+from detection.predict import DetectionWriter
 from mbv3_dense.guards import NonFinitePolicy, check_loss
+from mbv3_dense.predict import PredictBatch
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,17 @@ class SSDLiteModule(L.LightningModule):
         self.val_map.reset()
         self.log_dict({f"val/{k}": result[k].float() for k in MAP_KEYS if k != "map_50"}, sync_dist=False)
         self.log("val/map_50", result["map_50"].float(), prog_bar=True, sync_dist=False)
+
+    def predict_step(self, batch: PredictBatch, batch_idx: int) -> list[dict[str, Tensor]]:
+        """:meth:`SSDLite.predict` on the batch's images (uint8, original sizes): per image XYXY boxes in
+        its own pixels, scores and model labels, on the CPU."""
+        images = [img.float().div(255) for img in batch.images]
+        detections = self.model.predict(images)
+        return [{k: v.cpu() for k, v in det.items()} for det in detections]
+
+    def prediction_writer(self, **options) -> DetectionWriter:  # noqa: ANN003 - the writer's options
+        """The writer ``lightning predict`` adds when the config names none."""
+        return DetectionWriter(**options)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):  # noqa: ANN201 - Lightning's union of return types

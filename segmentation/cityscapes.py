@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from mbv3_dense.image_io import ImageReadError, read_image_rgb, read_label_png
+from mbv3_dense.predict import DEFAULT_MAX_PIXELS, ImageList, list_images, note_ignored, predict_loader
 from mbv3_dense.sampling import SampleKey, evaluation_sampler, loader_generator, sample_randomness, training_sampler
 from segmentation.labels import label_ids_to_train_ids
 from segmentation.transforms import eval_transform, train_transform
@@ -179,12 +180,17 @@ class CityscapesDataModule(L.LightningDataModule):
         check_files: before training, read every image and label header (no decoding) and stop with
             an error naming the files if a label is missing, coloured, 16-bit or of another size
             than its image (about a second for Cityscapes' 3475 pairs on a local disk).
+        predict_images: what ``lightning predict`` runs on: a folder (read recursively), a glob or a
+            text file of paths (:func:`mbv3_dense.predict.list_images`); each image at its own size,
+            one forward pass per image, ``val_batch_size`` images per loader batch.
+        predict_max_pixels: images with more pixels are skipped with a warning naming them.
     """
 
     def __init__(self, *, root: str, batch_size: int = 8, val_batch_size: int = 1, num_workers: int = 4,
                  crop_size: tuple[int, int] = (769, 769), scale_range: tuple[float, float] = (0.5, 2.0),
                  hflip: bool = True, train_split: str = "train", val_split: str = "val",
-                 check_files: bool = True) -> None:
+                 check_files: bool = True, predict_images: str | None = None,
+                 predict_max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         super().__init__()
         self.root = Path(root)
         self.batch_size = batch_size
@@ -198,6 +204,9 @@ class CityscapesDataModule(L.LightningDataModule):
         self.check_files = check_files
         self.train_set: CityscapesSegmentation | None = None
         self.val_set: CityscapesSegmentation | None = None
+        self.predict_images = predict_images
+        self.predict_max_pixels = predict_max_pixels
+        self.predict_list: ImageList | None = None
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
@@ -210,6 +219,12 @@ class CityscapesDataModule(L.LightningDataModule):
             self.val_set = CityscapesSegmentation(self.root, self.val_split, eval_transform(),
                                                   check_files=self.check_files)
             log.info("Cityscapes %s: %d images", self.val_split, len(self.val_set))
+        if stage == "predict":
+            if self.predict_images is None:
+                raise ValueError("lightning predict needs the images: --data.predict_images PATH (a folder, a glob "
+                                 "or a text file of paths)")
+            self.predict_list = list_images(self.predict_images)
+            note_ignored(self.predict_list, self.predict_images)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size,
@@ -221,6 +236,10 @@ class CityscapesDataModule(L.LightningDataModule):
         sampler = evaluation_sampler(self.val_set, self.trainer)
         return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False, sampler=sampler,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def predict_dataloader(self) -> DataLoader:
+        return predict_loader(self.predict_list.files, batch_size=self.val_batch_size, num_workers=self.num_workers,
+                              max_pixels=self.predict_max_pixels)
 
 
 __all__ = ["CityscapesDataError", "CityscapesDataModule", "CityscapesSegmentation", "ImageReadError", "check_pair",

@@ -18,7 +18,9 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from mbv3_dense.guards import NonFinitePolicy, check_loss
+from mbv3_dense.predict import PredictBatch
 from segmentation.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
+from segmentation.predict import SegmentationWriter, preprocess
 
 
 def segmentation_loss(logits: Tensor, target: Tensor) -> Tensor:
@@ -100,6 +102,15 @@ class SegmentationModule(LightningModule):
         self.log_dict(metrics)
         for metric in (self.val_miou, self.val_iou, self.val_loss):
             metric.reset()
+
+    def predict_step(self, batch: PredictBatch, batch_idx: int) -> list[Tensor]:
+        """Per image of ``batch`` (uint8, original sizes; one forward pass each, since sizes differ):
+        the argmax trainIds, uint8 ``[H, W]`` at the image's size, on the CPU."""
+        return [self.model(preprocess(image)).argmax(1)[0].to(torch.uint8).cpu() for image in batch.images]
+
+    def prediction_writer(self, **options) -> SegmentationWriter:  # noqa: ANN003 - the writer's options
+        """The writer ``lightning predict`` adds when the config names none."""
+        return SegmentationWriter(**options)
 
     def configure_optimizers(self):
         optimizer = self.optimizer(self.parameters())

@@ -1,0 +1,111 @@
+"""What ``lightning predict`` writes for SSDLite: COCO results, a JSON per image, pictures with boxes.
+
+Layout under the output folder::
+
+    coco_results.json        one COCO results list: {"image_id", "category_id", "bbox": XYWH, "score"}
+    detections/<name>.json   {"file", "image_id", "width", "height",
+                              "detections": [{"box_xyxy", "score", "label", "category_id", "class"}]}
+    pictures/<name>.jpg      boxes scoring above picture_threshold, with class name and score
+    skipped.jsonl, summary.json
+
+Boxes are in the image's own pixels (XYXY in the per-image files, XYWH in the COCO results, as
+COCO wants). ``label`` is the model's class index; ``category_id`` is the COCO category id of the
+training annotations when they are known (:class:`~detection.coco.CategoryMap`: contiguous labels
+map back to the file's ids), else the label itself. ``image_id`` comes from the file name when all
+names are distinct numbers (COCO's ``000000397133.jpg``), else a running id (see the per-image files).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import ImageDraw
+from torch import Tensor
+
+from detection.coco import CategoryMap
+from mbv3_dense.predict import ImageFile, PredictionWriter, draw_text_block, font_for, to_pil
+
+Detections = dict[str, Tensor]
+
+
+class DetectionWriter(PredictionWriter):
+    """Writes :meth:`detection.model.SSDLite.predict`-style detections (layout in the module docstring).
+
+    The COCO results file is written as a JSON list entry by entry, so it is complete only after
+    :meth:`close` (``on_predict_end``).
+
+    Args:
+        output_dir / overwrite / pictures: as :class:`~mbv3_dense.predict.PredictionWriter`.
+        category_map: model labels -> category ids (``None``: from the data module, else identity).
+        category_names: category id -> name (``None``: from the data module, else the ids as text).
+        picture_threshold: boxes drawn on the pictures score above this (all are written to the files).
+    """
+
+    task = "detect"
+    outputs = ("coco_results.json", "detections", "pictures")
+
+    def __init__(self, output_dir: str | Path | None = None, *, overwrite: bool = False, pictures: bool = True,
+                 category_map: CategoryMap | None = None, category_names: dict[int, str] | None = None,
+                 picture_threshold: float = 0.3) -> None:
+        super().__init__(output_dir, overwrite=overwrite, pictures=pictures)
+        self.category_map = category_map
+        self.category_names = category_names
+        self.picture_threshold = picture_threshold
+
+    def configure_from(self, datamodule: Any) -> None:  # noqa: ANN401
+        super().configure_from(datamodule)
+        if self.category_map is None:
+            self.category_map = getattr(datamodule, "category_map", None)
+        if self.category_names is None:
+            self.category_names = getattr(datamodule, "category_names", None)
+
+    def category_ids(self, labels: Tensor) -> Tensor:
+        return self.category_map.to_category_ids(labels) if self.category_map is not None else labels.long()
+
+    def _open(self) -> None:
+        (self.output_dir / "detections").mkdir(parents=True, exist_ok=True)
+        self._results = open(self.output_dir / "coco_results.json", "w")  # noqa: SIM115 - closed in _close
+        self._results.write("[")
+        self._first = True
+
+    def _write_image(self, file: ImageFile, image: Tensor, output: Detections) -> None:
+        boxes = output["boxes"].detach().cpu().double()
+        scores = output["scores"].detach().cpu().tolist()
+        labels = output["labels"].detach().cpu()
+        cats = self.category_ids(labels).tolist()
+        names = self.category_names or {}
+        xywh = torch.cat((boxes[:, :2], boxes[:, 2:] - boxes[:, :2]), dim=1).tolist()
+        for box, score, cat in zip(xywh, scores, cats, strict=True):
+            entry = {"image_id": file.image_id, "category_id": int(cat), "bbox": [round(v, 3) for v in box],
+                     "score": round(float(score), 5)}
+            self._results.write(("" if self._first else ",\n") + json.dumps(entry))
+            self._first = False
+        dets = [{"box_xyxy": [round(v, 3) for v in box], "score": round(float(score), 5), "label": int(label),
+                 "category_id": int(cat), "class": names.get(int(cat), str(int(cat)))}
+                for box, score, label, cat in zip(boxes.tolist(), scores, labels.tolist(), cats, strict=True)]
+        record = {"file": str(file.path), "image_id": file.image_id, "width": int(image.shape[-1]),
+                  "height": int(image.shape[-2]), "detections": dets}
+        path = self.output_dir / "detections" / f"{file.name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record) + "\n")
+        if self.pictures:
+            pil = to_pil(image)
+            draw = ImageDraw.Draw(pil)
+            font = font_for(pil.size)
+            width = max(2, min(pil.size) // 200)
+            for det in dets:
+                if det["score"] > self.picture_threshold:
+                    draw.rectangle(det["box_xyxy"], outline=(255, 40, 40), width=width)
+            for det in dets:  # labels on top of every box
+                if det["score"] > self.picture_threshold:
+                    x0, y0 = det["box_xyxy"][:2]
+                    draw_text_block(draw, (x0 + width + 1, y0 + width + 1), [f"{det['class']} {det['score']:.2f}"],
+                                    font)
+            pil.save(self._picture_path(file), quality=90)
+
+    def _close(self) -> None:
+        self._results.write("]\n")
+        self._results.close()
