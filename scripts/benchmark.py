@@ -15,6 +15,13 @@ Runtime runs with spinning threads off (they would slow down whatever runs next)
 - segment: 1024x2048 input, logits at full resolution; ours in the torchvision variant (same
   weights) and the paper variant (reduced tail, 49x49 pooling; its own random weights).
 
+ExecuTorch rows (``ours executorch``, ``ours executorch int8``; off with ``--no-executorch``): the
+network exported to a ``.pte`` lowered to XNNPACK, batch 1, run by ExecuTorch's runtime with
+``--threads`` XNNPACK threads; int8 is PT2E with the XNNPACK quantizer (per-channel weights),
+calibrated on ``--calibration`` random inputs (2 at most for segment). For detect they run our
+preprocess, the ``.pte`` and our postprocess, end to end like the other rows. Export time is printed
+(``#`` lines) but not timed.
+
 ``max_diff`` compares each row's output with the torchvision baseline's where they compute the
 same function: for classify logits and segment logits (torchvision variant), the largest absolute
 difference divided by the baseline's largest magnitude; for detect, the largest box-corner difference
@@ -47,7 +54,9 @@ from torch import Tensor
 from mbv3_dense.complexity import count_madds, count_params
 from mbv3_dense.deploy import (
     ChannelsLast,
+    ExecuTorchModel,
     OnnxModel,
+    export_executorch,
     export_onnx,
     fold_batchnorm,
     interleaved_latency,
@@ -129,6 +138,29 @@ def onnx_rows(task: str, model: torch.nn.Module, example: Tensor, *, label: str,
     return rows
 
 
+def executorch_rows(task: str, model: torch.nn.Module, example: Tensor, *, label: str, name: str, work: Path,
+                    threads: int, int8: bool, calibration: list[Tensor], wrap: Callable[[Callable], Callable],
+                    params: int, madds: int, compare) -> list[Row]:
+    """ExecuTorch XNNPACK fp32 (and int8) rows; a failure skips the rows, loudly."""
+    rows = []
+    variants = [("ours executorch", None)] + ([("ours executorch int8", calibration)] if int8 else [])
+    for row_name, calib in variants:
+        suffix = ".int8.pte" if calib is not None else ".pte"
+        try:
+            with quiet_output():
+                result = export_executorch(model, example, work / f"{task}_{label}{suffix}", task=task,
+                                           int8_calibration=calib)
+        except Exception as err:  # noqa: BLE001 - reported, and the other rows still run
+            print(f"# SKIPPED {task} {name} {row_name}: export failed: {type(err).__name__}: "
+                  f"{str(err).splitlines()[0][:300]}", flush=True)
+            continue
+        print(f"# {task} {name} {row_name}: export took {result.seconds:.1f} s; {result.delegation_summary()}",
+              flush=True)
+        runtime = ExecuTorchModel(result.path, task=task, threads=threads)
+        rows.append(Row(task, row_name, name, "", wrap(runtime), params, madds, compare))
+    return rows
+
+
 def classify_rows(args: argparse.Namespace, work: Path) -> list[Row]:
     import mbv3_dense
 
@@ -152,6 +184,10 @@ def classify_rows(args: argparse.Namespace, work: Path) -> list[Row]:
     rows += onnx_rows("classify", ours, x, label=name, name=name, work=work, threads=args.threads,
                       int8=args.int8, calibration=calibration, wrap=lambda m: (lambda: m(x)), params=params,
                       madds=madds, compare=max_abs)
+    if args.executorch:
+        rows += executorch_rows("classify", ours, x, label=name, name=name, work=work, threads=args.threads,
+                                int8=args.int8, calibration=calibration, wrap=lambda m: (lambda: m(x)),
+                                params=params, madds=madds, compare=max_abs)
     for r in rows:
         r.input = f"{size}x{size}"
     return rows
@@ -192,6 +228,11 @@ def detect_rows(args: argparse.Namespace, work: Path) -> list[Row]:
     ]
     rows += onnx_rows("detect", ours, net_in, label=name, name=name, work=work, threads=args.threads, int8=False,
                       calibration=[], wrap=deployed, params=params, madds=madds, compare=compare)
+    if args.executorch:
+        calibration = [ours.preprocess([torch.rand(3, h, w)]) for _ in range(args.calibration)]
+        rows += executorch_rows("detect", ours, net_in, label=name, name=name, work=work, threads=args.threads,
+                                int8=args.int8, calibration=calibration, wrap=deployed, params=params, madds=madds,
+                                compare=compare)
     for r in rows:
         r.input = f"{h}x{w} image"
     return rows
@@ -234,6 +275,10 @@ def segment_rows(args: argparse.Namespace, work: Path) -> list[Row]:
     rows += onnx_rows("segment", paper, x, label="paper", name=paper_name, work=work, threads=args.threads,
                       int8=args.int8, calibration=calibration, wrap=lambda m: (lambda: m(x)), params=p_params,
                       madds=p_madds, compare=None)
+    if args.executorch:
+        rows += executorch_rows("segment", paper, x, label="paper", name=paper_name, work=work,
+                                threads=args.threads, int8=args.int8, calibration=calibration,
+                                wrap=lambda m: (lambda: m(x)), params=p_params, madds=p_madds, compare=None)
     for r in rows:
         r.input = f"{h}x{w}"
     return rows
@@ -299,11 +344,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=None, help="classify input side (default 224)")
     parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 rows")
     parser.add_argument("--channels-last", action="store_true", help="add folded + channels-last rows")
+    parser.add_argument("--no-executorch", dest="executorch", action="store_false",
+                        help="skip the ExecuTorch (XNNPACK) rows")
     parser.add_argument("--calibration", type=int, default=8, help="int8 calibration inputs (2 at most for segment)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny inputs and 3 runs (a smoke test; the figures mean nothing)")
     parser.add_argument("--json", type=Path, default=None, help="also write one JSON object per row here")
-    parser.add_argument("--keep-onnx", type=Path, default=None, help="keep the exported .onnx files in this folder")
+    parser.add_argument("--keep-onnx", type=Path, default=None,
+                        help="keep the exported .onnx and .pte files in this folder")
     args = parser.parse_args(argv)
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in args.tasks if t not in TASKS]
@@ -327,9 +375,16 @@ def main(argv: list[str] | None = None) -> int:
         ort_version = onnxruntime.__version__
     except ImportError:
         ort_version = "not installed"
+    try:
+        from importlib.metadata import version
+
+        et_version = version("executorch")
+    except Exception:  # noqa: BLE001 - any failure means: not usable
+        et_version = "not installed"
+        args.executorch = False
     print(f"# {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}  {device_name()}  "
           f"threads {args.threads}  torch {torch.__version__}  torchvision {torchvision.__version__}  "
-          f"onnxruntime {ort_version}  batch 1")
+          f"onnxruntime {ort_version}  executorch {et_version}  batch 1")
     print(f"# command: python {' '.join(sys.argv)}")
     all_rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:

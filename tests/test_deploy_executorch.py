@@ -177,3 +177,64 @@ def test_eval_classify_through_the_pte_and_refusing_a_wrong_one(classifier_pte, 
         evaluate([*common, "--backend", "executorch", "--pte", str(fp32_pte.path)])
     with pytest.raises(SystemExit):  # argparse: --pte without --backend executorch
         evaluate([*common, "--pte", str(pte)])
+
+
+def _tiny_lightning_module(model: nn.Module):
+    import lightning as L
+
+    class TinyModule(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            self.logged: dict[str, float] = {}
+
+        def forward(self, x: torch.Tensor):
+            return self.model(x)
+
+        def example_input(self, height: int, width: int) -> torch.Tensor:
+            return torch.randn(1, 3, height, width)  # global RNG on purpose: the callback must not let it move
+
+        def log_dict(self, metrics, **kwargs) -> None:  # noqa: ANN001, ANN003
+            self.logged.update(metrics)
+
+    return TinyModule()
+
+
+@pytest.mark.parametrize("backend", ["executorch", "onnxruntime"])
+def test_latency_callback_exports_current_weights_and_changes_nothing(tiny, backend):
+    import random
+    from types import SimpleNamespace
+
+    from mbv3_dense.latency import LatencyCallback
+
+    module = _tiny_lightning_module(copy_of(tiny))
+    module.train()
+    module.model.stem.eval()  # a submodule in eval mode while the rest trains: must stay so
+    callback = LatencyCallback(input_size=(SIZE, SIZE), warmup=1, runs=2, backend=backend, threads=1)
+    assert callback.key == f"latency_{backend}_ms"
+    torch.manual_seed(123)
+    np.random.seed(123)
+    random.seed(123)
+    states = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    with torch.inference_mode():  # as Lightning runs validation hooks
+        callback.on_validation_epoch_end(SimpleNamespace(sanity_checking=False), module)
+    assert torch.equal(torch.get_rng_state(), states[0])
+    assert np.array_equal(np.random.get_state()[1], states[1]) and random.getstate() == states[2]
+    assert module.training and module.model.dw.training and not module.model.stem.training
+    assert next(module.parameters()).device.type == "cpu"
+    assert module.logged[f"latency_{backend}_ms"] > 0 and module.logged[f"latency_{backend}_p90_ms"] > 0
+    assert module.logged["params_M"] > 0 and callback.last.device == f"cpu ({backend})"
+
+
+def test_latency_callback_rejects_int8_on_torch():
+    from mbv3_dense.latency import LatencyCallback
+
+    with pytest.raises(ValueError, match="int8 needs backend"):
+        LatencyCallback(backend="torch", int8=True)
+    assert LatencyCallback(backend="executorch", int8=True).key == "latency_executorch_int8_ms"
+
+
+def copy_of(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model)

@@ -21,12 +21,12 @@ def test_benchmark_quick_classify_writes_table_and_json(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     names = [r["row"] for r in rows]
-    assert names == ["torchvision eager", "ours eager", "ours folded", "ours onnxruntime"]
+    assert names == ["torchvision eager", "ours eager", "ours folded", "ours onnxruntime", "ours executorch"]
     assert rows[0]["ratio"] == 1.0
     for r in rows:
         assert r["threads"] == 1 and r["runs"] == 3 and r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"]
         assert r["input"] == "64x64" and r["params_M"] > 2.5
-    # same weights: our rows compute torchvision's logits
+    # same weights: our rows (ONNX Runtime and ExecuTorch included) compute torchvision's logits
     assert all(r["max_diff"] is not None and r["max_diff"] < 1e-3 for r in rows[1:])
     assert "ratio" in proc.stdout and proc.stdout.count("JSON {") == len(rows)
 
