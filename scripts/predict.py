@@ -1,0 +1,366 @@
+"""Predict on your own images without Lightning: the same files as ``lightning predict``, any backend.
+
+    python scripts/predict.py --task classify|detect|segment --weights W --images PATH --out DIR \\
+        [--arch large|small] [--num-classes N] [--width-mult M] [--variant paper|torchvision] \\
+        [--backend torch|onnxruntime|executorch] [--batch-size B] [--workers N] [--threads T] \\
+        [--class-names FILE_OR_DIR] [--annotations instances.json] [--no-pictures] [--overwrite] \\
+        [--max-pixels P] [--benchmark [--benchmark-images K]]
+
+PATH is a folder (read recursively), a glob or a text file of paths. ``--weights`` takes any
+layout the builders read (our ``.ckpt``, torchvision's state dicts, ...). The writers are those of
+``lightning predict`` (mbv3_dense/classification_predict.py, detection/predict.py,
+segmentation/predict.py): classify writes ``classifications.jsonl`` (top-5 names and probabilities;
+``--class-names``: a text file with one name a line, or an ImageFolder ``train/`` folder), detect writes
+``coco_results.json`` and ``detections/<name>.json`` (category ids and names from ``--annotations``),
+segment writes ``labelIds/<name>.png`` (full size) and ``overlays/``; pictures unless ``--no-pictures``.
+Bad files are named, counted and skipped; the last line says how many were written and skipped.
+
+Backends (:func:`mbv3_dense.deploy.make_backend`): ``torch`` (batch norms folded), ``onnxruntime`` and
+``executorch`` (XNNPACK, one image a call). The networks of classify (crops of ``--image-size``) and
+detect (``image_size`` of the model) see one input size; segment sees each image at its own size,
+so the exported backends are built once per distinct size (kept for the last 4 sizes).
+
+``--benchmark`` then times the prediction function alone (preprocess, network, postprocess; not the
+decoding nor the writing) over the first ``--benchmark-images`` readable images, at batch 1 and at
+``--batch-size``: ours in eager PyTorch, the chosen backend, and a plain loop over torchvision's model
+of the task built with the same weights (only when ``--weights`` is a torchvision state dict of that
+model), and prints images/s for each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+# Idle OpenMP threads that spin would stall ONNX Runtime's and the loader's on a small machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mbv3_dense.deploy import make_backend  # noqa: E402
+from mbv3_dense.deploy.backend import BACKENDS  # noqa: E402
+from mbv3_dense.predict import (  # noqa: E402
+    DEFAULT_MAX_PIXELS,
+    PredictBatch,
+    PredictionWriter,
+    list_images,
+    note_ignored,
+    predict_loader,
+)
+from mbv3_dense.progress import progress  # noqa: E402
+
+log = logging.getLogger("predict")
+DEFAULT_CLASSES = {"classify": 1000, "detect": 91, "segment": 19}
+Predict = Callable[[PredictBatch], list]
+
+
+def per_image(net: Callable[[Tensor], object]) -> Callable[[Tensor], object]:
+    """Call ``net`` one image at a time (ExecuTorch programs take batch 1) and concatenate the outputs."""
+    def call(x: Tensor) -> object:
+        outs = [net(x[i:i + 1]) for i in range(x.shape[0])]
+        if isinstance(outs[0], dict):
+            return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+        if isinstance(outs[0], (tuple, list)):
+            return type(outs[0])(torch.cat(parts) for parts in zip(*outs, strict=True))
+        return torch.cat(outs)
+    return call
+
+
+def backend_for(kind: str, model: torch.nn.Module, example: Tensor, threads: int | None,
+                task: str) -> Callable[[Tensor], object]:
+    net = make_backend(kind, model, example, threads=threads, task=task) if kind == "executorch" else \
+        make_backend(kind, model, example, threads=threads)
+    return per_image(net) if kind == "executorch" else net
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+def classify_setup(args: argparse.Namespace) -> tuple[torch.nn.Module, PredictionWriter, Callable | None]:
+    import mbv3_dense
+    from mbv3_dense.classification_data import eval_transform, find_classes
+    from mbv3_dense.classification_predict import ClassificationWriter
+
+    model = getattr(mbv3_dense, f"mobilenet_v3_{args.arch}")(
+        num_classes=args.num_classes, width_mult=args.width_mult, reduced_tail=args.reduced_tail,
+        weights=args.weights).eval()
+    names = None
+    if args.class_names is not None:
+        names = find_classes(args.class_names) if args.class_names.is_dir() else \
+            [line.strip() for line in args.class_names.read_text().splitlines() if line.strip()]
+        if len(names) != args.num_classes:
+            raise SystemExit(f"{args.class_names}: {len(names)} class names for a network of {args.num_classes} "
+                             "classes (--num-classes)")
+    writer = ClassificationWriter(args.out, overwrite=args.overwrite, pictures=args.pictures, class_names=names)
+    resize = args.resize_size or round(args.image_size * 256 / 224)
+    return model, writer, eval_transform(resize_size=resize, crop_size=args.image_size)
+
+
+def classify_predict(model: torch.nn.Module, net: Callable[[Tensor], object]) -> Predict:
+    from mbv3_dense.classification_predict import TopK
+
+    def run(batch: PredictBatch) -> list:
+        if batch.inputs is None:
+            return []
+        probs = torch.as_tensor(net(batch.inputs)).float().softmax(1)
+        top = probs.topk(min(5, probs.shape[1]), dim=1)
+        return [TopK(p, i) for p, i in zip(top.values, top.indices, strict=True)]
+    return run
+
+
+def detect_setup(args: argparse.Namespace) -> tuple[torch.nn.Module, PredictionWriter, Callable | None]:
+    import json
+
+    import detection
+    from detection.coco import CategoryMap
+    from detection.predict import DetectionWriter
+
+    model = getattr(detection, f"ssdlite_mobilenet_v3_{args.arch}")(
+        num_classes=args.num_classes, width_mult=args.width_mult, reduced_tail=args.reduced_tail,
+        weights=args.weights).eval()
+    cmap = names = None
+    if args.annotations is not None:
+        categories = json.loads(args.annotations.read_text())["categories"]
+        cmap = CategoryMap([int(c["id"]) for c in categories], args.num_classes, str(args.annotations))
+        names = {int(c["id"]): str(c.get("name", c["id"])) for c in categories}
+    writer = DetectionWriter(args.out, overwrite=args.overwrite, pictures=args.pictures, category_map=cmap,
+                             category_names=names)
+    return model, writer, None
+
+
+def detect_predict(model: torch.nn.Module, net: Callable[[Tensor], object]) -> Predict:
+    def run(batch: PredictBatch) -> list:
+        if not batch.images:
+            return []
+        images = [img.float().div(255) for img in batch.images]
+        sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        return model.postprocess(net(model.preprocess(images)), sizes)
+    return run
+
+
+def segment_setup(args: argparse.Namespace) -> tuple[torch.nn.Module, PredictionWriter, Callable | None]:
+    import segmentation
+    from segmentation.predict import SegmentationWriter
+
+    model = getattr(segmentation, f"lraspp_mobilenet_v3_{args.arch}")(
+        num_classes=args.num_classes, variant=args.variant, width_mult=args.width_mult, weights=args.weights).eval()
+    return model, SegmentationWriter(args.out, overwrite=args.overwrite, pictures=args.pictures), None
+
+
+def segment_predict(model: torch.nn.Module, make_net: Callable[[Tensor], Callable[[Tensor], object]]) -> Predict:
+    from segmentation.predict import preprocess
+
+    def run(batch: PredictBatch) -> list:
+        out = []
+        for image in batch.images:
+            x = preprocess(image)
+            out.append(torch.as_tensor(make_net(x)(x)).argmax(1)[0].to(torch.uint8))
+        return out
+    return run
+
+
+def build_predict(task: str, kind: str, model: torch.nn.Module, args: argparse.Namespace) -> Predict:
+    """The function ``batch -> outputs`` of ``task`` on backend ``kind`` (the network exported once)."""
+    if task == "classify":
+        example = torch.rand(1, 3, args.image_size, args.image_size)
+        return classify_predict(model, backend_for(kind, model, example, args.threads, task))
+    if task == "detect":
+        example = model.preprocess([torch.rand(3, *model.image_size)])
+        return detect_predict(model, backend_for(kind, model, example, args.threads, task))
+    if kind == "torch":
+        net = backend_for("torch", model, torch.rand(1, 3, 64, 64), args.threads, task)
+        return segment_predict(model, lambda x: net)
+    cache: OrderedDict[tuple[int, int], Callable] = OrderedDict()
+
+    def make_net(x: Tensor) -> Callable[[Tensor], object]:
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        if size not in cache:
+            log.info("segment: building the %s network for %dx%d inputs", kind, *size)
+            cache[size] = backend_for(kind, model, x, args.threads, task)
+            while len(cache) > 4:
+                cache.popitem(last=False)
+        cache.move_to_end(size)
+        return cache[size]
+    return segment_predict(model, make_net)
+
+
+SETUP = {"classify": classify_setup, "detect": detect_setup, "segment": segment_setup}
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+def torchvision_predict(task: str, args: argparse.Namespace) -> Predict | None:
+    """A plain loop over torchvision's model of the task with ``--weights`` (a torchvision state dict), or None."""
+    import torchvision
+
+    name = {"classify": f"mobilenet_v3_{args.arch}", "detect": "ssdlite320_mobilenet_v3_large",
+            "segment": "lraspp_mobilenet_v3_large"}[task]
+    try:
+        state = torch.load(args.weights, map_location="cpu", weights_only=True)
+        if task == "classify":
+            tv = getattr(torchvision.models, name)(num_classes=args.num_classes, width_mult=args.width_mult)
+        elif task == "detect":
+            tv = torchvision.models.detection.ssdlite320_mobilenet_v3_large(
+                weights=None, weights_backbone=None, num_classes=args.num_classes)
+        else:
+            tv = torchvision.models.segmentation.lraspp_mobilenet_v3_large(
+                weights=None, weights_backbone=None, num_classes=args.num_classes)
+        tv.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as err:
+        print(f"# torchvision {name}: not compared, --weights is not its state dict ({str(err)[:120]})")
+        return None
+    tv.eval()
+    if task == "classify":
+        def run(batch: PredictBatch) -> list:
+            return list(tv(batch.inputs).softmax(1).topk(5, dim=1).indices)
+    elif task == "detect":
+        def run(batch: PredictBatch) -> list:
+            return tv([img.float().div(255) for img in batch.images])
+    else:
+        from segmentation.predict import preprocess
+
+        def run(batch: PredictBatch) -> list:
+            return [tv(preprocess(img))["out"].argmax(1)[0] for img in batch.images]
+    return run
+
+
+def images_per_second(runs: dict[str, tuple[Predict, list[PredictBatch]]], repeats: int = 3) -> dict[str, float]:
+    """Images per second of each ``run`` over its batches: the best of ``repeats`` passes, the
+    contenders taking turns (A B C A B C ...) after a warm-up batch each, so that they share the
+    machine's load alike."""
+    best = dict.fromkeys(runs, float("inf"))
+    with torch.inference_mode():
+        for run, batches in runs.values():
+            run(batches[0])
+        for _ in range(repeats):
+            for key, (run, batches) in runs.items():
+                start = time.perf_counter()
+                for batch in batches:
+                    run(batch)
+                best[key] = min(best[key], time.perf_counter() - start)
+    return {key: sum(len(b.files) for b in runs[key][1]) / best[key] for key in runs}
+
+
+def rebatch(batches: list[PredictBatch], size: int) -> list[PredictBatch]:
+    images = [img for b in batches for img in b.images]
+    files = [f for b in batches for f in b.files]
+    inputs = [x for b in batches if b.inputs is not None for x in b.inputs]
+    out = []
+    for i in range(0, len(files), size):
+        out.append(PredictBatch(images[i:i + size], torch.stack(inputs[i:i + size]) if inputs else None,
+                                files[i:i + size], [None] * len(files[i:i + size]), []))
+    return out
+
+
+def benchmark(task: str, args: argparse.Namespace, model: torch.nn.Module, transform: Callable | None,
+              images: list) -> list[dict]:
+    loader = predict_loader(images, transform=transform, batch_size=1, num_workers=0, max_pixels=args.max_pixels)
+    batches = []
+    for batch in loader:
+        if batch.files:
+            batches.append(batch)
+        if len(batches) >= args.benchmark_images:
+            break
+    if not batches:
+        return []
+    contenders: list[tuple[str, Predict]] = [("ours eager (torch, unfolded)", build_predict_eager(task, model))]
+    if args.backend != "torch":
+        contenders.append((f"ours {args.backend}", build_predict(task, args.backend, model, args)))
+    else:
+        contenders.append(("ours torch (BN folded)", build_predict(task, "torch", model, args)))
+    tv = torchvision_predict(task, args)
+    if tv is not None:
+        contenders.append(("torchvision eager, plain loop", tv))
+    sizes = sorted({1, args.batch_size}) if task != "segment" else [1]  # segment: one image a call anyway
+    runs = {(name, bs): (run, rebatch(batches, bs)) for name, run in contenders for bs in sizes
+            if bs == 1 or "executorch" not in name}  # ExecuTorch takes batch 1 per call: the same figure
+    figures = images_per_second(runs)
+    n = sum(len(b.files) for b in batches)
+    return [{"task": task, "row": name, "batch": bs, "images": n, "images_per_second": round(ips, 2)}
+            for (name, bs), ips in figures.items()]
+
+
+def build_predict_eager(task: str, model: torch.nn.Module) -> Predict:
+    if task == "classify":
+        return classify_predict(model, model)
+    if task == "detect":
+        return detect_predict(model, model)
+    return segment_predict(model, lambda x: model)
+
+
+# ---------------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=sorted(SETUP), required=True)
+    p.add_argument("--weights", required=True, help="our .ckpt / state dict, or torchvision's state dict")
+    p.add_argument("--images", required=True, help="a folder (recursive), a glob or a text file of paths")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--arch", choices=("large", "small"), default="large")
+    p.add_argument("--num-classes", type=int, default=None, help="default: 1000 / 91 / 19 by task")
+    p.add_argument("--width-mult", type=float, default=1.0)
+    p.add_argument("--reduced-tail", action="store_true", help="classify/detect: the backbone has the reduced tail")
+    p.add_argument("--variant", choices=("paper", "torchvision"), default="paper", help="segment: LR-ASPP decoder")
+    p.add_argument("--image-size", type=int, default=224, help="classify: centre-crop size")
+    p.add_argument("--resize-size", type=int, default=None, help="classify: short side before the crop")
+    p.add_argument("--class-names", type=Path, default=None, help="classify: names file or ImageFolder train/")
+    p.add_argument("--annotations", type=Path, default=None, help="detect: COCO instances file (categories)")
+    p.add_argument("--backend", choices=BACKENDS, default="torch")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    p.add_argument("--no-pictures", dest="pictures", action="store_false")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's results in --out")
+    p.add_argument("--benchmark", action="store_true", help="also time the prediction function (see above)")
+    p.add_argument("--benchmark-images", type=int, default=16)
+    args = p.parse_args(argv)
+    if args.num_classes is None:
+        args.num_classes = DEFAULT_CLASSES[args.task]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        images = list_images(args.images)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    note_ignored(images, args.images)
+    model, writer, transform = SETUP[args.task](args)
+    writer.ignored = len(images.ignored)
+    run = build_predict(args.task, args.backend, model, args)
+    loader = predict_loader(images.files, transform=transform, batch_size=args.batch_size, num_workers=args.workers,
+                            max_pixels=args.max_pixels)
+    try:
+        writer.open()
+    except FileExistsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        with torch.inference_mode():
+            for batch in progress(loader, desc=f"predict {args.task} ({args.backend})", unit="batch"):
+                writer.write(batch, run(batch))
+    finally:
+        summary = writer.close()
+    if args.benchmark:
+        rows = benchmark(args.task, args, model, transform, images.files)
+        print(f"throughput ({args.task}, {torch.get_num_threads()} threads; preprocess + network + postprocess, "
+              "no decoding or writing):")
+        for r in rows:
+            print(f"  {r['row']:<34} batch {r['batch']:>3}: {r['images_per_second']:8.2f} images/s "
+                  f"({r['images']} images)")
+    return 0 if summary["written"] > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
