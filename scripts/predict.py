@@ -304,7 +304,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--arch", choices=("large", "small"), default="large")
     p.add_argument("--num-classes", type=int, default=None, help="default: 1000 / 91 / 19 by task")
     p.add_argument("--width-mult", type=float, default=1.0)
-    p.add_argument("--reduced-tail", action="store_true", help="classify/detect: the backbone has the reduced tail")
+    p.add_argument("--reduced-tail", choices=("true", "false"), default=None,
+                   help="classify/detect: the backbone's reduced tail (default: the builder's, off for classify, "
+                        "on for detect)")
     p.add_argument("--variant", choices=("paper", "torchvision"), default="paper", help="segment: LR-ASPP decoder")
     p.add_argument("--image-size", type=int, default=224, help="classify: centre-crop size")
     p.add_argument("--resize-size", type=int, default=None, help="classify: short side before the crop")
@@ -322,6 +324,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.num_classes is None:
         args.num_classes = DEFAULT_CLASSES[args.task]
+    args.reduced_tail = {"true": True, "false": False, None: args.task == "detect"}[args.reduced_tail]
     return args
 
 
