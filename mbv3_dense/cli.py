@@ -18,6 +18,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mbv3_dense.progress import progress_bar_for
 
+log = logging.getLogger(__name__)
+
 
 class MBV3CLI(LightningCLI):
     """LightningCLI with the project's defaults: any LightningModule / LightningDataModule by
@@ -26,8 +28,8 @@ class MBV3CLI(LightningCLI):
     ``predict`` writes files: when the config names no ``BasePredictionWriter`` callback, the
     module's own writer (``model.prediction_writer(...)``) is added, configured by
     ``--writer.output_dir`` (default ``<default_root_dir>/predictions``), ``--writer.overwrite`` and
-    ``--writer.pictures``; predictions are written batch by batch and not kept in memory
-    (``return_predictions`` defaults to false).
+    ``--writer.pictures``, on one device (the writer writes its files from one process); predictions
+    are written batch by batch and not kept in memory (``return_predictions`` defaults to false).
     """
 
     def __init__(self, args: list[str] | None = None, **kwargs) -> None:
@@ -55,6 +57,12 @@ class MBV3CLI(LightningCLI):
         make = getattr(self.model, "prediction_writer", None)
         if listed or make is None:
             return callbacks
+        devices = config.get("devices", "auto")
+        if devices not in (1, "1") and not (isinstance(devices, (list, tuple)) and len(devices) == 1):
+            # The writer writes shared files (COCO results, JSON lines) from one process.
+            log.info("predict: one device (the config asks for devices=%s; the prediction writer writes from one "
+                     "process)", devices)
+            config["devices"] = 1
         options = self.config_init[self.subcommand].get("writer") or {}
         return [*callbacks, make(output_dir=options.get("output_dir"), overwrite=bool(options.get("overwrite")),
                                  pictures=options.get("pictures", True) is not False)]

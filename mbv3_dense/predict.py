@@ -311,13 +311,16 @@ class PredictionWriter(BasePredictionWriter):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "predict":
             return
+        if trainer.world_size > 1:
+            # One process writes: several would interleave the shared files (COCO results, JSON lines).
+            raise ValueError(f"{type(self).__name__} writes from one process, but the run has {trainer.world_size}; "
+                             "predict with --trainer.devices 1 (or list your own writer in trainer.callbacks)")
         if self.output_dir is None:
             self.output_dir = Path(trainer.default_root_dir) / "predictions"
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is not None:
             self.configure_from(datamodule)
-        if trainer.is_global_zero:
-            self.open()
+        self.open()
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
                            batch_indices: Any, batch: PredictBatch, batch_idx: int, dataloader_idx: int = 0) -> None:

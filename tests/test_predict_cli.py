@@ -64,7 +64,7 @@ def save_ckpt(module: lightning.LightningModule, path: Path) -> Path:
 def predict(config: str, ckpt: Path, images: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [str(LIGHTNING), "predict", "-c", str(ROOT / "configs" / config), "--ckpt_path", str(ckpt),
            "--data.predict_images", str(images), "--data.predict_max_pixels", str(MAX_PIXELS),
-           "--data.num_workers", "0", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+           "--data.num_workers", "0", "--trainer.accelerator", "cpu",  # devices as the config says
            "--trainer.default_root_dir", str(cwd / "run"), *extra]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -117,6 +117,7 @@ def test_classify(images: Path, tmp_path: Path):
                    "--data.val_resize_size", "72")
     out = tmp_path / "run/predictions"
     check_common(proc, out, images)
+    assert "predict: one device (the config asks for devices=8" in proc.stderr  # one process writes
 
     rows = {r["name"]: r for r in map(json.loads, (out / "classifications.jsonl").read_text().splitlines())}
     assert set(rows) == set(GOOD)
