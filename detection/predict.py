@@ -106,6 +106,9 @@ class DetectionWriter(PredictionWriter):
                                     font)
             pil.save(self._picture_path(file), quality=90)
 
+    def _flush(self) -> None:
+        self._results.flush()
+
     def _close(self) -> None:
         self._results.write("]\n")
         self._results.close()

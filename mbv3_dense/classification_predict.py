@@ -69,5 +69,8 @@ class ClassificationWriter(PredictionWriter):
             draw_text_block(draw, (6, 6), [f"{t['class']} {t['probability']:.2f}" for t in top], font_for(pil.size))
             pil.save(self._picture_path(file), quality=90)
 
+    def _flush(self) -> None:
+        self._rows.flush()
+
     def _close(self) -> None:
         self._rows.close()

@@ -333,6 +333,7 @@ class PredictionWriter(BasePredictionWriter):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._is_open:  # an exception stopped the run: close the files, keep what was written
             self._close()
+            self._skipped_file.close()
             self._is_open = False
 
     def configure_from(self, datamodule: Any) -> None:  # noqa: ANN401 - any data module
@@ -383,6 +384,7 @@ class PredictionWriter(BasePredictionWriter):
                 self.converted += 1
             self._write_image(file, image, output)
             self.written += 1
+        self._flush()
         self._skipped_file.flush()
 
     def close(self) -> dict:
@@ -408,6 +410,9 @@ class PredictionWriter(BasePredictionWriter):
 
     def _close(self) -> None:
         raise NotImplementedError
+
+    def _flush(self) -> None:
+        """After each batch: push buffered output to the files (a run that stops keeps what was done)."""
 
     def _picture_path(self, file: ImageFile, folder: str = "pictures") -> Path:
         path = self.output_dir / folder / f"{file.name}.jpg"

@@ -106,3 +106,34 @@ def test_writer_refuses_an_earlier_run_unless_overwrite(tmp_path: Path):
     again.open()
     assert not (out / "labelIds/a.png").exists() and (out / "mine.txt").read_text() == "kept"
     again.close()
+
+
+def test_writer_streams_each_batch_to_disk(tmp_path: Path):
+    from mbv3_dense.classification_predict import ClassificationWriter, TopK
+
+    png(tmp_path / "in/a.png")
+    png(tmp_path / "in/b.png")
+    files = list_images(tmp_path / "in").files
+    dataset = PredictImageDataset(files)
+    writer = ClassificationWriter(tmp_path / "out", pictures=False, class_names=["x", "y"])
+    writer.open()
+    top = TopK(torch.tensor([0.75, 0.25]), torch.tensor([1, 0]))
+    writer.write(collate_predict([dataset[0]]), [top])
+    rows = (tmp_path / "out/classifications.jsonl").read_text().splitlines()  # on disk before the run ends
+    assert len(rows) == 1 and json.loads(rows[0])["top5"][0] == {"index": 1, "class": "y", "probability": 0.75}
+    writer.write(collate_predict([dataset[1]]), [top])
+    assert len((tmp_path / "out/classifications.jsonl").read_text().splitlines()) == 2
+    assert writer.close()["written"] == 2
+
+
+def test_lightning_predict_keeps_no_predictions_in_memory():
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "mbv3_dense", "predict", "-c",
+                           str(root / "configs/lraspp_small_cityscapes.yaml"), "--print_config"],
+                          capture_output=True, text=True, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "return_predictions: false" in proc.stdout
+    assert "writer:" in proc.stdout and "overwrite: false" in proc.stdout and "pictures: true" in proc.stdout
