@@ -232,8 +232,15 @@ def test_segment(images: Path, tmp_path: Path):
         image = reference_image(images, rel)
         assert written.shape == tuple(image.shape[-2:])  # full size
         with torch.no_grad():
-            ref = train_ids_to_label_ids(net(preprocess(image)).argmax(1)[0].numpy().astype(np.uint8))
-        np.testing.assert_array_equal(written, ref)
+            logits = net(preprocess(image))[0]
+        ref = train_ids_to_label_ids(logits.argmax(0).numpy().astype(np.uint8))
+        # Equal, except where the two best classes tie to 1e-4 (float sums in another order, e.g. with
+        # another thread count, may pick either): there either of the two is right.
+        top2 = logits.topk(2, dim=0)
+        near_tie = (top2.values[0] - top2.values[1] < 1e-4).numpy()
+        second = train_ids_to_label_ids(top2.indices[1].numpy().astype(np.uint8))
+        assert ((written == ref) | (near_tie & (written == second))).all()
+        assert (written == ref).mean() > 0.999
         seen |= set(np.unique(written).tolist())
         with Image.open(out / "overlays" / f"{name}.jpg") as overlay:
             assert overlay.size == (image.shape[-1], image.shape[-2])

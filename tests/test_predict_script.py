@@ -92,9 +92,15 @@ def test_segment_torch_backend_writes_full_size_label_ids(tmp_path: Path):
         written = np.asarray(Image.open(out / "labelIds" / (rel.rsplit(".", 1)[0] + ".png")))
         assert written.shape == tuple(image.shape[-2:])
         with torch.no_grad():
-            ref = train_ids_to_label_ids(net(preprocess(image)).argmax(1)[0].numpy().astype(np.uint8))
+            logits = net(preprocess(image))[0]
+        ref = train_ids_to_label_ids(logits.argmax(0).numpy().astype(np.uint8))
+        # BN folded into the convs: float sums in another order may flip a pixel where the two best
+        # classes nearly tie, and nowhere else.
+        top2 = logits.topk(2, dim=0)
+        near_tie = (top2.values[0] - top2.values[1] < 1e-3).numpy()
+        second = train_ids_to_label_ids(top2.indices[1].numpy().astype(np.uint8))
+        assert ((written == ref) | (near_tie & (written == second))).all()
         agree.append((written == ref).mean())
-    # BN folded into the convs: float sums in another order may flip a near-tie pixel, not more.
     assert min(agree) > 0.999, agree
 
 
