@@ -254,10 +254,6 @@ def predict_loader(files: list[ImageFile], *, transform: Callable[[Tensor], Tens
                       shuffle=False, num_workers=num_workers, collate_fn=collate_predict)
 
 
-def empty_batch(batch: PredictBatch) -> bool:
-    return not batch.files
-
-
 # ---------------------------------------------------------------------------------------------- drawing
 def font_for(image_size: tuple[int, int]) -> ImageFont.ImageFont:
     """Pillow's built-in font at a size that stays readable on small and large images."""
