@@ -140,12 +140,22 @@ def onnx_rows(task: str, model: torch.nn.Module, example: Tensor, *, label: str,
 
 def executorch_rows(task: str, model: torch.nn.Module, example: Tensor, *, label: str, name: str, work: Path,
                     threads: int, int8: bool, calibration: list[Tensor], wrap: Callable[[Callable], Callable],
-                    params: int, madds: int, compare) -> list[Row]:
-    """ExecuTorch XNNPACK fp32 (and int8) rows; a failure skips the rows, loudly."""
+                    params: int, madds: int, compare, reuse: bool = False) -> list[Row]:
+    """ExecuTorch XNNPACK fp32 (and int8) rows; a failure skips the rows, loudly.
+
+    ``reuse``: run a ``.pte`` already in ``work`` instead of exporting again (the weights are the same
+    when the seed and the task list are: the ``max diff`` column shows it where it applies).
+    """
     rows = []
     variants = [("ours executorch", None)] + ([("ours executorch int8", calibration)] if int8 else [])
     for row_name, calib in variants:
         suffix = ".int8.pte" if calib is not None else ".pte"
+        path = work / f"{task}_{label}{suffix}"
+        if reuse and path.is_file():
+            print(f"# {task} {name} {row_name}: reusing {path}", flush=True)
+            rows.append(Row(task, row_name, name, "", wrap(ExecuTorchModel(path, task=task, threads=threads)),
+                            params, madds, compare))
+            continue
         try:
             with quiet_output():
                 result = export_executorch(model, example, work / f"{task}_{label}{suffix}", task=task,
@@ -187,7 +197,7 @@ def classify_rows(args: argparse.Namespace, work: Path) -> list[Row]:
     if args.executorch:
         rows += executorch_rows("classify", ours, x, label=name, name=name, work=work, threads=args.threads,
                                 int8=args.int8, calibration=calibration, wrap=lambda m: (lambda: m(x)),
-                                params=params, madds=madds, compare=max_abs)
+                                params=params, madds=madds, compare=max_abs, reuse=args.reuse_exports)
     for r in rows:
         r.input = f"{size}x{size}"
     return rows
@@ -232,7 +242,7 @@ def detect_rows(args: argparse.Namespace, work: Path) -> list[Row]:
         calibration = [ours.preprocess([torch.rand(3, h, w)]) for _ in range(args.calibration)]
         rows += executorch_rows("detect", ours, net_in, label=name, name=name, work=work, threads=args.threads,
                                 int8=args.int8, calibration=calibration, wrap=deployed, params=params, madds=madds,
-                                compare=compare)
+                                compare=compare, reuse=args.reuse_exports)
     for r in rows:
         r.input = f"{h}x{w} image"
     return rows
@@ -278,7 +288,8 @@ def segment_rows(args: argparse.Namespace, work: Path) -> list[Row]:
     if args.executorch:
         rows += executorch_rows("segment", paper, x, label="paper", name=paper_name, work=work,
                                 threads=args.threads, int8=args.int8, calibration=calibration,
-                                wrap=lambda m: (lambda: m(x)), params=p_params, madds=p_madds, compare=None)
+                                wrap=lambda m: (lambda: m(x)), params=p_params, madds=p_madds, compare=None,
+                                reuse=args.reuse_exports)
     for r in rows:
         r.input = f"{h}x{w}"
     return rows
@@ -352,11 +363,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="also write one JSON object per row here")
     parser.add_argument("--keep-onnx", type=Path, default=None,
                         help="keep the exported .onnx and .pte files in this folder")
+    parser.add_argument("--reuse-exports", action="store_true",
+                        help="with --keep-onnx: run .pte files already there instead of exporting again")
     args = parser.parse_args(argv)
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in args.tasks if t not in TASKS]
     if unknown or not args.tasks:
         parser.error(f"unknown tasks {unknown}; choose from {', '.join(TASKS)}")
+    if args.reuse_exports and args.keep_onnx is None:
+        parser.error("--reuse-exports needs --keep-onnx DIR")
     if args.quick:
         args.runs, args.segment_runs, args.warmup, args.calibration = 3, 2, 1, 2
     return args
