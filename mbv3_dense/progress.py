@@ -98,6 +98,24 @@ class LineProgressBar(ProgressBar):
                     f"{_metrics(metrics)}".rstrip())
 
 
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._predict_start = self._last_line = time.monotonic()
+
+    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        now = time.monotonic()
+        if now - self._last_line < self.every_n_seconds:
+            return
+        self._last_line = now
+        total = self.total_predict_batches_current_dataloader
+        done = batch_idx + 1
+        share = f"{done}/{int(total)} ({100 * done / total:.0f}%)" if total not in (None, float("inf")) else f"{done}"
+        self._print(f"[predict] batch {share}  {done / max(now - self._predict_start, 1e-9):.2f} it/s")
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._print(f"[predict] done in {_clock(time.monotonic() - self._predict_start)}")
+
+
 def progress_bar_for(stream: Any = None) -> ProgressBar | None:
     """:class:`LineProgressBar` when ``stream`` (standard output by default) is not a terminal, else ``None``
     (Lightning's own tqdm bar)."""

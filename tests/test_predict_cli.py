@@ -118,6 +118,7 @@ def test_classify(images: Path, tmp_path: Path):
     out = tmp_path / "run/predictions"
     check_common(proc, out, images)
     assert "predict: one device (the config asks for devices=8" in proc.stderr  # one process writes
+    assert "[predict] done in" in proc.stdout and "\r" not in proc.stdout  # piped: progress as lines
 
     rows = {r["name"]: r for r in map(json.loads, (out / "classifications.jsonl").read_text().splitlines())}
     assert set(rows) == set(GOOD)
