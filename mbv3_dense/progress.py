@@ -50,6 +50,7 @@ class LineProgressBar(ProgressBar):
         self._enabled = True
         self._epoch_start = 0.0
         self._last_line = 0.0
+        self._epoch_total: float = 0
 
     def disable(self) -> None:
         self._enabled = False
@@ -67,6 +68,8 @@ class LineProgressBar(ProgressBar):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_start = self._last_line = time.monotonic()
+        # Read once: with max_steps, Lightning's figure is the remaining steps, which shrinks as the epoch goes.
+        self._epoch_total = self.total_train_batches
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -74,7 +77,7 @@ class LineProgressBar(ProgressBar):
         if now - self._last_line < self.every_n_seconds:
             return
         self._last_line = now
-        done, total = batch_idx + 1, self.total_train_batches
+        done, total = batch_idx + 1, self._epoch_total
         rate = done / max(now - self._epoch_start, 1e-9)
         share = f"{done}/{int(total)} ({100 * done / total:.0f}%)" if total not in (None, float("inf")) else f"{done}"
         eta = f"  eta {_clock((total - done) / rate)}" if total not in (None, float("inf")) else ""
