@@ -143,8 +143,8 @@ def executorch_rows(task: str, model: torch.nn.Module, example: Tensor, *, label
                     params: int, madds: int, compare, reuse: bool = False) -> list[Row]:
     """ExecuTorch XNNPACK fp32 (and int8) rows; a failure skips the rows, loudly.
 
-    ``reuse``: run a ``.pte`` already in ``work`` instead of exporting again (the weights are the same
-    when the seed and the task list are: the ``max diff`` column shows it where it applies).
+    ``reuse``: run a ``.pte`` already in ``work`` instead of exporting again (each task's weights
+    depend only on ``--seed``: the ``max diff`` column shows a mismatch where it applies).
     """
     rows = []
     variants = [("ours executorch", None)] + ([("ours executorch int8", calibration)] if int8 else [])
@@ -299,6 +299,9 @@ BUILDERS = {"classify": classify_rows, "detect": detect_rows, "segment": segment
 
 
 def run_task(task: str, args: argparse.Namespace, work: Path) -> list[Row]:
+    # Seeded per task: a task's random weights do not depend on the task list or on what the
+    # exports of an earlier task drew (torch.export consumes the global generator).
+    torch.manual_seed(args.seed)
     with torch.inference_mode():
         rows = BUILDERS[task](args, work)
     runs = args.runs if task != "segment" else args.segment_runs
@@ -363,6 +366,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="also write one JSON object per row here")
     parser.add_argument("--keep-onnx", type=Path, default=None,
                         help="keep the exported .onnx and .pte files in this folder")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every task's random weights and inputs")
     parser.add_argument("--reuse-exports", action="store_true",
                         help="with --keep-onnx: run .pte files already there instead of exporting again")
     args = parser.parse_args(argv)
@@ -383,7 +387,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()
-    torch.manual_seed(0)
     try:
         import onnxruntime
 

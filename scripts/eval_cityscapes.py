@@ -58,7 +58,7 @@ def official_evaluation(predictions: list[Path], ground_truths: list[Path], expo
     """Run ``evalPixelLevelSemanticLabeling.evaluateImgLists`` on labelId PNGs; returns its result dict.
 
     Instance-level scores are switched off: they need ``*_instanceIds.png`` and call ``np.in1d``,
-    which numpy 2.4 removed (../shared/REFERENCE.md). The evaluator's ``sys.exit`` on bad input
+    which numpy 2.4 removed (cityscapesscripts 2.3.0). The evaluator's ``sys.exit`` on bad input
     becomes an :class:`OfficialEvaluationError` with its printed message.
     """
     from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as official

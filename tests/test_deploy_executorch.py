@@ -81,8 +81,10 @@ def test_fp32_pte_equals_pytorch_with_the_same_output_structure(tiny, inputs, fp
 def test_int8_pte_is_quantized_and_stays_close(tiny, inputs, tmp_path):
     gen = torch.Generator().manual_seed(2)
     calibration = [torch.randn(1, 3, SIZE, SIZE, generator=gen) for _ in range(8)]
+    state = torch.get_rng_state()
     result = export_executorch(tiny, inputs[:1], tmp_path / "tiny.int8.pte", task="segment",
                                int8_calibration=calibration)
+    assert torch.equal(torch.get_rng_state(), state), "exporting moved the global random stream"
     assert result.meta["int8"] and result.path.stat().st_size > 0
     runtime = ExecuTorchModel(result.path, threads=1)
     assert runtime.int8

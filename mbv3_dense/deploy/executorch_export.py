@@ -122,22 +122,24 @@ def export_executorch(
     was_training = model.training
     model = model.eval()
     example = example.detach().cpu().float()
-    try:
-        with torch.no_grad():
-            _, structure = flatten_outputs(model(example))
-        if int8_calibration is not None:
-            network: nn.Module = quantize_pt2e_int8(model, example, int8_calibration)
-        else:
-            network = _Flat(model).eval()
-        meta = {"format": "mbv3_dense.executorch", "version": META_VERSION, "task": task,
-                "input_shape": list(example.shape), "outputs": structure, "int8": int8_calibration is not None}
-        exported = torch.export.export(network, (example,), strict=False)
-        edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()],
-                                           constant_methods={META_METHOD: list(json.dumps(meta).encode())})
-        delegated, not_delegated, constant_only = _delegation(edge.exported_program())
-        program = edge.to_executorch()
-    finally:
-        model.train(was_training)
+    # torch.export draws from the global generator: exporting must not move the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        try:
+            with torch.no_grad():
+                _, structure = flatten_outputs(model(example))
+            if int8_calibration is not None:
+                network: nn.Module = quantize_pt2e_int8(model, example, int8_calibration)
+            else:
+                network = _Flat(model).eval()
+            meta = {"format": "mbv3_dense.executorch", "version": META_VERSION, "task": task,
+                    "input_shape": list(example.shape), "outputs": structure, "int8": int8_calibration is not None}
+            exported = torch.export.export(network, (example,), strict=False)
+            edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()],
+                                               constant_methods={META_METHOD: list(json.dumps(meta).encode())})
+            delegated, not_delegated, constant_only = _delegation(edge.exported_program())
+            program = edge.to_executorch()
+        finally:
+            model.train(was_training)
     path.write_bytes(program.buffer)
     result = ExecuTorchExport(path, meta, delegated, not_delegated, constant_only, time.perf_counter() - start)
     log.info("ExecuTorch export %s (%s, %.1f s): %s", path.name, "int8" if meta["int8"] else "fp32",

@@ -1,7 +1,7 @@
 """Export to ONNX with the TorchScript exporter (``dynamo=False``) and check the result against PyTorch.
 
 The default ``torch.onnx.export(dynamo=True)`` needs ``onnxscript``, which this project does not
-install (../shared/REFERENCE.md). Models may return a tensor, a tuple/list of tensors or a dict of
+install. Models may return a tensor, a tuple/list of tensors or a dict of
 tensors; the graph's outputs are flat, and the structure is written into the model's metadata
 (key :data:`STRUCTURE_KEY`) so :class:`mbv3_dense.deploy.runtime.OnnxModel` returns the same
 structure as the PyTorch model.

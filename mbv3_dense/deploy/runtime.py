@@ -27,7 +27,7 @@ def create_session(
             the same number. Inter-op parallelism is off (one thread).
         allow_spinning: let idle worker threads busy-wait after a run. ORT's default is on, which
             steals the CPU from whatever runs next: interleaved with torch it made torch look ~3x
-            slower here (../shared/REFERENCE.md), so it is off unless asked for.
+            slower here (docs/benchmark.md), so it is off unless asked for.
         optimization: graph optimisation level, ``"all"``, ``"extended"``, ``"basic"`` or ``"none"``.
     """
     import onnxruntime as ort
