@@ -30,7 +30,7 @@ from torch.utils.data.distributed import DistributedSampler
 from detection.transforms import train_transform
 from mbv3_dense.image_io import read_image_rgb
 from mbv3_dense.predict import DEFAULT_MAX_PIXELS, ImageList, list_images, note_ignored, predict_loader
-from mbv3_dense.sampling import SampleKey, loader_generator, sample_randomness, training_sampler
+from mbv3_dense.sampling import SampleKey, as_sample_key, loader_generator, sample_randomness, training_sampler
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ class CocoTrainDataset(Dataset):
     def __getitem__(self, key: int | SampleKey) -> tuple[Tensor, Target]:
         """``key``: an index, or the :class:`~mbv3_dense.sampling.SampleKey` a training sampler yields;
         the augmentation's draws are a function of it, never of a worker's or the OS's state."""
-        rec = self.records[int(key[0] if isinstance(key, tuple) else key)]
+        rec = self.records[as_sample_key(key).index]
         image = read_image_rgb(rec.path)
         keep = ~rec.iscrowd
         with sample_randomness(key) as generators:

@@ -32,6 +32,7 @@ from mbv3_dense.image_io import ImageReadError, read_image_rgb
 from mbv3_dense.predict import DEFAULT_MAX_PIXELS, ImageList, list_images, note_ignored, predict_loader
 from mbv3_dense.sampling import (
     SampleKey,
+    as_sample_key,
     evaluation_sampler,
     loader_generator,
     sample_randomness,
@@ -114,7 +115,7 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, key: int | SampleKey) -> tuple[Tensor, int] | None:
         """``key``: an index, or the :class:`~mbv3_dense.sampling.SampleKey` a training sampler yields;
         the transform's random draws are a function of it (:func:`~mbv3_dense.sampling.sample_randomness`)."""
-        path, label = self.samples[int(key[0] if isinstance(key, tuple) else key)]
+        path, label = self.samples[as_sample_key(key).index]
         try:
             array = read_image_rgb(path)
         except ImageReadError as err:

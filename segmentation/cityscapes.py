@@ -24,7 +24,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from mbv3_dense.image_io import ImageReadError, read_image_rgb, read_label_png
 from mbv3_dense.predict import DEFAULT_MAX_PIXELS, ImageList, list_images, note_ignored, predict_loader
-from mbv3_dense.sampling import SampleKey, evaluation_sampler, loader_generator, sample_randomness, training_sampler
+from mbv3_dense.sampling import (
+    SampleKey,
+    as_sample_key,
+    evaluation_sampler,
+    loader_generator,
+    sample_randomness,
+    training_sampler,
+)
 from segmentation.labels import label_ids_to_train_ids
 from segmentation.transforms import eval_transform, train_transform
 
@@ -144,7 +151,7 @@ class CityscapesSegmentation(Dataset):
     def __getitem__(self, key: int | SampleKey) -> tuple[Tensor, Tensor]:
         """``key``: an index, or the :class:`~mbv3_dense.sampling.SampleKey` a training sampler yields;
         the augmentation's draws are a function of it, never of a worker's or the OS's state."""
-        image_path, label_path = self.pairs[int(key[0] if isinstance(key, tuple) else key)]
+        image_path, label_path = self.pairs[as_sample_key(key).index]
         image = read_image_rgb(image_path)
         mask = read_train_ids(label_path)
         if image.shape[:2] != mask.shape:
