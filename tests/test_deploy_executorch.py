@@ -120,6 +120,14 @@ def test_bad_pte_files_are_refused_naming_the_file(fp32_pte, tmp_path):
 def test_make_backend_runs_a_ready_pte_and_checks_it(tiny, inputs, fp32_pte):
     backend = make_backend("executorch", tiny, inputs[:1], pte_file=fp32_pte.path, task="segment", threads=1)
     torch.testing.assert_close(backend(inputs)["seg"], tiny(inputs)["seg"], rtol=1e-4, atol=1e-4)
+    # As in an evaluation loop that exports on first use, on an image permuted from HWC (channels-last
+    # strides): the program must still take ordinary NCHW tensors.
+    with torch.inference_mode():
+        example = inputs[:1].permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+        assert not example.is_contiguous()
+        exported = make_backend("executorch", tiny, example, task="segment", threads=1)
+        torch.testing.assert_close(exported(inputs)["seg"], tiny(inputs)["seg"], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(exported(example)["seg"], tiny(example)["seg"], rtol=1e-4, atol=1e-4)
     with pytest.raises(ExecuTorchFileError, match="tiny.pte: exported for input size"):
         make_backend("executorch", tiny, torch.zeros(1, 3, 48, 48), pte_file=fp32_pte.path, task="segment")
 

@@ -123,7 +123,16 @@ def export_executorch(
     model = model.eval()
     example = example.detach().cpu().float()
     # torch.export draws from the global generator: exporting must not move the caller's random stream.
-    with torch.random.fork_rng(devices=[]):
+    # The example is copied to the standard NCHW layout: one in channels-last layout (an HWC image
+    # permuted to CHW, as ToTensorV2 gives) makes the program expect that dim order, and it then fails
+    # at run time on NCHW inputs ("Attempted to resize a static tensor"). Copies made outside
+    # inference mode are normal tensors, which torch.export needs, even when called from an
+    # evaluation loop or a validation hook.
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(False):
+        example = example.clone(memory_format=torch.contiguous_format)
+        if int8_calibration is not None:
+            int8_calibration = [torch.as_tensor(x, dtype=torch.float32).clone(memory_format=torch.contiguous_format)
+                                for x in int8_calibration]
         try:
             with torch.no_grad():
                 _, structure = flatten_outputs(model(example))
