@@ -132,6 +132,19 @@ def test_make_backend_runs_a_ready_pte_and_checks_it(tiny, inputs, fp32_pte):
         make_backend("executorch", tiny, torch.zeros(1, 3, 48, 48), pte_file=fp32_pte.path, task="segment")
 
 
+def test_exports_a_model_built_under_inference_mode(tiny, inputs, tmp_path):
+    """Weights made under ``torch.inference_mode`` (as scripts/benchmark.py builds its contenders) are
+    inference tensors, which tracing cannot save for autograd: the export works on normal copies."""
+    with torch.inference_mode():
+        built = copy_of(tiny).eval()
+        built.load_state_dict({k: v.clone() for k, v in tiny.state_dict().items()})
+        assert next(built.parameters()).is_inference()
+        result = export_executorch(built, inputs[:1], tmp_path / "built.pte", task="segment")
+        assert next(built.parameters()).is_inference() and not built.training
+        got = ExecuTorchModel(result.path, task="segment", threads=1)(inputs)
+        torch.testing.assert_close(got["seg"], tiny(inputs)["seg"], rtol=1e-4, atol=1e-4)
+
+
 def _script(name: str):
     spec = importlib.util.spec_from_file_location(f"_script_{name}", ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

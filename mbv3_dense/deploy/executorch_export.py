@@ -15,6 +15,8 @@ refuses a file built for another task or input size.
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 import logging
 import time
@@ -127,19 +129,20 @@ def export_executorch(
     # permuted to CHW, as ToTensorV2 gives) makes the program expect that dim order, and it then fails
     # at run time on NCHW inputs ("Attempted to resize a static tensor"). Copies made outside
     # inference mode are normal tensors, which torch.export needs, even when called from an
-    # evaluation loop or a validation hook.
+    # evaluation loop or a validation hook; so are the weights of a model built under inference mode.
     with torch.random.fork_rng(devices=[]), torch.inference_mode(False):
         example = example.clone(memory_format=torch.contiguous_format)
+        traced = _with_normal_tensors(model)
         if int8_calibration is not None:
             int8_calibration = [torch.as_tensor(x, dtype=torch.float32).clone(memory_format=torch.contiguous_format)
                                 for x in int8_calibration]
         try:
             with torch.no_grad():
-                _, structure = flatten_outputs(model(example))
+                _, structure = flatten_outputs(traced(example))
             if int8_calibration is not None:
-                network: nn.Module = quantize_pt2e_int8(model, example, int8_calibration)
+                network: nn.Module = quantize_pt2e_int8(traced, example, int8_calibration)
             else:
-                network = _Flat(model).eval()
+                network = _Flat(traced).eval()
             meta = {"format": "mbv3_dense.executorch", "version": META_VERSION, "task": task,
                     "input_shape": list(example.shape), "outputs": structure, "int8": int8_calibration is not None}
             exported = torch.export.export(network, (example,), strict=False)
@@ -154,6 +157,17 @@ def export_executorch(
     log.info("ExecuTorch export %s (%s, %.1f s): %s", path.name, "int8" if meta["int8"] else "fp32",
              result.seconds, result.delegation_summary())
     return result
+
+
+def _with_normal_tensors(model: nn.Module) -> nn.Module:
+    """``model``, or a copy of it whose parameters and buffers are normal tensors where it holds
+    inference tensors (a model built or loaded under ``torch.inference_mode``): tracing saves them
+    for autograd, which inference tensors refuse. Call outside inference mode."""
+    if not any(t.is_inference() for t in itertools.chain(model.parameters(), model.buffers())):
+        return model
+    normal = {id(t): nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad) if isinstance(t, nn.Parameter)
+              else t.clone() for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo=normal).eval()
 
 
 def _delegation(program) -> tuple[int, dict[str, int], dict[str, int]]:  # noqa: ANN001 - ExportedProgram
