@@ -35,13 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from mbv3_dense.complexity import count_madds, count_params
 from mbv3_dense.deploy import make_backend
 from mbv3_dense.deploy.options import add_backend_arguments, backend_label, calibration_images, check_backend_arguments
 from mbv3_dense.image_io import read_image_rgb
 from mbv3_dense.latency import measure_latency
+from mbv3_dense.progress import progress
 from segmentation.cityscapes import list_split, read_train_ids
 from segmentation.labels import CLASS_NAMES, IGNORE_INDEX, colorize, train_ids_to_label_ids
 from segmentation.model import lraspp_mobilenet_v3_large, lraspp_mobilenet_v3_small
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     metric = miou_metric().to(device)
     predictions = []
     with torch.inference_mode():
-        for image_path, label_path in tqdm(pairs, desc=f"LR-ASPP on {args.split}", unit="img"):
+        for image_path, label_path in progress(pairs, desc=f"LR-ASPP on {args.split}", unit="img"):
             image = read_image_rgb(image_path)
             target = torch.as_tensor(read_train_ids(label_path), dtype=torch.int64, device=device)
             x = transform(image=image)["image"].unsqueeze(0).to(device)

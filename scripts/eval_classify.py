@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
-from tqdm import tqdm
 
 from mbv3_dense import IMAGENET_MEAN, IMAGENET_STD, mobilenet_v3_large, mobilenet_v3_small
 from mbv3_dense.classification_data import (
@@ -37,6 +36,7 @@ from mbv3_dense.complexity import count_madds, count_params
 from mbv3_dense.deploy import make_backend
 from mbv3_dense.deploy.options import add_backend_arguments, backend_label, calibration_images, check_backend_arguments
 from mbv3_dense.latency import measure_latency
+from mbv3_dense.progress import progress
 from mbv3_dense.weights import WeightsError, extract_state_dict, read_checkpoint, to_classifier_layout
 
 BUILDERS = {"large": mobilenet_v3_large, "small": mobilenet_v3_small}
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = {round(i * (len(dataset) - 1) / 15) for i in range(16)} if args.visualize else set()
     seen = 0
     with torch.inference_mode():
-        for batch in tqdm(loader, desc=f"eval {args.split}", unit="batch"):
+        for batch in progress(loader, desc=f"eval {args.split}", unit="batch"):
             images, labels = batch.images.to(device), batch.labels.to(device)
             logits = net(images)
             top1.update(logits, labels)

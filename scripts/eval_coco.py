@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -47,6 +46,7 @@ from mbv3_dense.deploy.options import (  # noqa: E402
     check_backend_arguments,
 )
 from mbv3_dense.latency import measure_latency  # noqa: E402
+from mbv3_dense.progress import progress  # noqa: E402
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     results: list[dict] = []
     shown = 0
-    for images, targets in tqdm(loader, desc="detect", unit="batch"):
+    for images, targets in progress(loader, desc="detect", unit="batch"):
         image_ids = [int(t["image_id"]) for t in targets]
         with torch.inference_mode():
             detections = predict([img.to(device) for img in images])
