@@ -117,8 +117,10 @@ class LatencyCallback(L.Callback):
         input_size: ``(height, width)`` of the timed input.
         warmup: untimed calls first.
         runs: timed calls; the median and 90th percentile are logged.
-        every_n_validations: measure on every n-th validation only (exporting and timing cost time;
-            an ExecuTorch export takes ~10-60 s, int8 several times that).
+        every_n_validations: measure on the n-th, 2n-th, ... validation only (exporting and timing
+            cost time: an ExecuTorch export takes ~20-60 s on a CPU, int8 about twice that). The count
+            is kept in checkpoints, so a resumed run measures where the uninterrupted one would.
+            Exported backends measure on global rank 0 only.
         backend: ``"torch"``, ``"onnxruntime"`` or ``"executorch"``.
         int8: onnxruntime/executorch: quantize (calibrated on ``calibration_inputs`` example inputs;
             calibration quality does not change the timing).
@@ -154,6 +156,17 @@ class LatencyCallback(L.Callback):
             return "latency_ms"
         return f"latency_{self.backend}{'_int8' if self.int8 else ''}_ms"
 
+    @property
+    def state_key(self) -> str:
+        # Several instances (e.g. torch and executorch) each keep their own count in a checkpoint.
+        return f"LatencyCallback[{self.key}]"
+
+    def state_dict(self) -> dict[str, int]:
+        return {"validations": self._validations}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._validations = int(state_dict.get("validations", 0))
+
     def _example(self, pl_module: L.LightningModule) -> Tensor:
         h, w = self.input_size
         if hasattr(pl_module, "example_input"):
@@ -167,8 +180,10 @@ class LatencyCallback(L.Callback):
         if trainer.sanity_checking:
             return
         self._validations += 1
-        if (self._validations - 1) % self.every_n_validations:
+        if self._validations % self.every_n_validations:
             return
+        if self.backend != "torch" and trainer.global_rank != 0:
+            return  # one CPU export per measurement, not one per process; rank 0 logs it
         with preserved_state(pl_module):
             pl_module.eval()
             example = self._example(pl_module)

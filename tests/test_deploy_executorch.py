@@ -249,6 +249,60 @@ def test_latency_callback_exports_current_weights_and_changes_nothing(tiny, back
     assert module.logged["params_M"] > 0 and callback.last.device == f"cpu ({backend})"
 
 
+def test_latency_callback_schedule_survives_a_resume_and_runs_exports_on_rank_zero(tiny, monkeypatch):
+    """every_n_validations=3 measures at the 3rd, 6th, ... validation; the count is in the checkpoint
+    (so a resumed run measures where the uninterrupted one would), and other ranks never export."""
+    from types import SimpleNamespace
+
+    from mbv3_dense.latency import Latency, LatencyCallback
+
+    def fake_measure(self, pl_module, example):  # noqa: ANN001 - the schedule is under test, not the export
+        calls.append(self.key)
+        return Latency(1.0, 1.0, 1, "cpu (executorch)", 1)
+
+    calls: list[str] = []
+    monkeypatch.setattr(LatencyCallback, "_measure", fake_measure)
+    module = _tiny_lightning_module(copy_of(tiny))
+    rank0, rank1 = SimpleNamespace(sanity_checking=False, global_rank=0), SimpleNamespace(sanity_checking=False,
+                                                                                          global_rank=1)
+    first = LatencyCallback(input_size=(SIZE, SIZE), backend="executorch", int8=True, every_n_validations=3)
+    torch_cb = LatencyCallback(input_size=(SIZE, SIZE))
+    assert first.state_key != torch_cb.state_key
+    for _ in range(4):
+        first.on_validation_epoch_end(rank0, module)
+    assert calls == ["latency_executorch_int8_ms"]  # the 3rd validation only
+    resumed = LatencyCallback(input_size=(SIZE, SIZE), backend="executorch", int8=True, every_n_validations=3)
+    resumed.load_state_dict(first.state_dict())
+    for _ in range(2):
+        resumed.on_validation_epoch_end(rank0, module)
+    assert len(calls) == 2  # the 6th
+    other = LatencyCallback(input_size=(SIZE, SIZE), backend="executorch", every_n_validations=1)
+    other.on_validation_epoch_end(rank1, module)
+    assert len(calls) == 2
+    torch_cb.on_validation_epoch_end(rank1, module)  # the training-device latency is timed on every rank
+    assert calls[-1] == "latency_ms"
+
+
+@pytest.mark.parametrize("config", ["mobilenet_v3_large_imagenet", "ssdlite_mobilenet_v3_large_coco",
+                                    "lraspp_cityscapes"])
+def test_task_configs_log_xnnpack_int8_latency_beside_the_metric(config, tmp_path):
+    """Each task config measures the deployment latency (ExecuTorch int8) besides the training device's."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    proc = subprocess.run([sys.executable, "-m", "mbv3_dense", "fit", "-c", str(ROOT / "configs" / f"{config}.yaml"),
+                           "--print_config"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    callbacks = yaml.safe_load(proc.stdout)["trainer"]["callbacks"]
+    latency = [c["init_args"] for c in callbacks if c["class_path"] == "mbv3_dense.latency.LatencyCallback"]
+    backends = sorted((c["backend"], c["int8"]) for c in latency)
+    assert backends == [("executorch", True), ("torch", False)]
+    exported = next(c for c in latency if c["backend"] == "executorch")
+    assert exported["every_n_validations"] > 1 and exported["threads"] == 1
+
+
 def test_latency_callback_rejects_int8_on_torch():
     from mbv3_dense.latency import LatencyCallback
 
