@@ -45,6 +45,8 @@ class SSDLiteModule(L.LightningModule):
             update and counts it (``train/skipped_nonfinite``).
     """
 
+    task = "detect"  # recorded in checkpoints (mbv3_dense.model_record)
+
     def __init__(self, *, model: SSDLite, optimizer: OptimizerCallable = torch.optim.SGD,
                  scheduler: LRSchedulerCallable | None = None, loss: SSDLoss | None = None,
                  warmup_steps: int = 1000, warmup_factor: float = 0.001,

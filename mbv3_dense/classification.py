@@ -81,6 +81,8 @@ class ClassificationModule(L.LightningModule):
             (``train/skipped_nonfinite``).
     """
 
+    task = "classify"  # recorded in checkpoints (mbv3_dense.model_record)
+
     def __init__(
         self,
         *,

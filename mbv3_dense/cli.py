@@ -7,15 +7,22 @@ the YAML file, so this module imports neither ``detection`` nor ``segmentation``
 
 from __future__ import annotations
 
+import importlib
 import logging
+import os
 import sys
 from typing import Any
 
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from mbv3_dense.callbacks import ResumeState
+from mbv3_dense.checkpoint_io import AtomicCheckpointIO
+from mbv3_dense.guards import FiniteCheckpointGuard
+from mbv3_dense.model_record import ModelRecord
 from mbv3_dense.progress import progress_bar_for
 
 log = logging.getLogger(__name__)
@@ -24,6 +31,21 @@ log = logging.getLogger(__name__)
 class MBV3CLI(LightningCLI):
     """LightningCLI with the project's defaults: any LightningModule / LightningDataModule by
     ``class_path``, the resolved config saved next to the logs (overwriting on resume).
+
+    Every run gets, without a line of YAML:
+
+    - the network's class count from the data: when the data module knows its classes
+      (``data.num_classes``: an image folder's class folders, COCO's label layout) and the network
+      builder takes ``num_classes``, the builder gets the data's value (logged when it changes it);
+    - the safety callbacks, unless ``--safety_callbacks false``: :class:`~mbv3_dense.callbacks.ResumeState`
+      (random states in checkpoints; a resumed epoch continues where it stopped),
+      :class:`~mbv3_dense.guards.FiniteCheckpointGuard` (no checkpoint with NaN/inf weights) and the
+      :class:`~mbv3_dense.checkpoint_io.AtomicCheckpointIO` plugin (write beside, then rename);
+    - checkpoints under ``<trainer.default_root_dir>/checkpoints`` for every ``ModelCheckpoint``
+      that names no ``dirpath``, so two runs with different roots never share a folder and
+      ``--ckpt_path last`` finds the last checkpoint of that root;
+    - the network's builder and arguments in every checkpoint (:mod:`mbv3_dense.model_record`),
+      so the evaluation, export and prediction scripts rebuild it from the ``.ckpt`` alone.
 
     ``predict`` writes files: when the config names no ``BasePredictionWriter`` callback, the
     module's own writer (``model.prediction_writer(...)``) is added, configured by
@@ -38,6 +60,65 @@ class MBV3CLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(args=args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--safety_callbacks", type=bool, default=True,
+                            help="add ResumeState, FiniteCheckpointGuard and AtomicCheckpointIO to the run")
+
+    def _run_config(self) -> Namespace:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        self._num_classes_from_data(self._run_config())
+
+    @staticmethod
+    def _num_classes_from_data(config: Namespace) -> None:
+        data, network = config.get("data"), config.get("model.init_args.model")
+        if not isinstance(data, Namespace) or not isinstance(network, Namespace):
+            return
+        net_args = network.get("init_args")
+        if not isinstance(net_args, Namespace) or "num_classes" not in net_args:
+            return
+        try:
+            module_name, _, name = data.class_path.rpartition(".")
+            data_class = getattr(importlib.import_module(module_name), name)
+            data_args = data.get("init_args")
+            found = getattr(data_class(**(data_args.as_dict() if data_args is not None else {})), "num_classes", None)
+        except Exception as err:  # noqa: BLE001 - the data module reports its own errors when the run sets it up
+            log.debug("num_classes not taken from the data: %s", err)
+            return
+        if isinstance(found, int) and found != net_args.num_classes:
+            log.info("the data has %d classes: model.init_args.model.init_args.num_classes %s -> %d",
+                     found, net_args.num_classes, found)
+            net_args.num_classes = found
+
+    def _project_callbacks(self, config: dict[str, Any], callbacks: list[Callback]) -> list[Callback]:
+        present = (config.get("callbacks") or []) + callbacks
+        added: list[Callback] = []
+        if self._run_config().get("safety_callbacks", True):
+            for kind in (ResumeState, FiniteCheckpointGuard):
+                if not any(isinstance(c, kind) for c in present):
+                    added.append(kind())
+            plugins = config.get("plugins") or []
+            plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+            if not any(isinstance(p, AtomicCheckpointIO) for p in plugins):
+                config["plugins"] = [*plugins, AtomicCheckpointIO()]
+        root = config.get("default_root_dir") or os.getcwd()
+        for c in present:
+            if isinstance(c, ModelCheckpoint) and c.dirpath is None:
+                c.dirpath = os.path.realpath(os.path.join(os.fspath(root), "checkpoints"))
+        record = self._model_record()
+        if record is not None:
+            added.append(record)
+        return [*callbacks, *added]
+
+    def _model_record(self) -> ModelRecord | None:
+        network = self._run_config().get("model.init_args.model")
+        task = getattr(type(self.model), "task", None)
+        if task is None or not isinstance(network, Namespace) or not isinstance(network.get("class_path"), str):
+            return None
+        init_args = network.get("init_args")
+        return ModelRecord(task, network.class_path, init_args.as_dict() if init_args is not None else {})
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
@@ -70,6 +151,7 @@ class MBV3CLI(LightningCLI):
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """Progress as periodic lines when standard output is not a terminal (CI, ``> log``); the tqdm bar
         in a terminal, or whatever progress bar the config names."""
+        callbacks = self._project_callbacks(config, callbacks)
         if self.subcommand == "predict":
             callbacks = self._default_writer(config, callbacks)
         listed = [c for c in (config.get("callbacks") or []) + callbacks if isinstance(c, ProgressBar)]

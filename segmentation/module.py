@@ -55,6 +55,8 @@ class SegmentationModule(LightningModule):
             (``train/skipped_nonfinite``).
     """
 
+    task = "segment"  # recorded in checkpoints (mbv3_dense.model_record)
+
     def __init__(self, *, model: nn.Module, optimizer: OptimizerCallable = torch.optim.SGD,
                  scheduler: LRSchedulerCallable | None = None, nonfinite_loss: NonFinitePolicy = "stop") -> None:
         super().__init__()
