@@ -49,6 +49,17 @@ class MobileNetV3Classifier(nn.Module):
         features = self.backbone(x)["c5"]
         return self.classifier(torch.flatten(self.avgpool(features), 1))
 
+    def normalize(self, x: Tensor) -> Tensor:
+        """``[N, 3, H, W]`` (or ``[3, H, W]``) in [0, 1] -> the network's input (ImageNet mean/std)."""
+        return normalize_imagenet(x)
+
+
+def normalize_imagenet(x: Tensor) -> Tensor:
+    """``[..., 3, H, W]`` in [0, 1] -> normalised with :data:`IMAGENET_MEAN` / :data:`IMAGENET_STD`."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return (x - mean) / std
+
 
 def _build(
     arch: Arch,

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mbv3_dense.backbone import Arch, MobileNetV3
+from mbv3_dense.classifier import normalize_imagenet
 from mbv3_dense.layers import NormLayer, default_norm_layer
 
 Variant = Literal["paper", "torchvision"]
@@ -139,6 +140,10 @@ class LRASPP(nn.Module):
         features = self.backbone(x)
         out = self.head(features[self.low_feature], features[self.high_feature])
         return F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """``[N, 3, H, W]`` (or ``[3, H, W]``) in [0, 1] -> the network's input (ImageNet mean/std)."""
+        return normalize_imagenet(x)
 
 
 def _build(arch: Arch, *, num_classes: int, variant: Variant, reduced_tail: bool | None, output_stride: int,
