@@ -13,7 +13,6 @@ import io
 import json
 import logging
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,16 +20,21 @@ import albumentations as A
 import lightning as L
 import numpy as np
 import torch
-import torch.distributed as dist
 from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.distributed import DistributedSampler
 
 from detection.transforms import train_transform
 from mbv3_dense.image_io import read_image_rgb
 from mbv3_dense.predict import DEFAULT_MAX_PIXELS, ImageList, list_images, note_ignored, predict_loader
-from mbv3_dense.sampling import SampleKey, as_sample_key, loader_generator, sample_randomness, training_sampler
+from mbv3_dense.sampling import (
+    SampleKey,
+    as_sample_key,
+    evaluation_sampler,
+    loader_generator,
+    sample_randomness,
+    training_sampler,
+)
 
 log = logging.getLogger(__name__)
 
@@ -289,21 +293,6 @@ def collate_eval(batch: list[tuple[Tensor, Target]]) -> Batch:
     return [b[0] for b in batch], [b[1] for b in batch]
 
 
-class UnpaddedDistributedSampler(DistributedSampler):
-    """Every index exactly once over all ranks (rank r gets r, r + world, ...), so evaluation under
-    DDP never counts an image twice (``DistributedSampler`` pads with repeated images)."""
-
-    def __init__(self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
-        self.num_samples = len(range(self.rank, len(dataset), self.num_replicas))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, len(self.dataset), self.num_replicas))
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
 class CocoDataModule(L.LightningDataModule):
     """COCO detection in the real layout: ``root/train2017``, ``root/val2017``,
     ``root/annotations/instances_{train,val}2017.json`` (each path configurable, relative to ``root``).
@@ -434,8 +423,8 @@ class CocoDataModule(L.LightningDataModule):
                           persistent_workers=self.num_workers > 0, generator=loader_generator())
 
     def val_dataloader(self) -> DataLoader:
-        sampler = UnpaddedDistributedSampler(self.val_set) if dist.is_available() and dist.is_initialized() else None
-        return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False, sampler=sampler,
+        return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False,
+                          sampler=evaluation_sampler(self.val_set, self.trainer),
                           num_workers=self.num_workers, collate_fn=collate_eval)
 
     def test_dataloader(self) -> DataLoader:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
@@ -17,6 +16,7 @@ from detection.model import SSDLite
 from detection.predict import DetectionWriter
 from mbv3_dense.guards import NonFinitePolicy, check_loss
 from mbv3_dense.predict import PredictBatch
+from mbv3_dense.task import TaskModule
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 MAP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
 
 
-class SSDLiteModule(L.LightningModule):
+class SSDLiteModule(TaskModule):
     """Train and evaluate an :class:`~detection.model.SSDLite`.
 
     Logs ``train/{loss,box_loss,cls_loss}``, ``val/{loss,box_loss,cls_loss}`` and ``val/{map, map_50,
@@ -45,35 +45,28 @@ class SSDLiteModule(L.LightningModule):
             update and counts it (``train/skipped_nonfinite``).
     """
 
-    task = "detect"  # recorded in checkpoints (mbv3_dense.model_record)
+    task = "detect"
+    end_to_end_export = True
 
     def __init__(self, *, model: SSDLite, optimizer: OptimizerCallable = torch.optim.SGD,
                  scheduler: LRSchedulerCallable | None = None, loss: SSDLoss | None = None,
-                 warmup_steps: int = 1000, warmup_factor: float = 0.001,
-                 nonfinite_loss: NonFinitePolicy = "stop") -> None:
-        super().__init__()
+                 warmup_steps: int = 1000, warmup_factor: float = 0.001, lr_batch_size: int | None = None,
+                 weight_decay_norm_bias: bool = False, nonfinite_loss: NonFinitePolicy = "stop") -> None:
+        super().__init__(model=model, optimizer=optimizer, scheduler=scheduler, lr_batch_size=lr_batch_size,
+                         weight_decay_norm_bias=weight_decay_norm_bias, nonfinite_loss=nonfinite_loss)
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "loss"])
-        self.model = model
-        self.optimizer = optimizer
-        self.scheduler = scheduler
         self.loss = loss or SSDLoss()
         if (self.loss.classification == "focal") != (model.score_activation == "sigmoid"):
             raise ValueError(f"loss classification {self.loss.classification!r} does not fit the model's "
                              f"score_activation {model.score_activation!r} (focal needs 'sigmoid', "
                              "hard_negative_mining needs 'softmax')")
         self.warmup_steps, self.warmup_factor = warmup_steps, warmup_factor
-        if nonfinite_loss not in ("stop", "skip"):
-            raise ValueError(f"nonfinite_loss must be 'stop' or 'skip', got {nonfinite_loss!r}")
-        self.nonfinite_loss = nonfinite_loss
         # Image-weighted means that torchmetrics syncs: exact under DDP with uneven shards (a logged
         # sync_dist mean would average the ranks' means).
         self.val_losses = nn.ModuleDict({k: MeanMetric() for k in ("loss", "box_loss", "cls_loss")})
         self.val_map = GatheredMeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="faster_coco_eval")
 
     # ------------------------------------------------------------------ hooks used by callbacks
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        return self.model(x)
-
     def example_input(self, height: int, width: int) -> Tensor:
         """A ``[1, 3, H, W]`` [0, 1] image (what :meth:`inference_step` takes)."""
         return torch.rand(1, 3, height, width, device=self.device)
@@ -145,12 +138,6 @@ class SSDLiteModule(L.LightningModule):
         return DetectionWriter(**options)
 
     # ------------------------------------------------------------------ optimisation
-    def configure_optimizers(self):  # noqa: ANN201 - Lightning's union of return types
-        optimizer = self.optimizer(self.model.parameters())
-        if self.scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "epoch"}}
-
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:  # noqa: ANN001
         """Linear warm-up: the LR is scaled for the step only, so epoch schedulers are undisturbed."""
         step = self.trainer.global_step

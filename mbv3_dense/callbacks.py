@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mbv3_dense.sampling import SeededSampler
+from mbv3_dense.task import InferenceHooks
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class PreciseBN(L.Callback):
             m.momentum = None  # cumulative average: every batch weighs the same
         pl_module.train()
         used = 0
-        forward = getattr(pl_module, "precise_bn_forward", None)
+        forward = pl_module.precise_bn_forward if isinstance(pl_module, InferenceHooks) else None
         # Dropout draws in train mode: fork the generators so that the training run's own streams
         # go on as if this pass had not happened (a run with and without PreciseBN differs only by BN).
         try:

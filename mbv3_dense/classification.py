@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import logging
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
@@ -16,20 +15,9 @@ from mbv3_dense.classification_data import ClassificationBatch
 from mbv3_dense.classification_predict import ClassificationWriter, TopK
 from mbv3_dense.guards import NonFinitePolicy, check_loss
 from mbv3_dense.predict import PredictBatch
+from mbv3_dense.task import TaskModule
 
 log = logging.getLogger(__name__)
-
-
-def split_weight_decay(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """``(decayed, not_decayed)``: norm-layer parameters and every bias go in the second list."""
-    norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
-    decay, no_decay = [], []
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad:
-                continue
-            (no_decay if isinstance(module, norm_types) or name == "bias" else decay).append(param)
-    return decay, no_decay
 
 
 @torch.no_grad()
@@ -54,7 +42,7 @@ def count_outputs(model: nn.Module, size: int = 32) -> int:
         model.train(was_training)
 
 
-class ClassificationModule(L.LightningModule):
+class ClassificationModule(TaskModule):
     """Cross-entropy training of a classifier with top-1/top-5 validation accuracy.
 
     The batch is a :class:`~mbv3_dense.classification_data.ClassificationBatch` (images
@@ -70,18 +58,13 @@ class ClassificationModule(L.LightningModule):
     Args:
         model: the network, ``[N, 3, H, W] -> [N, num_classes]`` logits, e.g.
             :func:`mbv3_dense.mobilenet_v3_large`.
-        optimizer: builds the optimizer from parameter groups.
-        scheduler: builds the learning-rate scheduler, stepped once per epoch.
-        weight_decay_norm_bias: apply the optimizer's weight decay to norm layers and biases too
-            (torchvision's recipe does not).
         label_smoothing: cross-entropy label smoothing.
         ema_decay: per-step decay of the weight average; ``None`` disables it.
-        nonfinite_loss: ``"stop"`` raises :class:`~mbv3_dense.guards.NonFiniteLossError` naming
-            the step at the first NaN/inf loss; ``"skip"`` skips that batch's update and counts it
-            (``train/skipped_nonfinite``).
+        optimizer, scheduler (stepped once per epoch), lr_batch_size, weight_decay_norm_bias,
+            nonfinite_loss: as :class:`~mbv3_dense.task.TaskModule`.
     """
 
-    task = "classify"  # recorded in checkpoints (mbv3_dense.model_record)
+    task = "classify"
 
     def __init__(
         self,
@@ -89,26 +72,21 @@ class ClassificationModule(L.LightningModule):
         model: nn.Module,
         optimizer: OptimizerCallable = torch.optim.SGD,
         scheduler: LRSchedulerCallable | None = None,
+        lr_batch_size: int | None = None,
         weight_decay_norm_bias: bool = False,
         label_smoothing: float = 0.0,
         ema_decay: float | None = None,
         nonfinite_loss: NonFinitePolicy = "stop",
     ) -> None:
-        super().__init__()
+        super().__init__(model=model, optimizer=optimizer, scheduler=scheduler, lr_batch_size=lr_batch_size,
+                         weight_decay_norm_bias=weight_decay_norm_bias, nonfinite_loss=nonfinite_loss)
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
-        self.model = model
         # The metrics need the class count: read it off the network's output once.
         self.num_classes = num_classes = count_outputs(model)
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.weight_decay_norm_bias = weight_decay_norm_bias
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {ema_decay}")
         self.ema_decay = ema_decay
-        if nonfinite_loss not in ("stop", "skip"):
-            raise ValueError(f"nonfinite_loss must be 'stop' or 'skip', got {nonfinite_loss!r}")
-        self.nonfinite_loss = nonfinite_loss
         self.model_ema: nn.Module | None = None
         if ema_decay is not None:
             self.model_ema = copy.deepcopy(model).requires_grad_(False)
@@ -118,17 +96,10 @@ class ClassificationModule(L.LightningModule):
         # top-5 needs at least 5 classes; with fewer it is the same as top-(num_classes) = 1.0.
         self.val_top5 = MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes), average="micro")
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``[N, 3, H, W]`` -> logits ``[N, num_classes]`` of the trained (not averaged) network."""
-        return self.model(x)
-
     @property
     def eval_model(self) -> nn.Module:
         """The network that validation uses: the weight average when kept, else ``model``."""
         return self.model_ema if self.model_ema is not None else self.model
-
-    def example_input(self, height: int, width: int) -> Tensor:
-        return torch.randn(1, 3, height, width)
 
     def precise_bn_forward(self, batch: ClassificationBatch) -> None:
         # PreciseBN resets every BN of the module, the average's included: recompute both.
@@ -207,14 +178,3 @@ class ClassificationModule(L.LightningModule):
         if batch.skipped.item():
             self.log(f"data/skipped_images_{split}", batch.skipped.float(), reduce_fx="sum", on_step=False,
                      on_epoch=True, batch_size=1, sync_dist=True)
-
-    def configure_optimizers(self):  # noqa: ANN201 - Lightning's union of return types
-        if self.weight_decay_norm_bias:
-            groups = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
-        else:
-            decay, no_decay = split_weight_decay(self.model)
-            groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = self.optimizer(groups)
-        if self.scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "epoch"}}

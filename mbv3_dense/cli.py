@@ -34,6 +34,8 @@ class MBV3CLI(LightningCLI):
 
     Every run gets, without a line of YAML:
 
+    - the scheduler's length from the trainer: ``T_max`` / ``total_iters`` = ``trainer.max_epochs`` for
+      a module whose scheduler steps every epoch, ``trainer.max_steps`` for one stepping every iteration;
     - the network's class count from the data: when the data module knows its classes
       (``data.num_classes``: an image folder's class folders, COCO's label layout) and the network
       builder takes ``num_classes``, the builder gets the data's value (logged when it changes it);
@@ -69,7 +71,36 @@ class MBV3CLI(LightningCLI):
         return self.config[self.subcommand] if self.subcommand else self.config
 
     def before_instantiate_classes(self) -> None:
-        self._num_classes_from_data(self._run_config())
+        config = self._run_config()
+        self._num_classes_from_data(config)
+        self._schedule_length_from_trainer(config)
+
+    @staticmethod
+    def _import(path: str) -> Any:  # noqa: ANN401 - a class or function named in the config
+        module_name, _, name = path.rpartition(".")
+        return getattr(importlib.import_module(module_name), name)
+
+    @classmethod
+    def _schedule_length_from_trainer(cls, config: Namespace) -> None:
+        """The scheduler's length (``T_max``, ``total_iters``) follows ``trainer.max_epochs`` for a module that
+        steps its scheduler every epoch, ``trainer.max_steps`` for one that steps it every iteration."""
+        scheduler, module_path = config.get("model.init_args.scheduler"), config.get("model.class_path")
+        if not isinstance(scheduler, Namespace) or not isinstance(scheduler.get("init_args"), Namespace) \
+                or not isinstance(module_path, str):
+            return
+        try:
+            interval = getattr(cls._import(module_path), "scheduler_interval", None)
+        except (ImportError, AttributeError, ValueError):
+            return
+        source = {"epoch": "trainer.max_epochs", "step": "trainer.max_steps"}.get(interval)
+        length = config.get(source) if source else None
+        if not isinstance(length, int) or length <= 0:
+            return
+        args = scheduler.init_args
+        for key in ("T_max", "total_iters"):
+            if key in args and args[key] != length:
+                log.info("model.init_args.scheduler.init_args.%s %s -> %d (= %s)", key, args[key], length, source)
+                args[key] = length
 
     @staticmethod
     def _num_classes_from_data(config: Namespace) -> None:
@@ -80,8 +111,7 @@ class MBV3CLI(LightningCLI):
         if not isinstance(net_args, Namespace) or "num_classes" not in net_args:
             return
         try:
-            module_name, _, name = data.class_path.rpartition(".")
-            data_class = getattr(importlib.import_module(module_name), name)
+            data_class = MBV3CLI._import(data.class_path)
             data_args = data.get("init_args")
             found = getattr(data_class(**(data_args.as_dict() if data_args is not None else {})), "num_classes", None)
         except Exception as err:  # noqa: BLE001 - the data module reports its own errors when the run sets it up

@@ -6,10 +6,7 @@ import contextlib
 import copy
 import logging
 import random
-import statistics
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
 from typing import Literal
 
 import lightning as L
@@ -19,50 +16,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from mbv3_dense.complexity import count_madds, count_params
+from mbv3_dense.deploy.timing import Latency, measure_latency
+from mbv3_dense.task import InferenceHooks
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Latency:
-    """Timing of one input shape: milliseconds per call at batch 1."""
-
-    median_ms: float
-    p90_ms: float
-    runs: int
-    device: str
-    threads: int
-
-    def as_dict(self) -> dict[str, float | int | str]:
-        return asdict(self)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.inference_mode()
-def measure_latency(fn: Callable[[Tensor], object], example: Tensor, *, warmup: int = 5,
-                    runs: int = 20) -> Latency:
-    """Median and 90th percentile wall time of ``fn(example)``, after ``warmup`` calls.
-
-    CUDA work is synchronised before each clock read.
-    """
-    device = example.device
-    for _ in range(warmup):
-        fn(example)
-    _sync(device)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn(example)
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1000.0)
-    times.sort()
-    p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return Latency(statistics.median(times), p90, runs, name, torch.get_num_threads())
 
 
 @contextlib.contextmanager
@@ -159,7 +116,7 @@ class LatencyCallback(L.Callback):
     @property
     def state_key(self) -> str:
         # Several instances (e.g. torch and executorch) each keep their own count in a checkpoint.
-        return f"LatencyCallback[{self.key}]"
+        return f"LatencyCallback[{self.key} {self.input_size[0]}x{self.input_size[1]} every {self.every_n_validations}]"
 
     def state_dict(self) -> dict[str, int]:
         return {"validations": self._validations}
@@ -169,12 +126,12 @@ class LatencyCallback(L.Callback):
 
     def _example(self, pl_module: L.LightningModule) -> Tensor:
         h, w = self.input_size
-        if hasattr(pl_module, "example_input"):
+        if isinstance(pl_module, InferenceHooks):
             return pl_module.example_input(h, w).to(pl_module.device)
         return torch.rand(1, 3, h, w, device=pl_module.device)
 
     def _fn(self, pl_module: L.LightningModule) -> Callable[[Tensor], object]:
-        return getattr(pl_module, "inference_step", pl_module)
+        return pl_module.inference_step if isinstance(pl_module, InferenceHooks) else pl_module
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -217,7 +174,7 @@ class LatencyCallback(L.Callback):
             network = copy.deepcopy(source).cpu().eval()
             preprocess = getattr(network, "preprocess", None)
             postprocess = getattr(network, "postprocess", None)
-            end_to_end = callable(preprocess) and callable(postprocess) and hasattr(pl_module, "inference_step")
+            end_to_end = bool(getattr(pl_module, "end_to_end_export", False))
             net_in = preprocess(list(example)) if end_to_end else example
             calibration = None
             if self.int8:
@@ -242,8 +199,3 @@ class LatencyCallback(L.Callback):
         log.info("%s at %dx%d, batch 1, %s, %d threads: median %.2f ms, p90 %.2f ms "
                  "(params %.3fM, MAdds %.3fG)", self.key, h, w, latency.device, latency.threads,
                  latency.median_ms, latency.p90_ms, self.params / 1e6, self.madds / 1e9)
-
-
-def model_summary(model: nn.Module, example: Tensor) -> dict[str, float]:
-    """``{"params_M", "madds_G"}`` of ``model`` on ``example``."""
-    return {"params_M": count_params(model) / 1e6, "madds_G": count_madds(model, example) / 1e9}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from lightning import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
@@ -19,6 +18,7 @@ from torchmetrics.classification import MulticlassJaccardIndex
 
 from mbv3_dense.guards import NonFinitePolicy, check_loss
 from mbv3_dense.predict import PredictBatch
+from mbv3_dense.task import TaskModule
 from segmentation.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 from segmentation.predict import SegmentationWriter, preprocess
 
@@ -39,7 +39,7 @@ def miou_metric() -> MulticlassJaccardIndex:
     return MulticlassJaccardIndex(num_classes=NUM_CLASSES, ignore_index=IGNORE_INDEX, average="macro")
 
 
-class SegmentationModule(LightningModule):
+class SegmentationModule(TaskModule):
     """Trains and validates an LR-ASPP model on Cityscapes trainIds.
 
     Batches: ``(images [N, 3, H, W] float, masks [N, H, W] int64 trainIds, 255 = ignore)``.
@@ -47,36 +47,23 @@ class SegmentationModule(LightningModule):
     Args:
         model: the network (e.g. :func:`segmentation.lraspp_mobilenet_v3_large`); its forward returns
             logits ``[N, 19, H, W]`` at input size.
-        optimizer: builds the optimizer from the parameters.
-        scheduler: builds the LR scheduler; stepped every iteration (poly LR:
-            ``torch.optim.lr_scheduler.PolynomialLR(total_iters=<max_steps>, power=0.9)``).
-        nonfinite_loss: ``"stop"`` raises :class:`~mbv3_dense.guards.NonFiniteLossError` naming the
-            step at the first NaN/inf loss; ``"skip"`` skips that batch's update and counts it
-            (``train/skipped_nonfinite``).
+        optimizer, scheduler (stepped every iteration; poly LR:
+            ``torch.optim.lr_scheduler.PolynomialLR(total_iters=<max_steps>, power=0.9)``), lr_batch_size,
+            weight_decay_norm_bias, nonfinite_loss: as :class:`~mbv3_dense.task.TaskModule`.
     """
 
-    task = "segment"  # recorded in checkpoints (mbv3_dense.model_record)
+    task = "segment"
+    scheduler_interval = "step"
 
     def __init__(self, *, model: nn.Module, optimizer: OptimizerCallable = torch.optim.SGD,
-                 scheduler: LRSchedulerCallable | None = None, nonfinite_loss: NonFinitePolicy = "stop") -> None:
-        super().__init__()
+                 scheduler: LRSchedulerCallable | None = None, lr_batch_size: int | None = None,
+                 weight_decay_norm_bias: bool = False, nonfinite_loss: NonFinitePolicy = "stop") -> None:
+        super().__init__(model=model, optimizer=optimizer, scheduler=scheduler, lr_batch_size=lr_batch_size,
+                         weight_decay_norm_bias=weight_decay_norm_bias, nonfinite_loss=nonfinite_loss)
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
-        self.model = model
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        if nonfinite_loss not in ("stop", "skip"):
-            raise ValueError(f"nonfinite_loss must be 'stop' or 'skip', got {nonfinite_loss!r}")
-        self.nonfinite_loss = nonfinite_loss
         self.val_miou = miou_metric()
         self.val_iou = MulticlassJaccardIndex(num_classes=NUM_CLASSES, ignore_index=IGNORE_INDEX, average="none")
         self.val_loss = MeanMetric()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
-
-    def example_input(self, height: int, width: int) -> Tensor:
-        """A normalised-looking ``[1, 3, height, width]`` input for latency and MAdds."""
-        return torch.randn(1, 3, height, width)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         images, masks = batch
@@ -113,10 +100,3 @@ class SegmentationModule(LightningModule):
     def prediction_writer(self, **options) -> SegmentationWriter:  # noqa: ANN003 - the writer's options
         """The writer ``lightning predict`` adds when the config names none."""
         return SegmentationWriter(**options)
-
-    def configure_optimizers(self):
-        optimizer = self.optimizer(self.parameters())
-        if self.scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "step", "frequency": 1}}

@@ -240,7 +240,7 @@ def test_latency_callback_exports_current_weights_and_changes_nothing(tiny, back
     random.seed(123)
     states = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
     with torch.inference_mode():  # as Lightning runs validation hooks
-        callback.on_validation_epoch_end(SimpleNamespace(sanity_checking=False), module)
+        callback.on_validation_epoch_end(SimpleNamespace(sanity_checking=False, global_rank=0), module)
     assert torch.equal(torch.get_rng_state(), states[0])
     assert np.array_equal(np.random.get_state()[1], states[1]) and random.getstate() == states[2]
     assert module.training and module.model.dw.training and not module.model.stem.training

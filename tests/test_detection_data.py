@@ -143,9 +143,13 @@ def test_corrupt_image_is_named(coco_root: Path):
 
 
 def test_validation_sampler_never_repeats_an_image():
-    from detection.coco import UnpaddedDistributedSampler
+    """The evaluation sampler every task uses: under DDP each image goes to exactly one process."""
+    from types import SimpleNamespace
+
+    from mbv3_dense.sampling import evaluation_sampler
 
     data = list(range(10))
-    shards = [list(UnpaddedDistributedSampler(data, num_replicas=3, rank=r)) for r in range(3)]
+    assert evaluation_sampler(data, SimpleNamespace(world_size=1, global_rank=0)) is None
+    shards = [list(evaluation_sampler(data, SimpleNamespace(world_size=3, global_rank=r))) for r in range(3)]
     assert sorted(i for s in shards for i in s) == data
-    assert [len(UnpaddedDistributedSampler(data, num_replicas=3, rank=r)) for r in range(3)] == [4, 3, 3]
+    assert [len(evaluation_sampler(data, SimpleNamespace(world_size=3, global_rank=r))) for r in range(3)] == [4, 3, 3]

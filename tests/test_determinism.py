@@ -104,6 +104,9 @@ def tiny_config(case: Case, data: Path, out: Path, *, workers: int, devices: int
     steps = [c for c in cfg["trainer"]["callbacks"] if c.get("init_args", {}).get("every_n_train_steps")]
     assert len(steps) == 1, f"{case.config} should have one step-interval ModelCheckpoint"
     steps[0]["init_args"]["every_n_train_steps"] = EVERY_N_STEPS
+    # One training-device latency entry, small; the deployment-latency entry (an export) is dropped.
+    cfg["trainer"]["callbacks"] = [c for c in cfg["trainer"]["callbacks"] if not (
+        c["class_path"].endswith("LatencyCallback") and c.get("init_args", {}).get("backend", "torch") != "torch")]
     for c in cfg["trainer"]["callbacks"]:
         if c["class_path"].endswith("LatencyCallback"):
             c["init_args"] = {"input_size": [64, 64], "warmup": 0, "runs": 1}

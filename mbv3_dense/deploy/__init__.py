@@ -11,7 +11,7 @@ from mbv3_dense.deploy.fuse import ChannelsLast, count_batchnorms, fold_batchnor
 from mbv3_dense.deploy.onnx_export import ParityReport, compare_outputs, export_onnx
 from mbv3_dense.deploy.quantize import CalibrationReader, quantize_int8
 from mbv3_dense.deploy.runtime import OnnxModel, create_session
-from mbv3_dense.deploy.timing import interleaved_latency
+from mbv3_dense.deploy.timing import Latency, interleaved_latency, measure_latency
 
 __all__ = [
     "BACKENDS",
@@ -29,6 +29,8 @@ __all__ = [
     "export_onnx",
     "fold_batchnorm",
     "interleaved_latency",
+    "Latency",
+    "measure_latency",
     "make_backend",
     "quantize_int8",
     "quantize_pt2e_int8",
