@@ -16,7 +16,7 @@ Contracts:
   resized bilinearly, in torchvision's order so that results agree to the last bit).
 - ``predict(images)``: list of float ``[3, H_i, W_i]`` images in [0, 1], any sizes; returns per image
   ``{"boxes": [K, 4] XYXY in that image's pixels, "scores": [K], "labels": [K] int64}``. Labels are
-  the model's class indices (1..C-1), not COCO category ids: :mod:`detection.coco` converts.
+  the model's class indices (1..C-1), not COCO category ids: :mod:`detection.data` converts.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from detection.coco import Batch
+from detection.data import Batch
 from detection.loss import SSDLoss
 from detection.metric import GatheredMeanAveragePrecision
 from detection.model import SSDLite

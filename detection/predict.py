@@ -10,7 +10,7 @@ Layout under the output folder::
 
 Boxes are in the image's own pixels (XYXY in the per-image files, XYWH in the COCO results, as
 COCO wants). ``label`` is the model's class index; ``category_id`` is the COCO category id of the
-training annotations when they are known (:class:`~detection.coco.CategoryMap`: contiguous labels
+training annotations when they are known (:class:`~detection.data.CategoryMap`: contiguous labels
 map back to the file's ids), else the label itself. ``image_id`` comes from the file name when all
 names are distinct numbers (COCO's ``000000397133.jpg``), else a running id (see the per-image files).
 """
@@ -25,7 +25,7 @@ import torch
 from PIL import ImageDraw
 from torch import Tensor
 
-from detection.coco import CategoryMap
+from detection.data import CategoryMap
 from mbv3_dense.predict import ImageFile, PredictionWriter, draw_text_block, font_for, to_pil
 
 Detections = dict[str, Tensor]

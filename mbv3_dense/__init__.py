@@ -1,7 +1,7 @@
 """mbv3-dense: MobileNetV3 for classification, SSDLite detection and LR-ASPP segmentation."""
 
 from mbv3_dense.backbone import BlockSpec, FeatureInfo, MobileNetV3
-from mbv3_dense.classifier import (
+from mbv3_dense.classification.model import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     MobileNetV3Classifier,

@@ -95,7 +95,7 @@ class PredictBatch(NamedTuple):
 # ---------------------------------------------------------------------------------------------- listing
 def _extensions() -> tuple[str, ...]:
     # Imported here: the classification data module imports this one.
-    from mbv3_dense.classification_data import IMAGE_EXTENSIONS
+    from mbv3_dense.classification.data import IMAGE_EXTENSIONS
 
     return IMAGE_EXTENSIONS
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def classify(args: argparse.Namespace) -> Path:
-    from mbv3_dense.synthetic import write_imagefolder
+    from mbv3_dense.classification.synthetic import write_imagefolder
 
     if args.tiny:
         args.train_per_class, args.val_per_class = 6, 3

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mbv3_dense.backbone import Arch, MobileNetV3
-from mbv3_dense.classifier import normalize_imagenet
+from mbv3_dense.classification.model import normalize_imagenet
 from mbv3_dense.layers import NormLayer, default_norm_layer
 
 Variant = Literal["paper", "torchvision"]
@@ -115,7 +115,7 @@ class LRASPP(nn.Module):
     """MobileNetV3 backbone + LR-ASPP decoder.
 
     Input: float ``[N, 3, H, W]`` normalised with ImageNet mean/std
-    (:data:`mbv3_dense.classifier.IMAGENET_MEAN` / ``IMAGENET_STD``). Output: logits
+    (:data:`mbv3_dense.classification.model.IMAGENET_MEAN` / ``IMAGENET_STD``). Output: logits
     ``[N, num_classes, H, W]`` over Cityscapes trainIds (0..18) at input size, bilinearly upsampled.
 
     Args:

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from mbv3_dense.classifier import IMAGENET_MEAN, IMAGENET_STD
+from mbv3_dense.constants import IMAGENET_MEAN, IMAGENET_STD
 from mbv3_dense.predict import ImageFile, PredictionWriter
 from segmentation.labels import NUM_CLASSES, colorize, train_ids_to_label_ids
 

@@ -12,7 +12,7 @@ import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
 
-from mbv3_dense.classifier import IMAGENET_MEAN, IMAGENET_STD
+from mbv3_dense.constants import IMAGENET_MEAN, IMAGENET_STD
 from segmentation.labels import IGNORE_INDEX
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mbv3_dense.synthetic import write_imagefolder
+from mbv3_dense.classification.synthetic import write_imagefolder
 
 REPO = Path(__file__).resolve().parents[1]
 LIGHTNING = Path(sys.executable).parent / "lightning"
@@ -84,8 +84,8 @@ def test_wrong_class_count_is_explained(data: Path) -> None:
     import lightning as L
 
     import mbv3_dense
-    from mbv3_dense.classification import ClassificationModule
-    from mbv3_dense.classification_data import ImageNetDataModule
+    from mbv3_dense.classification.data import ImageNetDataModule
+    from mbv3_dense.classification.module import ClassificationModule
 
     module = ClassificationModule(model=mbv3_dense.mobilenet_v3_small(num_classes=5, width_mult=0.5))
     dm = ImageNetDataModule(root=data, batch_size=2, num_workers=0, crop_size=32, val_resize_size=32)

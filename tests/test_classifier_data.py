@@ -12,18 +12,18 @@ import pytest
 import torch
 from PIL import Image
 
-from mbv3_dense.classification_data import (
-    ImageNetDataModule,
+from mbv3_dense.classification.data import (
+    ImageFolderDataModule,
     collate_skipping,
     eval_transform,
     train_transform,
 )
+from mbv3_dense.classification.synthetic import write_imagefolder
 from mbv3_dense.image_io import ImageReadError, read_image_rgb
-from mbv3_dense.synthetic import write_imagefolder
 
 
-def _module(root: Path, **kwargs) -> ImageNetDataModule:
-    return ImageNetDataModule(root=root, batch_size=4, num_workers=0, crop_size=32, val_resize_size=36,
+def _module(root: Path, **kwargs) -> ImageFolderDataModule:
+    return ImageFolderDataModule(root=root, batch_size=4, num_workers=0, crop_size=32, val_resize_size=36,
                               auto_augment=False, random_erase=0.0, **kwargs)
 
 
@@ -49,7 +49,7 @@ def test_discovery_extensions_and_ignored_files(tree: Path, caplog: pytest.LogCa
     (tree / "train/bee/sub").mkdir()
     _jpeg(tree / "train/bee/sub/nested.jpeg")
     dm = _module(tree)
-    with caplog.at_level(logging.INFO, logger="mbv3_dense.classification_data"):
+    with caplog.at_level(logging.INFO, logger="mbv3_dense.classification.data"):
         dm.setup("fit")
     assert dm.classes == ["ant", "bee"] and dm.num_classes == 2
     assert len(dm.train_set) == 3 + 1 + 3 + 1 + 1
@@ -160,3 +160,11 @@ def test_generated_data_is_deterministic_and_distinct(tmp_path: Path) -> None:
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
     pixels = [read_image_rgb(a / f).tobytes() for f in files]
     assert len(set(pixels)) == len(pixels)  # no two images alike, train and val included
+
+
+def test_old_names_still_import() -> None:
+    """Configs and code written before the classification package keep working."""
+    from mbv3_dense.classification import ClassificationModule, ImageNetDataModule
+    from mbv3_dense.classification.module import ClassificationModule as Module
+
+    assert ImageNetDataModule is ImageFolderDataModule and ClassificationModule is Module

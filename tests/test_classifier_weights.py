@@ -148,12 +148,12 @@ def test_timm_state_dict(arch: str, tmp_path: Path) -> None:
 
 
 def test_lightning_checkpoint_prefers_the_weight_average(tmp_path: Path) -> None:
-    from mbv3_dense.classification import ClassificationModule
-    from mbv3_dense.classification_data import ImageNetDataModule
-    from mbv3_dense.synthetic import write_imagefolder
+    from mbv3_dense.classification.data import ImageFolderDataModule
+    from mbv3_dense.classification.module import ClassificationModule
+    from mbv3_dense.classification.synthetic import write_imagefolder
 
     write_imagefolder(tmp_path / "data", num_classes=3, train_per_class=4, val_per_class=2, size=32, seed=1)
-    data = ImageNetDataModule(root=tmp_path / "data", batch_size=4, num_workers=0, crop_size=32,
+    data = ImageFolderDataModule(root=tmp_path / "data", batch_size=4, num_workers=0, crop_size=32,
                               val_resize_size=32, auto_augment=False, random_erase=0.0)
     net = mbv3_dense.mobilenet_v3_small(num_classes=3, width_mult=0.5)
     module = ClassificationModule(model=net, ema_decay=0.5,

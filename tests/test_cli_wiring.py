@@ -14,8 +14,8 @@ import torch
 import yaml
 
 from detection.synthetic import DetectionSpec, generate_coco
+from mbv3_dense.classification.synthetic import write_imagefolder
 from mbv3_dense.model_record import RECORD_KEY, build_from_record, read_model_record
-from mbv3_dense.synthetic import write_imagefolder
 
 REPO = Path(__file__).resolve().parents[1]
 LIGHTNING = Path(sys.executable).parent / "lightning"

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from detection.synthetic import DetectionSpec, generate_coco
-from mbv3_dense.synthetic import write_imagefolder
+from mbv3_dense.classification.synthetic import write_imagefolder
 from segmentation.synthetic import SyntheticSpec, generate_cityscapes
 
 ROOT = Path(__file__).resolve().parent.parent

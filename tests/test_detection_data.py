@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from detection.coco import AnnotationError, CategoryMap, CocoDataModule, load_coco
+from detection.data import AnnotationError, CategoryMap, CocoDataModule, load_coco
 from detection.synthetic import DetectionSpec, generate_coco
 from detection.transforms import RandomIoUCrop, ZoomOut, train_transform
 from mbv3_dense.image_io import ImageReadError
@@ -107,7 +107,7 @@ def test_datamodule_policies(coco_root: Path, caplog):
     _edit(coco_root, "train", edit)
     _edit(coco_root, "val", edit)
     dm = CocoDataModule(root=str(coco_root), num_classes=5, image_size=64, batch_size=2, num_workers=0)
-    with caplog.at_level(logging.INFO, logger="detection.coco"):
+    with caplog.at_level(logging.INFO, logger="detection.data"):
         dm.setup("fit")
     text = caplog.text
     assert "1 boxes clamped" in text and "2 degenerate or outside boxes dropped" in text

@@ -30,7 +30,7 @@ import torch
 import yaml
 
 from detection.synthetic import DetectionSpec, generate_coco
-from mbv3_dense.synthetic import write_imagefolder
+from mbv3_dense.classification.synthetic import write_imagefolder
 from segmentation.synthetic import SyntheticSpec, generate_cityscapes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,7 +224,7 @@ def test_ddp_each_index_gets_its_augmentation_on_any_rank_and_resumes_mid_epoch(
             ranks_per_epoch.setdefault(row["epoch"], set()).add(rank)
     assert ranks_per_epoch == {0: {0, 1}, 1: {0, 1}}
     assert all(len(d) == 1 for d in seen.values()), "one sample index got two augmentations"
-    from mbv3_dense.classification_data import ImageNetDataModule
+    from mbv3_dense.classification.data import ImageNetDataModule
     from mbv3_dense.sampling import SampleKey
 
     cfg = yaml.safe_load((straight / "c.yaml").read_text())["data"]["init_args"]

@@ -95,8 +95,8 @@ def reference_image(images: Path, rel: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- classify
 def test_classify(images: Path, tmp_path: Path):
     from mbv3_dense import mobilenet_v3_small
-    from mbv3_dense.classification import ClassificationModule
-    from mbv3_dense.classification_data import eval_transform
+    from mbv3_dense.classification.data import eval_transform
+    from mbv3_dense.classification.module import ClassificationModule
 
     torch.manual_seed(0)
     net = mobilenet_v3_small(num_classes=7, width_mult=0.5)

@@ -109,7 +109,7 @@ def test_writer_refuses_an_earlier_run_unless_overwrite(tmp_path: Path):
 
 
 def test_writer_streams_each_batch_to_disk(tmp_path: Path):
-    from mbv3_dense.classification_predict import ClassificationWriter, TopK
+    from mbv3_dense.classification.predict import ClassificationWriter, TopK
 
     png(tmp_path / "in/a.png")
     png(tmp_path / "in/b.png")

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detection.coco import AnnotationError, CocoDataModule, load_coco
+from detection.data import AnnotationError, CocoDataModule, load_coco
 from detection.synthetic import DetectionSpec, generate_coco
-from mbv3_dense.synthetic import write_imagefolder
-from segmentation.cityscapes import CityscapesDataError, CityscapesDataModule
+from mbv3_dense.classification.synthetic import write_imagefolder
+from segmentation.data import CityscapesDataError, CityscapesDataModule
 from segmentation.synthetic import SyntheticSpec, generate_cityscapes
 
 REPO = Path(__file__).resolve().parents[1]

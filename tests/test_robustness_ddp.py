@@ -15,8 +15,8 @@ import torch
 from parity_utils import calibrate_and_perturb
 
 from detection.synthetic import DetectionSpec, generate_coco
-from mbv3_dense.classification_data import ImageNetDataModule
-from mbv3_dense.synthetic import write_imagefolder
+from mbv3_dense.classification.data import ImageNetDataModule
+from mbv3_dense.classification.synthetic import write_imagefolder
 
 REPO = Path(__file__).resolve().parents[1]
 LIGHTNING = str(Path(sys.executable).parent / "lightning")

@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 import mbv3_dense
 from detection import ssdlite_mobilenet_v3_small
 from detection.module import SSDLiteModule
-from mbv3_dense.classification import ClassificationModule
-from mbv3_dense.classification_data import ClassificationBatch
+from mbv3_dense.classification.data import ClassificationBatch
+from mbv3_dense.classification.module import ClassificationModule
 from mbv3_dense.guards import FiniteCheckpointGuard, NonFiniteLossError
 from segmentation import lraspp_mobilenet_v3_small
 from segmentation.module import SegmentationModule

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from mbv3_dense.image_io import ImageReadError
-from segmentation.cityscapes import CityscapesDataError, CityscapesDataModule, CityscapesSegmentation
+from segmentation.data import CityscapesDataError, CityscapesDataModule, CityscapesSegmentation
 from segmentation.labels import CLASS_NAMES, label_ids_to_train_ids, train_ids_to_label_ids
 from segmentation.synthetic import SyntheticSpec, generate_cityscapes
 from segmentation.transforms import eval_transform, train_transform

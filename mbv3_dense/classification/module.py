@@ -11,8 +11,8 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from mbv3_dense.classification_data import ClassificationBatch
-from mbv3_dense.classification_predict import ClassificationWriter, TopK
+from mbv3_dense.classification.data import ClassificationBatch
+from mbv3_dense.classification.predict import ClassificationWriter, TopK
 from mbv3_dense.guards import NonFinitePolicy, check_loss
 from mbv3_dense.predict import PredictBatch
 from mbv3_dense.task import TaskModule
@@ -45,7 +45,7 @@ def count_outputs(model: nn.Module, size: int = 32) -> int:
 class ClassificationModule(TaskModule):
     """Cross-entropy training of a classifier with top-1/top-5 validation accuracy.
 
-    The batch is a :class:`~mbv3_dense.classification_data.ClassificationBatch` (images
+    The batch is a :class:`~mbv3_dense.classification.data.ClassificationBatch` (images
     ``[N, 3, H, W]`` normalised as the model expects, labels ``[N]``, count of skipped files).
     Logs ``train/loss``, ``train/top1``, ``val/loss``, ``val/top1``, ``val/top5`` (fractions in
     [0, 1]) and ``data/skipped_images`` when a skip policy dropped files.

@@ -8,11 +8,11 @@ import torch
 from torch import Tensor, nn
 
 from mbv3_dense.backbone import HEAD_CHANNELS, Arch, MobileNetV3
+from mbv3_dense.constants import IMAGENET_MEAN, IMAGENET_STD
 from mbv3_dense.layers import init_weights, make_divisible
 
-# ImageNet statistics; the classifier (and the LR-ASPP model) expects inputs normalised with them.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MobileNetV3Classifier", "mobilenet_v3_large", "mobilenet_v3_small",
+           "normalize_imagenet"]
 
 
 class MobileNetV3Classifier(nn.Module):

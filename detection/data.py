@@ -1,0 +1,252 @@
+"""COCO detection data: the training and evaluation datasets and the LightningDataModule.
+
+Annotations are read and checked by :mod:`detection.annotations`. Training targets exclude
+``iscrowd`` boxes and images without any (non-crowd) box; evaluation keeps every image and every
+box, crowd flags and the annotation ``area`` included, in the original image's pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import albumentations as A
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from detection.annotations import (  # noqa: F401 - also this module's names for them
+    AnnotationError,
+    CategoryMap,
+    ImageRecord,
+    LoadStats,
+    load_coco,
+    missing_image_files,
+    validate_coco_dict,
+)
+from detection.transforms import train_transform
+from mbv3_dense.image_io import read_image_rgb
+from mbv3_dense.predict import DEFAULT_MAX_PIXELS, ImageList, list_images, note_ignored, predict_loader
+from mbv3_dense.sampling import (
+    SampleKey,
+    as_sample_key,
+    evaluation_sampler,
+    loader_generator,
+    sample_randomness,
+    training_sampler,
+)
+
+log = logging.getLogger(__name__)
+
+Target = dict[str, Tensor]
+Batch = tuple[Tensor | list[Tensor], list[Target]]
+
+
+class CocoTrainDataset(Dataset):
+    """Training split: ``(image [3, S, S] float in [0, 1], {"boxes": [G, 4] XYXY in the S x S input, "labels": [G]})``.
+
+    Crowd boxes are left out; images without any other box are dropped (logged).
+    """
+
+    def __init__(self, records: list[ImageRecord], transform: A.Compose) -> None:
+        self.records = [r for r in records if (~r.iscrowd).any()]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: int | SampleKey) -> tuple[Tensor, Target]:
+        """``key``: an index, or the :class:`~mbv3_dense.sampling.SampleKey` a training sampler yields;
+        the augmentation's draws are a function of it, never of a worker's or the OS's state."""
+        rec = self.records[as_sample_key(key).index]
+        image = read_image_rgb(rec.path)
+        keep = ~rec.iscrowd
+        with sample_randomness(key) as generators:
+            self.transform.set_random_state(generators.numpy, generators.python)
+            out = self.transform(image=image, bboxes=rec.boxes[keep], labels=rec.labels[keep].tolist())
+        boxes = torch.as_tensor(np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4))
+        labels = torch.as_tensor(np.asarray(out["labels"], dtype=np.int64).reshape(-1))
+        img = torch.from_numpy(np.ascontiguousarray(out["image"])).permute(2, 0, 1).float().div_(255)
+        return img, {"boxes": boxes, "labels": labels}
+
+
+class CocoEvalDataset(Dataset):
+    """Evaluation split: every image at its original size, every box.
+
+    Items: ``(image [3, H, W] float in [0, 1], {"image_id", "orig_size" (H, W), "boxes" [G, 4] XYXY
+    original pixels, "labels" [G], "iscrowd" [G] bool, "area" [G]})``.
+    """
+
+    def __init__(self, records: list[ImageRecord]) -> None:
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Target]:
+        rec = self.records[index]
+        image = read_image_rgb(rec.path)
+        if image.shape[:2] != (rec.height, rec.width):
+            raise AnnotationError(f"{rec.path}: image is {image.shape[1]}x{image.shape[0]} but the annotation file "
+                                  f"says {rec.width}x{rec.height}")
+        img = torch.from_numpy(image).permute(2, 0, 1).float().div_(255)
+        return img, {"image_id": torch.tensor(rec.image_id), "orig_size": torch.tensor([rec.height, rec.width]),
+                     "boxes": torch.from_numpy(rec.boxes), "labels": torch.from_numpy(rec.labels),
+                     "iscrowd": torch.from_numpy(rec.iscrowd), "area": torch.from_numpy(rec.area)}
+
+
+def collate_train(batch: list[tuple[Tensor, Target]]) -> Batch:
+    return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
+
+
+def collate_eval(batch: list[tuple[Tensor, Target]]) -> Batch:
+    return [b[0] for b in batch], [b[1] for b in batch]
+
+
+class CocoDataModule(L.LightningDataModule):
+    """COCO detection in the real layout: ``root/train2017``, ``root/val2017``,
+    ``root/annotations/instances_{train,val}2017.json`` (each path configurable, relative to ``root``).
+
+    Training batches: ``(images [N, 3, S, S] in [0, 1], targets)`` with boxes in input pixels and
+    model labels. Validation batches: ``(list of [3, H, W] images at original size, targets)`` with
+    all annotations (see :class:`CocoEvalDataset`).
+
+    Args:
+        root: dataset root.
+        train_images / val_images: image folders.
+        train_annotations / val_annotations: instances files.
+        num_classes: the model's classes incl. background (decides the label layout, see :class:`CategoryMap`).
+        image_size: training input side.
+        batch_size: training batch per device.
+        val_batch_size: evaluation batch per device.
+        num_workers: loader workers.
+        iou_crop: SSD random IoU crop.
+        zoom_out_p: probability of SSD zoom-out.
+        photometric_p: probability of photometric distortion.
+        hflip_p: probability of a horizontal flip.
+        min_box_size: boxes smaller than this (pixels) after clamping/augmenting are dropped.
+        predict_images: what ``lightning predict`` runs on: a folder (read recursively), a glob or a
+            text file of paths (:func:`mbv3_dense.predict.list_images`); images at their original
+            sizes, in batches of ``val_batch_size``. Category ids and names come from the validation
+            (else training) annotation file's ``categories`` when one exists.
+        predict_max_pixels: images with more pixels are skipped with a warning naming them.
+    """
+
+    def __init__(
+        self,
+        *,
+        root: str = "/data/coco",
+        train_images: str = "train2017",
+        val_images: str = "val2017",
+        train_annotations: str = "annotations/instances_train2017.json",
+        val_annotations: str = "annotations/instances_val2017.json",
+        num_classes: int = 91,
+        image_size: int = 320,
+        batch_size: int = 24,
+        val_batch_size: int = 8,
+        num_workers: int = 4,
+        iou_crop: bool = True,
+        zoom_out_p: float = 0.0,
+        photometric_p: float = 0.0,
+        hflip_p: float = 0.5,
+        min_box_size: float = 1.0,
+        predict_images: str | None = None,
+        predict_max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        super().__init__()
+        self.root = Path(root)
+        self.paths = {"train": (self.root / train_images, self.root / train_annotations),
+                      "val": (self.root / val_images, self.root / val_annotations)}
+        self.num_classes = num_classes
+        self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
+        self.min_box_size = min_box_size
+        self.transform = train_transform(image_size=image_size, iou_crop=iou_crop, zoom_out_p=zoom_out_p,
+                                         photometric_p=photometric_p, hflip_p=hflip_p, min_box_size=min_box_size)
+        self.train_set: CocoTrainDataset | None = None
+        self.val_set: CocoEvalDataset | None = None
+        self.category_map: CategoryMap | None = None
+        self.category_names: dict[int, str] | None = None
+        self.predict_images = predict_images
+        self.predict_max_pixels = predict_max_pixels
+        self.predict_list: ImageList | None = None
+
+    def _load(self, split: str) -> list[ImageRecord]:
+        images, annotations = self.paths[split]
+        records, cmap, stats = load_coco(annotations, images, self.num_classes, self.min_box_size)
+        self.category_map = cmap
+        missing = missing_image_files(records)
+        if missing:
+            raise AnnotationError(f"{annotations}: {len(missing)} of {len(records)} listed images are missing from "
+                                  f"{images} (first: {', '.join(str(p) for p in missing[:3])})")
+        if not records:
+            raise AnnotationError(f"{annotations}: lists no images")
+        log.info("%s: %d images, %d boxes (%d crowd); %d boxes clamped to the image, %d degenerate or "
+                 "outside boxes dropped; %d images without a non-crowd box", annotations, stats.images,
+                 stats.boxes, stats.crowd, stats.clamped, stats.dropped_degenerate, stats.images_without_boxes)
+        return records
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.train_set is None:
+            records = self._load("train")
+            self.train_set = CocoTrainDataset(records, self.transform)
+            if not len(self.train_set):
+                raise AnnotationError(f"{self.paths['train'][1]}: no image has a usable (non-crowd, non-degenerate) "
+                                      "box: nothing to train on (empty or fully filtered annotation list)")
+            log.info("training on %d images; %d images without a non-crowd box dropped from training "
+                     "(they stay in evaluation)", len(self.train_set), len(records) - len(self.train_set))
+        if stage in ("fit", "validate", "test") and self.val_set is None:
+            self.val_set = CocoEvalDataset(self._load("val"))
+        if stage == "predict":
+            if self.predict_images is None:
+                raise ValueError("lightning predict needs the images: --data.predict_images PATH (a folder, a glob "
+                                 "or a text file of paths)")
+            self.predict_list = list_images(self.predict_images)
+            note_ignored(self.predict_list, self.predict_images)
+            self._load_categories()
+
+    def _load_categories(self) -> None:
+        """Category ids and names of the training annotations (validation file first: it is smaller)."""
+        for split in ("val", "train"):
+            annotations = self.paths[split][1]
+            if annotations.is_file():
+                try:
+                    categories = json.loads(annotations.read_text())["categories"]
+                    ids = [int(c["id"]) for c in categories]
+                except (ValueError, KeyError, TypeError) as err:
+                    raise AnnotationError(f"{annotations}: cannot read its categories ({err})") from err
+                self.category_map = CategoryMap(ids, self.num_classes, str(annotations))
+                self.category_names = {int(c["id"]): str(c.get("name", c["id"])) for c in categories}
+                log.info("%s: category ids and names for the predictions", annotations)
+                return
+        log.info("no annotation file under %s: predictions give model labels as category ids", self.root)
+
+    def predict_dataloader(self) -> DataLoader:
+        return predict_loader(self.predict_list.files, batch_size=self.val_batch_size, num_workers=self.num_workers,
+                              max_pixels=self.predict_max_pixels)
+
+    def train_dataloader(self) -> DataLoader:
+        # drop_last: a last batch of one image would fail in BatchNorm on the 1x1 extra map.
+        drop_last = len(self.train_set) > self.batch_size
+        return DataLoader(self.train_set, batch_size=self.batch_size,
+                          sampler=training_sampler(self.train_set, self.trainer, self.batch_size), drop_last=drop_last,
+                          num_workers=self.num_workers, collate_fn=collate_train,
+                          persistent_workers=self.num_workers > 0, generator=loader_generator())
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False,
+                          sampler=evaluation_sampler(self.val_set, self.trainer),
+                          num_workers=self.num_workers, collate_fn=collate_eval)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+def eval_dataset(images_dir: str | Path, annotation_file: str | Path, num_classes: int) -> tuple[
+        CocoEvalDataset, CategoryMap]:
+    """The evaluation dataset and category map of one instances file (for scripts)."""
+    records, cmap, _ = load_coco(annotation_file, images_dir, num_classes, min_box_size=0.0)
+    return CocoEvalDataset(records), cmap
+

@@ -1,0 +1,294 @@
+"""ImageNet-style classification data: an ImageFolder tree, torchvision's training transforms.
+
+Layout: ``root/train/<class>/**/<image>`` and ``root/val/<class>/**/<image>`` (ImageNet's
+``ILSVRC2012_img_val`` sorted into class folders, as torchvision's reference scripts expect).
+Class indices are the sorted training folder names. Files are recognised by extension (case
+insensitive, :data:`IMAGE_EXTENSIONS`); anything else is counted and ignored. Images are
+decoded by :func:`mbv3_dense.image_io.read_image_rgb` (EXIF orientation applied; grayscale,
+palette, RGBA, CMYK, 16-bit converted to RGB).
+
+Bad files: ``on_bad_image="error"`` (default) raises :class:`~mbv3_dense.image_io.ImageReadError`
+naming the file; ``"skip"`` drops the sample from its batch with a warning naming the file, and
+each batch carries the number it dropped (``ClassificationBatch.skipped``), which the
+:class:`~mbv3_dense.classification.module.ClassificationModule` sums into ``data/skipped_images``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from mbv3_dense.classification.transforms import eval_transform, train_transform
+from mbv3_dense.image_io import ImageReadError, read_image_rgb
+from mbv3_dense.predict import DEFAULT_MAX_PIXELS, ImageList, list_images, note_ignored, predict_loader
+from mbv3_dense.sampling import (
+    SampleKey,
+    as_sample_key,
+    evaluation_sampler,
+    loader_generator,
+    sample_randomness,
+    training_sampler,
+)
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+BadImagePolicy = Literal["error", "skip"]
+
+
+class ClassificationBatch(NamedTuple):
+    """A collated batch. ``images``: float ``[N, 3, H, W]`` normalised with ImageNet mean/std;
+    ``labels``: int64 ``[N]`` class indices; ``skipped``: int64 scalar, samples dropped as unreadable."""
+
+    images: Tensor
+    labels: Tensor
+    skipped: Tensor
+
+
+class FolderScan(NamedTuple):
+    samples: list[tuple[Path, int]]
+    ignored: int  # files that are not images by their extension
+    empty_classes: list[str]
+
+
+def find_classes(split_dir: Path) -> list[str]:
+    """Sorted names of the class folders in ``split_dir`` (hidden folders ignored)."""
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"{split_dir}: no such folder (expected <root>/train and <root>/val)")
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise FileNotFoundError(f"{split_dir}: no class folders found (expected {split_dir}/<class>/<image>)")
+    return classes
+
+
+def scan_image_folder(split_dir: Path, class_to_idx: dict[str, int]) -> FolderScan:
+    """List ``(path, label)`` for the image files under ``split_dir/<class>/`` (recursively, sorted)."""
+    samples: list[tuple[Path, int]] = []
+    ignored = 0
+    empty: list[str] = []
+    for name, label in sorted(class_to_idx.items(), key=lambda item: item[1]):
+        folder = split_dir / name
+        found = 0
+        if folder.is_dir():
+            for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+                dirnames.sort()
+                for filename in sorted(filenames):
+                    if filename.lower().endswith(IMAGE_EXTENSIONS) and not filename.startswith("."):
+                        samples.append((Path(dirpath) / filename, label))
+                        found += 1
+                    else:
+                        ignored += 1
+        if found == 0:
+            empty.append(name)
+    return FolderScan(samples, ignored, empty)
+
+
+class ImageFolderDataset(Dataset):
+    """``(image [3, H, W] float, label)`` pairs of an ImageFolder split; ``None`` for a skipped file.
+
+    Args:
+        samples: ``(path, label)`` pairs.
+        transform: maps a uint8 ``[3, H, W]`` tensor to the model input.
+        on_bad_image: ``"error"`` raises naming the file; ``"skip"`` warns naming it and returns ``None``.
+    """
+
+    def __init__(self, samples: list[tuple[Path, int]], transform: v2.Transform, *,
+                 on_bad_image: BadImagePolicy = "error") -> None:
+        if on_bad_image not in ("error", "skip"):
+            raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+        self.samples = samples
+        self.transform = transform
+        self.on_bad_image = on_bad_image
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int | SampleKey) -> tuple[Tensor, int] | None:
+        """``key``: an index, or the :class:`~mbv3_dense.sampling.SampleKey` a training sampler yields;
+        the transform's random draws are a function of it (:func:`~mbv3_dense.sampling.sample_randomness`)."""
+        path, label = self.samples[as_sample_key(key).index]
+        try:
+            array = read_image_rgb(path)
+        except ImageReadError as err:
+            if self.on_bad_image == "error":
+                raise
+            warnings.warn(f"skipping unreadable image: {err}", stacklevel=1)
+            return None
+        image = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+        with sample_randomness(key):
+            return self.transform(image), label
+
+
+def collate_skipping(items: list[tuple[Tensor, int] | None]) -> ClassificationBatch:
+    """Stack the readable samples; count the ``None`` ones (skipped files)."""
+    kept = [item for item in items if item is not None]
+    skipped = torch.tensor(len(items) - len(kept))
+    if not kept:
+        return ClassificationBatch(torch.empty(0, 3, 0, 0), torch.empty(0, dtype=torch.long), skipped)
+    images = torch.stack([image for image, _ in kept])
+    labels = torch.tensor([label for _, label in kept], dtype=torch.long)
+    return ClassificationBatch(images, labels, skipped)
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    """ImageFolder classification data (ImageNet or any tree of the same layout).
+
+    Class folders: every class must have training images (an empty training class folder is an
+    error naming it, since its index would be unlearnable); validation class folders must be a
+    subset of the training ones (a missing or empty one is logged). Training batches are drawn by a
+    :class:`~mbv3_dense.sampling.SeededSampler` (order fixed by seed and epoch, sharded over the
+    processes under DDP; a resumed epoch continues where it stopped), and each sample's augmentation
+    is a function of ``(seed, epoch, index)``: worker count, rank and resumes change nothing.
+    Validation under DDP uses an unpadded distributed sampler, so every image is counted once
+    (a padded one repeats images to even out the ranks, and top-1 would count them twice).
+
+    Args:
+        root: folder holding ``train/`` and ``val/``.
+        batch_size: per device.
+        num_workers: loader processes per device.
+        crop_size: training crop (RandomResizedCrop) and validation centre crop.
+        val_resize_size: validation short-side resize before the centre crop.
+        crop_scale: RandomResizedCrop area range.
+        hflip: random horizontal flips in training.
+        auto_augment: AutoAugment with the ImageNet policy in training.
+        random_erase: RandomErasing probability in training.
+        on_bad_image: ``"error"`` (stop, naming the file) or ``"skip"`` (warn naming the file,
+            drop it from its batch, count it).
+        pin_memory: pin host memory for faster copies to the GPU.
+        predict_images: what ``lightning predict`` runs on: a folder (read recursively), a glob or a
+            text file of paths (:func:`mbv3_dense.predict.list_images`). Each image goes through the
+            validation transform (short side ``val_resize_size``, centre crop ``crop_size``), in
+            batches of ``batch_size``; class names come from ``root/train`` when it exists.
+        predict_max_pixels: images with more pixels are skipped with a warning naming them.
+    """
+
+    def __init__(
+        self,
+        *,
+        root: str | Path,
+        batch_size: int = 128,
+        num_workers: int = 8,
+        crop_size: int = 224,
+        val_resize_size: int = 256,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+        hflip: bool = True,
+        auto_augment: bool = True,
+        random_erase: float = 0.2,
+        on_bad_image: BadImagePolicy = "error",
+        pin_memory: bool = True,
+        predict_images: str | None = None,
+        predict_max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        super().__init__()
+        if on_bad_image not in ("error", "skip"):
+            raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+        self.root = Path(root)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.on_bad_image = on_bad_image
+        self.pin_memory = pin_memory
+        self.train_tf = train_transform(crop_size=crop_size, crop_scale=tuple(crop_scale), hflip=hflip,
+                                        auto_augment=auto_augment, random_erase=random_erase)
+        self.val_tf = eval_transform(resize_size=val_resize_size, crop_size=crop_size)
+        self.classes: list[str] = []
+        self.train_set: ImageFolderDataset | None = None
+        self.val_set: ImageFolderDataset | None = None
+        self.predict_images = predict_images
+        self.predict_max_pixels = predict_max_pixels
+        self.predict_list: ImageList | None = None
+        self.predict_class_names: list[str] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        if not self.classes:
+            self.classes = find_classes(self.root / "train")
+        return len(self.classes)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":
+            self._setup_predict()
+            return
+        classes = find_classes(self.root / "train")
+        self.classes = classes
+        class_to_idx = {name: i for i, name in enumerate(classes)}
+        if stage in ("fit", None) and self.train_set is None:
+            scan = scan_image_folder(self.root / "train", class_to_idx)
+            if scan.empty_classes:
+                raise FileNotFoundError(
+                    f"{self.root / 'train'}: class folders without any image file "
+                    f"({', '.join(IMAGE_EXTENSIONS)}): {scan.empty_classes[:10]}"
+                )
+            self._note("train", scan)
+            self.train_set = ImageFolderDataset(scan.samples, self.train_tf, on_bad_image=self.on_bad_image)
+        if stage in ("fit", "validate", None) and self.val_set is None:
+            val_dir = self.root / "val"
+            unknown = sorted(set(find_classes(val_dir)) - set(classes))
+            if unknown:
+                raise ValueError(f"{val_dir}: class folders that are not in {self.root / 'train'}: {unknown[:10]}")
+            scan = scan_image_folder(val_dir, class_to_idx)
+            if not scan.samples:
+                raise FileNotFoundError(f"{val_dir}: no image files found")
+            if scan.empty_classes:
+                log.warning("%s: %d classes have no validation images: %s", val_dir, len(scan.empty_classes),
+                            scan.empty_classes[:10])
+            self._note("val", scan)
+            self.val_set = ImageFolderDataset(scan.samples, self.val_tf, on_bad_image=self.on_bad_image)
+
+    def _setup_predict(self) -> None:
+        if self.predict_images is None:
+            raise ValueError("lightning predict needs the images: --data.predict_images PATH (a folder, a glob or "
+                             "a text file of paths)")
+        self.predict_list = list_images(self.predict_images)
+        note_ignored(self.predict_list, self.predict_images)
+        try:
+            self.predict_class_names = find_classes(self.root / "train")
+        except FileNotFoundError:
+            log.info("%s: no class folders; predictions name classes by index", self.root / "train")
+
+    def predict_dataloader(self) -> DataLoader:
+        return predict_loader(self.predict_list.files, transform=self.val_tf, batch_size=self.batch_size,
+                              num_workers=self.num_workers, max_pixels=self.predict_max_pixels)
+
+    def _note(self, split: str, scan: FolderScan) -> None:
+        log.info("%s/%s: %d images in %d classes (bad-image policy: %s)", self.root, split,
+                 len(scan.samples), len(self.classes), self.on_bad_image)
+        if scan.ignored:
+            log.info("%s/%s: ignored %d files that are not images by their extension", self.root, split,
+                     scan.ignored)
+
+    def _loader(self, dataset: Dataset, *, sampler: torch.utils.data.Sampler | None, drop_last: bool,
+                generator: torch.Generator | None = None) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            generator=generator,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_skipping,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        # Augmentations are drawn per sample from (seed, epoch, index); the loader's own generator keeps
+        # iter() from drawing on the global RNG (dropout's), whose state ResumeState restores.
+        return self._loader(self.train_set, sampler=training_sampler(self.train_set, self.trainer, self.batch_size),
+                            drop_last=len(self.train_set) > self.batch_size, generator=loader_generator())
+
+    def val_dataloader(self) -> DataLoader:
+        sampler = evaluation_sampler(self.val_set, self.trainer)
+        return self._loader(self.val_set, sampler=sampler, drop_last=False)
+
+
+# The name used before the class took any image folder (configs and code that still say it work).
+ImageNetDataModule = ImageFolderDataModule

@@ -1,0 +1,76 @@
+"""What ``lightning predict`` writes for the classifier: a JSON line per image with its top-5 classes.
+
+Layout under the output folder::
+
+    classifications.jsonl   {"file", "name", "width", "height", "top5": [{"index", "class", "probability"}]}
+    pictures/<name>.jpg      the image with its top-5 drawn in the top-left corner (unless pictures=False)
+    skipped.jsonl, summary.json
+
+Class names are the training folder names (``<root>/train/<class>``, the order of the class
+indices) when the data root has them, otherwise the indices as text.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from PIL import ImageDraw
+from torch import Tensor
+
+from mbv3_dense.predict import ImageFile, PredictionWriter, draw_text_block, font_for, to_pil
+
+
+class TopK(NamedTuple):
+    """Per image: ``probabilities [k]`` (softmax, decreasing) and ``indices [k]`` (class indices)."""
+
+    probabilities: Tensor
+    indices: Tensor
+
+
+class ClassificationWriter(PredictionWriter):
+    """Writes :class:`TopK` predictions (see the module docstring for the layout).
+
+    Args:
+        output_dir / overwrite / pictures: as :class:`~mbv3_dense.predict.PredictionWriter`.
+        class_names: names by class index (``None``: taken from the data module, else indices).
+    """
+
+    task = "classify"
+    outputs = ("classifications.jsonl", "pictures")
+
+    def __init__(self, output_dir: str | Path | None = None, *, overwrite: bool = False, pictures: bool = True,
+                 class_names: list[str] | None = None) -> None:
+        super().__init__(output_dir, overwrite=overwrite, pictures=pictures)
+        self.class_names = class_names
+
+    def configure_from(self, datamodule: Any) -> None:  # noqa: ANN401
+        super().configure_from(datamodule)
+        if self.class_names is None:
+            self.class_names = getattr(datamodule, "predict_class_names", None)
+
+    def _name(self, index: int) -> str:
+        names = self.class_names
+        return names[index] if names is not None and index < len(names) else str(index)
+
+    def _open(self) -> None:
+        self._rows = open(self.output_dir / "classifications.jsonl", "w")  # noqa: SIM115 - closed in _close
+
+    def _write_image(self, file: ImageFile, image: Tensor, output: TopK) -> None:
+        top = [{"index": int(i), "class": self._name(int(i)), "probability": round(float(p), 6)}
+               for p, i in zip(output.probabilities.tolist(), output.indices.tolist(), strict=True)]
+        row = {"file": str(file.path), "name": file.name, "width": int(image.shape[-1]),
+               "height": int(image.shape[-2]), "top5": top}
+        self._rows.write(json.dumps(row) + "\n")
+        if self.pictures:
+            pil = to_pil(image)
+            draw = ImageDraw.Draw(pil)
+            draw_text_block(draw, (6, 6), [f"{t['class']} {t['probability']:.2f}" for t in top], font_for(pil.size))
+            pil.save(self._picture_path(file), quality=90)
+
+    def _flush(self) -> None:
+        self._rows.flush()
+
+    def _close(self) -> None:
+        self._rows.close()

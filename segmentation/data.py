@@ -1,0 +1,253 @@
+"""Cityscapes on disk: the dataset over the official layout and the LightningDataModule.
+
+Layout (the official one)::
+
+    root/leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png
+    root/gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png
+
+Label files hold labelIds (8-bit, single channel); they are converted to trainIds (0..18,
+255 = ignore) here, at the edge, with :func:`segmentation.labels.label_ids_to_train_ids`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from mbv3_dense.image_io import ImageReadError, read_image_rgb, read_label_png
+from mbv3_dense.predict import DEFAULT_MAX_PIXELS, ImageList, list_images, note_ignored, predict_loader
+from mbv3_dense.sampling import (
+    SampleKey,
+    as_sample_key,
+    evaluation_sampler,
+    loader_generator,
+    sample_randomness,
+    training_sampler,
+)
+from segmentation.labels import label_ids_to_train_ids
+from segmentation.transforms import eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIX = "_leftImg8bit.png"
+LABEL_SUFFIX = "_gtFine_labelIds.png"
+
+
+class CityscapesDataError(ValueError):
+    """The Cityscapes tree or one of its files is not what the layout promises; names the file(s)."""
+
+
+def label_path_for(image_path: Path, root: Path, split: str) -> Path:
+    """``leftImg8bit/<split>/<city>/X_leftImg8bit.png`` -> ``gtFine/<split>/<city>/X_gtFine_labelIds.png``."""
+    stem = image_path.name[: -len(IMAGE_SUFFIX)]
+    return root / "gtFine" / split / image_path.parent.name / f"{stem}{LABEL_SUFFIX}"
+
+
+def list_split(root: str | Path, split: str, *, require_labels: bool = True) -> list[tuple[Path, Path]]:
+    """Sorted ``(image, label)`` pairs of a split.
+
+    Raises:
+        CityscapesDataError: the split folder is missing or holds no ``*_leftImg8bit.png``, or an
+            image has no label file (naming both; only when ``require_labels``).
+    """
+    root = Path(root)
+    image_dir = root / "leftImg8bit" / split
+    if not image_dir.is_dir():
+        raise CityscapesDataError(f"{image_dir}: no such split folder (expected root/leftImg8bit/{split}/<city>/)")
+    images = sorted(image_dir.glob(f"*/*{IMAGE_SUFFIX}"))
+    if not images:
+        raise CityscapesDataError(f"{image_dir}: split folder holds no <city>/*{IMAGE_SUFFIX} images")
+    pairs = []
+    for image in images:
+        label = label_path_for(image, root, split)
+        if require_labels and not label.is_file():
+            raise CityscapesDataError(f"{image}: its label file {label} does not exist")
+        pairs.append((image, label))
+    return pairs
+
+
+def check_pair(image_path: Path, label_path: Path) -> str | None:
+    """Header-only check of one pair (no decoding): a problem message naming the file(s), or ``None``.
+
+    Finds unreadable files, colour (RGB/RGBA) or 16/32-bit label images and size mismatches; truncated
+    pixel data and labelIds outside the table show only when the label is decoded (:func:`read_train_ids`).
+    """
+    try:
+        with Image.open(image_path) as img:
+            image_size = img.size
+        with Image.open(label_path) as lab:
+            label_size, mode = lab.size, lab.mode
+    except (OSError, SyntaxError, ValueError) as err:
+        return f"{err}"
+    if mode not in ("L", "P"):
+        kind = "colour" if mode in ("RGB", "RGBA") else "16/32-bit"
+        return (f"{label_path}: {kind} label image (mode {mode}); Cityscapes labelIds are 8-bit single-channel PNGs "
+                "(*_gtFine_labelIds.png, not *_color.png or *_instanceIds.png)")
+    if image_size != label_size:
+        return (f"{image_path} is {image_size[0]}x{image_size[1]} (WxH) but its label {label_path} is "
+                f"{label_size[0]}x{label_size[1]}")
+    return None
+
+
+def check_pairs(pairs: list[tuple[Path, Path]]) -> list[str]:
+    """:func:`check_pair` over a split; the list of problems (empty when all pairs pass)."""
+    return [problem for image, label in pairs if (problem := check_pair(image, label)) is not None]
+
+
+def read_train_ids(label_path: Path) -> np.ndarray:
+    """Read a ``*_gtFine_labelIds.png`` and return ``[H, W]`` uint8 trainIds.
+
+    Raises:
+        ImageReadError: missing/corrupt file or a colour (RGB) label image.
+        CityscapesDataError: a 16-bit label image (labelIds are 8-bit; 16-bit files are usually
+            ``*_instanceIds.png``).
+    """
+    ids = read_label_png(label_path)
+    if ids.dtype != np.uint8:
+        raise CityscapesDataError(
+            f"{label_path}: label image is 16/32-bit; Cityscapes labelIds are 8-bit single-channel PNGs "
+            "(is this an *_instanceIds.png?)"
+        )
+    return label_ids_to_train_ids(ids, label_path)
+
+
+class CityscapesSegmentation(Dataset):
+    """Images and trainId masks of one split.
+
+    ``dataset[i]`` is ``(image, mask)`` after ``transform``: with the pipelines of
+    :mod:`segmentation.transforms`, a float ``[3, H, W]`` tensor and an int64 ``[H, W]`` tensor of
+    trainIds (255 = ignore).
+
+    Args:
+        root: the Cityscapes root folder.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        transform: an albumentations pipeline called as ``transform(image=..., mask=...)``.
+        check_files: run :func:`check_pairs` over the split now and raise naming the first problems.
+    """
+
+    def __init__(self, root: str | Path, split: str, transform: Callable[..., dict], *,
+                 check_files: bool = False) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.pairs = list_split(self.root, split)
+        self.transform = transform
+        if check_files:
+            problems = check_pairs(self.pairs)
+            if problems:
+                raise CityscapesDataError(f"{self.root} ({split}): {len(problems)} of {len(self.pairs)} image/label "
+                                          f"pairs are unusable; first: " + "; ".join(problems[:3]))
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, key: int | SampleKey) -> tuple[Tensor, Tensor]:
+        """``key``: an index, or the :class:`~mbv3_dense.sampling.SampleKey` a training sampler yields;
+        the augmentation's draws are a function of it, never of a worker's or the OS's state."""
+        image_path, label_path = self.pairs[as_sample_key(key).index]
+        image = read_image_rgb(image_path)
+        mask = read_train_ids(label_path)
+        if image.shape[:2] != mask.shape:
+            raise CityscapesDataError(
+                f"{image_path} is {image.shape[1]}x{image.shape[0]} (WxH) but its label {label_path} "
+                f"is {mask.shape[1]}x{mask.shape[0]}"
+            )
+        with sample_randomness(key) as generators:
+            if hasattr(self.transform, "set_random_state"):  # albumentations: hand it the sample's generators
+                self.transform.set_random_state(generators.numpy, generators.python)
+            out = self.transform(image=image, mask=mask)
+        return out["image"], torch.as_tensor(out["mask"], dtype=torch.int64)
+
+
+class CityscapesDataModule(L.LightningDataModule):
+    """Cityscapes fine annotations for LR-ASPP training and validation.
+
+    Batches are ``(images [N, 3, H, W] float, masks [N, H, W] int64 trainIds, 255 = ignore)``.
+    Validation runs at full resolution. Under DDP, validation uses an unpadded distributed
+    sampler, so each image is counted once (a padded sampler would duplicate images, and the
+    synced confusion matrix would count them twice).
+
+    Args:
+        root: the Cityscapes root (``leftImg8bit/`` and ``gtFine/`` inside).
+        batch_size: training batch size per process.
+        val_batch_size: validation batch size per process (full-size images of one size).
+        num_workers: data loader workers.
+        crop_size: training crop ``(height, width)``; 769x769 is the paper's protocol.
+        scale_range: random scale factors for training.
+        hflip: random horizontal flips in training.
+        train_split: split used for training.
+        val_split: split used for validation.
+        check_files: before training, read every image and label header (no decoding) and stop with
+            an error naming the files if a label is missing, coloured, 16-bit or of another size
+            than its image (about a second for Cityscapes' 3475 pairs on a local disk).
+        predict_images: what ``lightning predict`` runs on: a folder (read recursively), a glob or a
+            text file of paths (:func:`mbv3_dense.predict.list_images`); each image at its own size,
+            one forward pass per image, ``val_batch_size`` images per loader batch.
+        predict_max_pixels: images with more pixels are skipped with a warning naming them.
+    """
+
+    def __init__(self, *, root: str, batch_size: int = 8, val_batch_size: int = 1, num_workers: int = 4,
+                 crop_size: tuple[int, int] = (769, 769), scale_range: tuple[float, float] = (0.5, 2.0),
+                 hflip: bool = True, train_split: str = "train", val_split: str = "val",
+                 check_files: bool = True, predict_images: str | None = None,
+                 predict_max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        super().__init__()
+        self.root = Path(root)
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.num_workers = num_workers
+        self.crop_size = tuple(crop_size)
+        self.scale_range = tuple(scale_range)
+        self.hflip = hflip
+        self.train_split = train_split
+        self.val_split = val_split
+        self.check_files = check_files
+        self.train_set: CityscapesSegmentation | None = None
+        self.val_set: CityscapesSegmentation | None = None
+        self.predict_images = predict_images
+        self.predict_max_pixels = predict_max_pixels
+        self.predict_list: ImageList | None = None
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.train_set = CityscapesSegmentation(
+                self.root, self.train_split,
+                train_transform(crop_size=self.crop_size, scale_range=self.scale_range, hflip=self.hflip),
+                check_files=self.check_files)
+            log.info("Cityscapes %s: %d images", self.train_split, len(self.train_set))
+        if stage in ("fit", "validate"):
+            self.val_set = CityscapesSegmentation(self.root, self.val_split, eval_transform(),
+                                                  check_files=self.check_files)
+            log.info("Cityscapes %s: %d images", self.val_split, len(self.val_set))
+        if stage == "predict":
+            if self.predict_images is None:
+                raise ValueError("lightning predict needs the images: --data.predict_images PATH (a folder, a glob "
+                                 "or a text file of paths)")
+            self.predict_list = list_images(self.predict_images)
+            note_ignored(self.predict_list, self.predict_images)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size,
+                          sampler=training_sampler(self.train_set, self.trainer, self.batch_size), drop_last=True,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          generator=loader_generator())
+
+    def val_dataloader(self) -> DataLoader:
+        sampler = evaluation_sampler(self.val_set, self.trainer)
+        return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False, sampler=sampler,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def predict_dataloader(self) -> DataLoader:
+        return predict_loader(self.predict_list.files, batch_size=self.val_batch_size, num_workers=self.num_workers,
+                              max_pixels=self.predict_max_pixels)
+
+
+__all__ = ["CityscapesDataError", "CityscapesDataModule", "CityscapesSegmentation", "ImageReadError", "check_pair",
+           "check_pairs", "list_split", "read_train_ids"]
