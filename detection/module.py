@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 MAP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
 
 
-class SSDLiteModule(TaskModule):
+class DetectionModule(TaskModule):
     """Train and evaluate an :class:`~detection.model.SSDLite`.
 
     Logs ``train/{loss,box_loss,cls_loss}``, ``val/{loss,box_loss,cls_loss}`` and ``val/{map, map_50,
@@ -153,3 +153,7 @@ class SSDLiteModule(TaskModule):
         finally:
             for group, lr in zip(optimizer.param_groups, lrs, strict=True):
                 group["lr"] = lr
+
+
+# The name before the three task modules were named alike (configs and code that still say it work).
+SSDLiteModule = DetectionModule

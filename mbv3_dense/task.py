@@ -2,7 +2,7 @@
 batch, weight decay, the non-finite loss policy, and the hooks the callbacks call.
 
 :class:`TaskModule` is the base of :class:`~mbv3_dense.classification.module.ClassificationModule`,
-:class:`~detection.module.SSDLiteModule` and :class:`~segmentation.module.SegmentationModule`;
+:class:`~detection.module.DetectionModule` and :class:`~segmentation.module.SegmentationModule`;
 :class:`InferenceHooks` declares what :class:`~mbv3_dense.latency.LatencyCallback` and
 :class:`~mbv3_dense.callbacks.PreciseBN` call on a module.
 """

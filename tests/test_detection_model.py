@@ -114,10 +114,10 @@ def test_postprocess_limits_and_threshold():
 
 
 def test_lightning_checkpoint_loads(tmp_path):
-    from detection.module import SSDLiteModule
+    from detection.module import DetectionModule
 
     torch.manual_seed(0)
-    module = SSDLiteModule(model=ssdlite_mobilenet_v3_small(num_classes=5))
+    module = DetectionModule(model=ssdlite_mobilenet_v3_small(num_classes=5))
     path = tmp_path / "last.ckpt"
     torch.save({"state_dict": module.state_dict(), "pytorch-lightning_version": "2.6.6"}, path)
     loaded = ssdlite_mobilenet_v3_small(num_classes=5, weights=path)

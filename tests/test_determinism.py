@@ -88,7 +88,7 @@ def _segment(cfg: dict) -> None:
 CASES = {
     "classify": Case("configs/mobilenet_v3_small_imagenet.yaml", _classify_data, _classify, steps_per_epoch=5),
     "detect": Case("configs/ssdlite_mobilenet_v3_small_coco.yaml", _detect_data, _detect, steps_per_epoch=5),
-    "segment": Case("configs/lraspp_small_cityscapes.yaml", _segment_data, _segment, steps_per_epoch=6),
+    "segment": Case("configs/lraspp_mobilenet_v3_small_cityscapes.yaml", _segment_data, _segment, steps_per_epoch=6),
 }
 
 

@@ -154,13 +154,13 @@ def test_classify(images: Path, tmp_path: Path):
 # ---------------------------------------------------------------------------------------------- detect
 def test_detect(images: Path, tmp_path: Path):
     from detection import ssdlite_mobilenet_v3_small
-    from detection.module import SSDLiteModule
+    from detection.module import DetectionModule
 
     torch.manual_seed(0)
     net = ssdlite_mobilenet_v3_small(num_classes=5, width_mult=0.5, detections_per_img=50)
     with torch.no_grad():
         calibrate_and_perturb(net, net.normalize(torch.rand(4, 3, 320, 320)), seed=2)
-    ckpt = save_ckpt(SSDLiteModule(model=net), tmp_path / "det.ckpt")
+    ckpt = save_ckpt(DetectionModule(model=net), tmp_path / "det.ckpt")
     root = tmp_path / "coco"  # categories of the training annotations: ids 1, 3, 18, 44 (contiguous labels)
     (root / "annotations").mkdir(parents=True)
     categories = [{"id": i, "name": n} for i, n in ((1, "disc"), (3, "square"), (18, "triangle"), (44, "ring"))]
@@ -218,7 +218,7 @@ def test_segment(images: Path, tmp_path: Path):
     with torch.no_grad():
         calibrate_and_perturb(net, torch.randn(2, 3, 96, 128), seed=3)
     ckpt = save_ckpt(SegmentationModule(model=net), tmp_path / "seg.ckpt")
-    proc = predict("lraspp_small_cityscapes.yaml", ckpt, images, tmp_path,
+    proc = predict("lraspp_mobilenet_v3_small_cityscapes.yaml", ckpt, images, tmp_path,
                    "--model.model.init_args.width_mult", "0.5", "--data.root", str(tmp_path / "none"),
                    "--data.val_batch_size", "2")
     out = tmp_path / "run/predictions"
@@ -263,7 +263,8 @@ def test_empty_folder_is_an_error_naming_it(tmp_path: Path):
     empty.mkdir()
     (empty / "readme.md").write_text("no images here")
     proc = subprocess.run([sys.executable, "-m", "mbv3_dense", "predict", "-c",
-                           str(ROOT / "configs/lraspp_small_cityscapes.yaml"), "--data.root", str(tmp_path),
+                           str(ROOT / "configs/lraspp_mobilenet_v3_small_cityscapes.yaml"),
+                           "--data.root", str(tmp_path),
                            "--data.predict_images", str(empty), "--trainer.accelerator", "cpu",
                            "--trainer.devices", "1", "--trainer.default_root_dir", str(tmp_path / "run")],
                           cwd=tmp_path, capture_output=True, text=True)

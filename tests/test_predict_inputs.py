@@ -132,7 +132,7 @@ def test_lightning_predict_keeps_no_predictions_in_memory():
 
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-m", "mbv3_dense", "predict", "-c",
-                           str(root / "configs/lraspp_small_cityscapes.yaml"), "--print_config"],
+                           str(root / "configs/lraspp_mobilenet_v3_small_cityscapes.yaml"), "--print_config"],
                           capture_output=True, text=True, cwd=root)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "return_predictions: false" in proc.stdout

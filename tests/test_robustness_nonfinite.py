@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 import mbv3_dense
 from detection import ssdlite_mobilenet_v3_small
-from detection.module import SSDLiteModule
+from detection.module import DetectionModule
 from mbv3_dense.classification.data import ClassificationBatch
 from mbv3_dense.classification.module import ClassificationModule
 from mbv3_dense.guards import FiniteCheckpointGuard, NonFiniteLossError
@@ -61,7 +61,7 @@ def classification_case() -> tuple[L.LightningModule, list]:
 
 def detection_case() -> tuple[L.LightningModule, list]:
     torch.manual_seed(0)
-    module = SSDLiteModule(model=ssdlite_mobilenet_v3_small(num_classes=5, width_mult=0.5), optimizer=SGD,
+    module = DetectionModule(model=ssdlite_mobilenet_v3_small(num_classes=5, width_mult=0.5), optimizer=SGD,
                            warmup_steps=0)
     target = {"boxes": torch.tensor([[10.0, 15.0, 100.0, 110.0]]), "labels": torch.tensor([2])}
     batches = [(torch.rand(2, 3, 128, 128), [target, target]) for _ in range(4)]

@@ -44,7 +44,7 @@ def test_fit_fast_dev_run_with_the_user_config(tiny_cityscapes, tmp_path):
 def validate_miou(root: Path, workdir: Path, devices: int) -> float:
     logs = workdir / f"logs{devices}"
     extra = ["--trainer.strategy", "ddp", "--trainer.devices", "2"] if devices == 2 else ["--trainer.devices", "1"]
-    run([LIGHTNING, "validate", "-c", str(ROOT / "configs" / "lraspp_small_cityscapes.yaml"),
+    run([LIGHTNING, "validate", "-c", str(ROOT / "configs" / "lraspp_mobilenet_v3_small_cityscapes.yaml"),
          "--data.root", str(root), "--seed_everything", "0", *SMALL_INPUTS, *extra,
          "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(logs)],
         cwd=workdir)
@@ -80,3 +80,9 @@ def test_eval_script_end_to_end(tiny_cityscapes, tmp_path):
     with Image.open(exported[0]) as img:
         assert img.mode == "L" and img.size == (128, 64)
     assert summary["params_M"] > 0 and summary["madds_G"] > 0 and summary["latency_ms"] > 0
+
+
+def test_the_short_config_name_is_the_large_config() -> None:
+    configs = ROOT / "configs"
+    assert (configs / "lraspp_cityscapes.yaml").read_text() == (
+        configs / "lraspp_mobilenet_v3_large_cityscapes.yaml").read_text()
