@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-from mbv3_dense.classification.synthetic import write_imagefolder
 
 REPO = Path(__file__).resolve().parents[1]
 LIGHTNING = Path(sys.executable).parent / "lightning"
@@ -23,19 +20,7 @@ TINY = ["--model.init_args.model.init_args.num_classes", "3", "--model.init_args
         "--trainer.enable_model_summary", "false"]
 
 
-def lightning(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(LIGHTNING), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"lightning {' '.join(args)} failed:\n{result.stdout}\n{result.stderr[-4000:]}"
-    return result
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("imagefolder")
-    return write_imagefolder(root, num_classes=3, train_per_class=6, val_per_class=3, size=40, seed=3)
-
-
-def test_print_config_carries_the_recipe(tmp_path: Path) -> None:
+def test_print_config_carries_the_recipe(tmp_path: Path, lightning) -> None:
     out = lightning("fit", "-c", LARGE, "--data.root", "/data/imagenet", "--print_config", cwd=tmp_path).stdout
     for expected in ("torch.optim.RMSprop", "lr: 0.064", "alpha: 0.9", "eps: 0.0316", "momentum: 0.9",
                      "weight_decay: 1.0e-05", "torch.optim.lr_scheduler.StepLR", "step_size: 2", "gamma: 0.973",
@@ -51,15 +36,16 @@ def test_small_config_is_the_large_recipe_with_the_small_model() -> None:
     assert large == small
 
 
-def test_fast_dev_run(data: Path, tmp_path: Path) -> None:
-    result = lightning("fit", "-c", SMALL, "-c", DEMO, "--data.root", str(data), "--trainer.fast_dev_run", "2",
-                       *TINY, cwd=tmp_path)
+def test_fast_dev_run(tiny_imagefolder: Path, tmp_path: Path, lightning) -> None:
+    result = lightning("fit", "-c", SMALL, "-c", DEMO, "--data.root", str(tiny_imagefolder),
+                       "--trainer.fast_dev_run", "2", *TINY, cwd=tmp_path)
     assert "latency" in result.stderr
 
 
-def test_fit_validate_and_resume(data: Path, tmp_path: Path) -> None:
+def test_fit_validate_and_resume(tiny_imagefolder: Path, tmp_path: Path, lightning) -> None:
     # The user's config as it is (its checkpoint folder, step and epoch checkpoints), shrunk to seconds.
-    common = ["-c", SMALL, "--data.root", str(data), *TINY, "--trainer.devices", "1", "--trainer.accelerator", "cpu",
+    common = ["-c", SMALL, "--data.root", str(tiny_imagefolder), *TINY, "--trainer.devices", "1",
+              "--trainer.accelerator", "cpu",
               "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
               "--trainer.num_sanity_val_steps", "0", "--model.init_args.ema_decay", "0.9"]
     lightning("fit", *common, "--trainer.max_epochs", "1", cwd=tmp_path)
@@ -80,7 +66,7 @@ def test_fit_validate_and_resume(data: Path, tmp_path: Path) -> None:
     assert not torch.equal(before[key], after[key])
 
 
-def test_wrong_class_count_is_explained(data: Path) -> None:
+def test_wrong_class_count_is_explained(tiny_imagefolder: Path) -> None:
     import lightning as L
 
     import mbv3_dense
@@ -88,18 +74,19 @@ def test_wrong_class_count_is_explained(data: Path) -> None:
     from mbv3_dense.classification.module import ClassificationModule
 
     module = ClassificationModule(model=mbv3_dense.mobilenet_v3_small(num_classes=5, width_mult=0.5))
-    dm = ImageNetDataModule(root=data, batch_size=2, num_workers=0, crop_size=32, val_resize_size=32)
+    dm = ImageNetDataModule(root=tiny_imagefolder, batch_size=2, num_workers=0, crop_size=32, val_resize_size=32)
     trainer = L.Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False)
     with pytest.raises(ValueError, match="the data has 3 classes"):
         trainer.fit(module, datamodule=dm)
 
 
-def test_progress_comes_as_lines_when_output_is_not_a_terminal(data: Path, tmp_path: Path) -> None:
+def test_progress_comes_as_lines_when_output_is_not_a_terminal(tiny_imagefolder: Path, tmp_path: Path,
+                                                                 lightning) -> None:
     """Piped output (CI, ``> log``) gets periodic lines instead of carriage-return redraws of a bar."""
     at = TINY.index("--trainer.enable_progress_bar")
     args = TINY[:at] + TINY[at + 2:]
-    result = lightning("fit", "-c", SMALL, "-c", DEMO, "--data.root", str(data), "--trainer.max_epochs", "2",
-                       *args, cwd=tmp_path)
+    result = lightning("fit", "-c", SMALL, "-c", DEMO, "--data.root", str(tiny_imagefolder),
+                       "--trainer.max_epochs", "2", *args, cwd=tmp_path)
     assert "\r" not in result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert [line.split(" done")[0] for line in lines if line.startswith("[train]")] == [

@@ -4,45 +4,26 @@ checkpoints under the run's root (self-describing, with random states), and the 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 
 from detection.synthetic import DetectionSpec, generate_coco
-from mbv3_dense.classification.synthetic import write_imagefolder
 from mbv3_dense.model_record import RECORD_KEY, build_from_record, read_model_record
 
 REPO = Path(__file__).resolve().parents[1]
-LIGHTNING = Path(sys.executable).parent / "lightning"
 QUICK = ["--trainer.accelerator", "cpu", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
          "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
          "--data.num_workers", "0"]
 
 
-def lightning(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(LIGHTNING), *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
-    return result
-
-
-@pytest.fixture(scope="module")
-def three_classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("three")
-    return write_imagefolder(root, num_classes=3, train_per_class=4, val_per_class=2, size=40, seed=5)
-
-
-def test_imagenet_config_trains_on_a_3_class_folder_as_it_is(three_classes: Path, tmp_path: Path) -> None:
+def test_imagenet_config_trains_on_a_3_class_folder_as_it_is(tiny_imagefolder: Path, tmp_path: Path, lightning) -> None:
     """No --model...num_classes: the network gets the folder's 3 classes; the LR written per 1024
     images is scaled to this run's batch; the checkpoint says how to rebuild the network."""
     result = lightning("fit", "-c", str(REPO / "configs/mobilenet_v3_large_imagenet.yaml"),
-                       "--data.root", str(three_classes), "--data.batch_size", "4", "--data.crop_size", "32",
+                       "--data.root", str(tiny_imagefolder), "--data.batch_size", "4", "--data.crop_size", "32",
                        "--data.val_resize_size", "32", "--trainer.default_root_dir", str(tmp_path / "root_a"),
                        *QUICK, cwd=tmp_path)
     assert "the data has 3 classes: model.init_args.model.init_args.num_classes 1000 -> 3" in result.stderr
@@ -61,10 +42,11 @@ def test_imagenet_config_trains_on_a_3_class_folder_as_it_is(three_classes: Path
     assert "rng_states" in ckpt  # ResumeState, added by the CLI
 
 
-def test_checkpoints_live_under_the_run_root_and_resume_from_it(three_classes: Path, tmp_path: Path) -> None:
-    common = ["-c", str(REPO / "configs/mobilenet_v3_small_imagenet.yaml"), "-c",
-              str(REPO / "configs/demo/classify.yaml"), "--data.root", str(three_classes), "--data.batch_size", "4",
-              "--data.crop_size", "32", "--data.val_resize_size", "32", *QUICK]
+def test_checkpoints_live_under_the_run_root_and_resume_from_it(tiny_imagefolder: Path, tmp_path: Path,
+                                                                lightning) -> None:
+    common = ["-c", str(REPO / "configs/mobilenet_v3_small_imagenet.yaml"),
+              "-c", str(REPO / "configs/demo/classify.yaml"), "--data.root", str(tiny_imagefolder),
+              "--data.batch_size", "4", "--data.crop_size", "32", "--data.val_resize_size", "32", *QUICK]
     for root in ("run_a", "run_b"):
         lightning("fit", *common, "--trainer.default_root_dir", root, cwd=tmp_path)
     a, b = (torch.load(tmp_path / r / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
@@ -80,7 +62,7 @@ def test_checkpoints_live_under_the_run_root_and_resume_from_it(three_classes: P
                       weights_only=True)["global_step"] == 2
 
 
-def test_schedule_length_follows_the_trainer_and_safety_can_be_switched_off(tmp_path: Path) -> None:
+def test_schedule_length_follows_the_trainer_and_safety_can_be_switched_off(tmp_path: Path, lightning) -> None:
     root = tmp_path / "coco"
     generate_coco(root, DetectionSpec(train_images=4, val_images=2, min_side=96, max_side=128, min_object=40,
                                       max_object=90, max_objects=2, empty_fraction=0.0, crowd_fraction=0.0, seed=4))

@@ -9,21 +9,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-@pytest.fixture(scope="module")
-def tiny_coco(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("coco")
-    subprocess.run([sys.executable, str(ROOT / "scripts/make_demo_data.py"), "detect", "--out", str(out), "--tiny"],
-                   check=True, cwd=ROOT)
-    return out
 
 
 def test_fit_fast_dev_run(tiny_coco: Path, tmp_path: Path):

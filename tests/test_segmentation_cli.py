@@ -13,19 +13,11 @@ import pytest
 import torch
 
 from segmentation import lraspp_mobilenet_v3_small
-from segmentation.synthetic import SyntheticSpec, generate_cityscapes
 
 ROOT = Path(__file__).resolve().parent.parent
 LIGHTNING = str(Path(sys.executable).parent / "lightning")
 SMALL_INPUTS = ["--data.num_workers", "0", "--trainer.accelerator", "cpu",
                 "--trainer.callbacks.init_args.input_size", "[64, 128]"]  # the LatencyCallback is listed last
-
-
-@pytest.fixture(scope="module")
-def tiny_cityscapes(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cityscapes")
-    generate_cityscapes(root, SyntheticSpec(height=64, width=128, train_per_city=1, val_per_city=1))
-    return root  # 3 train / 3 val images: an odd count, so a padding sampler would duplicate one
 
 
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
