@@ -12,21 +12,25 @@ from pathlib import Path
 
 
 def classify(args: argparse.Namespace) -> Path:
-    from mbv3_dense.classification.synthetic import write_imagefolder
+    from mbv3_dense.classification.synthetic import ImageFolderSpec, generate_imagefolder
 
     if args.tiny:
         args.train_per_class, args.val_per_class = 6, 3
-    return write_imagefolder(args.out, num_classes=args.num_classes, train_per_class=args.train_per_class,
-                             val_per_class=args.val_per_class, size=args.size, seed=args.seed)
+    spec = ImageFolderSpec(num_classes=args.num_classes, train_per_class=args.train_per_class,
+                           val_per_class=args.val_per_class, size=args.size, seed=args.seed)
+    counts = generate_imagefolder(args.out, spec)
+    print(f"classify: {counts['train']} train / {counts['val']} val images of {spec.size}x{spec.size}, "
+          f"{spec.num_classes} classes")
+    return args.out
 
 
 def segment(args: argparse.Namespace) -> Path:
-    from segmentation.synthetic import SyntheticSpec, generate_cityscapes
+    from segmentation.synthetic import CityscapesSpec, generate_cityscapes
 
-    spec = SyntheticSpec(height=args.height, width=args.width, train_per_city=args.train_per_city,
+    spec = CityscapesSpec(height=args.height, width=args.width, train_per_city=args.train_per_city,
                          val_per_city=args.val_per_city, seed=args.seed)
     if args.tiny:
-        spec = SyntheticSpec(height=64, width=128, train_per_city=2, val_per_city=1, seed=args.seed)
+        spec = CityscapesSpec(height=64, width=128, train_per_city=2, val_per_city=1, seed=args.seed)
     counts = generate_cityscapes(args.out, spec)
     print(f"segment: {counts['train']} train / {counts['val']} val images of {spec.height}x{spec.width}")
     return args.out

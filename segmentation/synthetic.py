@@ -29,7 +29,7 @@ PRESENT_CLASSES = ("road", "sidewalk", "building", "vegetation", "sky", "person"
 
 
 @dataclass(frozen=True)
-class SyntheticSpec:
+class CityscapesSpec:
     """Size of the generated tree.
 
     Attributes:
@@ -171,7 +171,7 @@ def write_split(root: Path, split: str, cities: tuple[str, ...], per_city: int, 
     return len(cities) * per_city
 
 
-def generate_cityscapes(root: str | Path, spec: SyntheticSpec = SyntheticSpec()) -> dict[str, int]:
+def generate_cityscapes(root: str | Path, spec: CityscapesSpec = CityscapesSpec()) -> dict[str, int]:
     """Write a generated Cityscapes tree (``train`` and ``val``) under ``root``; returns images per split."""
     root = Path(root)
     return {
@@ -180,3 +180,7 @@ def generate_cityscapes(root: str | Path, spec: SyntheticSpec = SyntheticSpec())
         "val": write_split(root, "val", VAL_CITIES, spec.val_per_city, height=spec.height, width=spec.width,
                            seed=spec.seed + 1000),
     }
+
+
+# The name before the three generators were named alike.
+SyntheticSpec = CityscapesSpec

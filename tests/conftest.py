@@ -37,10 +37,10 @@ def tiny_coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_cityscapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The official Cityscapes layout, 64x128: 3 train and 3 val images (an odd count, so a padding
     sampler would duplicate one)."""
-    from segmentation.synthetic import SyntheticSpec, generate_cityscapes
+    from segmentation.synthetic import CityscapesSpec, generate_cityscapes
 
     root = tmp_path_factory.mktemp("cityscapes")
-    generate_cityscapes(root, SyntheticSpec(height=64, width=128, train_per_city=1, val_per_city=1))
+    generate_cityscapes(root, CityscapesSpec(height=64, width=128, train_per_city=1, val_per_city=1))
     return root
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from detection.synthetic import DetectionSpec, generate_coco
 from mbv3_dense.classification.synthetic import write_imagefolder
-from segmentation.synthetic import SyntheticSpec, generate_cityscapes
+from segmentation.synthetic import CityscapesSpec, generate_cityscapes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,7 +31,7 @@ def test_generators_are_deterministic_by_seed(tmp_path):
         "detect": lambda out, seed: generate_coco(out, DetectionSpec(train_images=3, val_images=2, min_side=96,
                                                                      max_side=128, min_object=24, max_object=60,
                                                                      seed=seed)),
-        "segment": lambda out, seed: generate_cityscapes(out, SyntheticSpec(height=64, width=128, train_per_city=1,
+        "segment": lambda out, seed: generate_cityscapes(out, CityscapesSpec(height=64, width=128, train_per_city=1,
                                                                             val_per_city=1, seed=seed)),
     }.items():
         make(tmp_path / f"{name}_a", 0)
@@ -64,7 +64,7 @@ def test_generated_coco_reads_with_pycocotools(tmp_path):
 def test_generated_cityscapes_uses_real_label_ids(tmp_path):
     from cityscapesscripts.helpers.labels import id2label
 
-    generate_cityscapes(tmp_path, SyntheticSpec(height=64, width=128, train_per_city=1, val_per_city=1, seed=0))
+    generate_cityscapes(tmp_path, CityscapesSpec(height=64, width=128, train_per_city=1, val_per_city=1, seed=0))
     labels = sorted((tmp_path / "gtFine").rglob("*_gtFine_labelIds.png"))
     images = sorted((tmp_path / "leftImg8bit").rglob("*_leftImg8bit.png"))
     assert labels and len(labels) == len(images)

@@ -31,7 +31,7 @@ import yaml
 
 from detection.synthetic import DetectionSpec, generate_coco
 from mbv3_dense.classification.synthetic import write_imagefolder
-from segmentation.synthetic import SyntheticSpec, generate_cityscapes
+from segmentation.synthetic import CityscapesSpec, generate_cityscapes
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -75,7 +75,7 @@ def _detect(cfg: dict) -> None:
 
 
 def _segment_data(root: Path) -> Path:
-    generate_cityscapes(root, SyntheticSpec(height=64, width=128, train_per_city=4, val_per_city=1, seed=3))
+    generate_cityscapes(root, CityscapesSpec(height=64, width=128, train_per_city=4, val_per_city=1, seed=3))
     return root
 
 

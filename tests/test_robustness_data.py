@@ -18,7 +18,7 @@ from detection.data import AnnotationError, CocoDataModule, load_coco
 from detection.synthetic import DetectionSpec, generate_coco
 from mbv3_dense.classification.synthetic import write_imagefolder
 from segmentation.data import CityscapesDataError, CityscapesDataModule
-from segmentation.synthetic import SyntheticSpec, generate_cityscapes
+from segmentation.synthetic import CityscapesSpec, generate_cityscapes
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts/check_dataset.py"
@@ -104,7 +104,7 @@ def test_coco_missing_image_file_stops_setup(coco: Path) -> None:
 # ---------------------------------------------------------------- Cityscapes
 @pytest.fixture()
 def cityscapes(tmp_path: Path) -> Path:
-    generate_cityscapes(tmp_path, SyntheticSpec(height=32, width=64, train_per_city=1, val_per_city=1))
+    generate_cityscapes(tmp_path, CityscapesSpec(height=32, width=64, train_per_city=1, val_per_city=1))
     return tmp_path
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 from mbv3_dense.image_io import ImageReadError
 from segmentation.data import CityscapesDataError, CityscapesDataModule, CityscapesSegmentation
 from segmentation.labels import CLASS_NAMES, label_ids_to_train_ids, train_ids_to_label_ids
-from segmentation.synthetic import SyntheticSpec, generate_cityscapes
+from segmentation.synthetic import CityscapesSpec, generate_cityscapes
 from segmentation.transforms import eval_transform, train_transform
 
 
@@ -95,7 +95,7 @@ def test_train_crop_pads_masks_with_ignore():
 
 
 def test_generated_tree_and_datamodule(tmp_path):
-    counts = generate_cityscapes(tmp_path, SyntheticSpec(height=64, width=128, train_per_city=1, val_per_city=1))
+    counts = generate_cityscapes(tmp_path, CityscapesSpec(height=64, width=128, train_per_city=1, val_per_city=1))
     assert counts == {"train": 3, "val": 3}
     names = sorted(p.name for p in (tmp_path / "gtFine" / "val").glob("*/*"))
     assert names[0].endswith("_000000_000019_gtFine_labelIds.png")

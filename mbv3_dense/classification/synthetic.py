@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -128,35 +129,47 @@ def draw_image(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
-def write_imagefolder(
-    root: str | Path,
-    *,
-    num_classes: int = 6,
-    train_per_class: int = 200,
-    val_per_class: int = 50,
-    size: int = 64,
-    seed: int = 0,
-) -> Path:
-    """Write ``root/{train,val}/<class>/<index>.jpg`` and return ``root``.
+@dataclass(frozen=True)
+class ImageFolderSpec:
+    """What to generate.
 
-    Args:
-        root: output folder (created; existing files with the same names are overwritten).
+    Attributes:
         num_classes: how many of :data:`KINDS` to use (at most ``len(KINDS)``).
         train_per_class: training images per class.
         val_per_class: validation images per class (drawn from other random streams).
         size: side of the square images in pixels.
         seed: the dataset seed; the same seed writes the same files.
     """
-    if not 1 <= num_classes <= len(KINDS):
-        raise ValueError(f"num_classes must be between 1 and {len(KINDS)}, got {num_classes}")
-    if size < 16:
-        raise ValueError(f"size must be at least 16 pixels, got {size}")
+
+    num_classes: int = 6
+    train_per_class: int = 200
+    val_per_class: int = 50
+    size: int = 64
+    seed: int = 0
+
+
+def generate_imagefolder(root: str | Path, spec: ImageFolderSpec = ImageFolderSpec()) -> dict[str, int]:
+    """Write ``root/{train,val}/<class>/<kind>_<index>.jpg``; returns ``{"train": images, "val": images}``
+    (the call shape of :func:`detection.synthetic.generate_coco` and
+    :func:`segmentation.synthetic.generate_cityscapes`; existing files with the same names are overwritten)."""
+    if not 1 <= spec.num_classes <= len(KINDS):
+        raise ValueError(f"num_classes must be between 1 and {len(KINDS)}, got {spec.num_classes}")
+    if spec.size < 16:
+        raise ValueError(f"size must be at least 16 pixels, got {spec.size}")
     root = Path(root)
-    for split, count in (("train", train_per_class), ("val", val_per_class)):
-        for label, kind in enumerate(list(KINDS)[:num_classes]):
+    counts = {}
+    for split, count in (("train", spec.train_per_class), ("val", spec.val_per_class)):
+        for label, kind in enumerate(list(KINDS)[:spec.num_classes]):
             folder = root / split / kind
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):
-                rng = np.random.default_rng([seed, _SPLITS[split], label, i])
-                draw_image(kind, size, rng).save(folder / f"{kind}_{i:05d}.jpg", quality=92)
-    return root
+                rng = np.random.default_rng([spec.seed, _SPLITS[split], label, i])
+                draw_image(kind, spec.size, rng).save(folder / f"{kind}_{i:05d}.jpg", quality=92)
+        counts[split] = count * spec.num_classes
+    return counts
+
+
+def write_imagefolder(root: str | Path, **spec: int) -> Path:
+    """:func:`generate_imagefolder` with the :class:`ImageFolderSpec` fields as keywords; returns ``root``."""
+    generate_imagefolder(root, ImageFolderSpec(**spec))
+    return Path(root)
