@@ -4,7 +4,7 @@
     python scripts/check_dataset.py --task detect --root /data/coco [--num-classes 91] [--decode]
     python scripts/check_dataset.py --task segment --root /data/cityscapes [--split train val] [--decode]
 
-Runs exactly what ``lightning fit`` runs when it sets up the data (``ImageNetDataModule``,
+Runs exactly what ``lightning fit`` runs when it sets up the data (``ImageFolderDataModule``,
 ``CocoDataModule``, ``CityscapesDataModule`` and their scanning/loading functions: the same errors,
 the same counts in the log lines), then with ``--decode`` reads every sample through the datasets'
 own reading code, which finds truncated or corrupt images, image/annotation size mismatches and
@@ -19,8 +19,6 @@ import logging
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 log = logging.getLogger("check_dataset")
 
@@ -48,10 +46,10 @@ def _decode_all(name: str, count: int, read: Callable[[int], object], describe: 
 
 
 def check_classify(root: Path, splits: Iterable[str], decode: bool) -> tuple[dict[str, int], list[str]]:
-    from mbv3_dense.classification_data import ImageNetDataModule
+    from mbv3_dense.classification.data import ImageFolderDataModule
     from mbv3_dense.image_io import read_image_rgb
 
-    dm = ImageNetDataModule(root=root, num_workers=0)
+    dm = ImageFolderDataModule(root=root, num_workers=0)
     dm.setup("fit" if "train" in splits else "validate")
     counts = {"classes": len(dm.classes)}
     problems: list[str] = []
@@ -68,7 +66,8 @@ def check_classify(root: Path, splits: Iterable[str], decode: bool) -> tuple[dic
 
 def check_detect(root: Path, splits: Iterable[str], decode: bool, num_classes: int) -> tuple[dict[str, int],
                                                                                           list[str]]:
-    from detection.coco import CocoDataModule, CocoEvalDataset, load_coco
+    from detection.annotations import load_coco
+    from detection.data import CocoDataModule, CocoEvalDataset
 
     dm = CocoDataModule(root=str(root), num_classes=num_classes, num_workers=0)
     counts: dict[str, int] = {}
@@ -93,7 +92,7 @@ def check_detect(root: Path, splits: Iterable[str], decode: bool, num_classes: i
 
 
 def check_segment(root: Path, splits: Iterable[str], decode: bool) -> tuple[dict[str, int], list[str]]:
-    from segmentation.cityscapes import CityscapesSegmentation
+    from segmentation.data import CityscapesSegmentation
     from segmentation.transforms import eval_transform
 
     counts: dict[str, int] = {}

@@ -1,8 +1,14 @@
 """Official Cityscapes evaluation of an LR-ASPP checkpoint.
 
-    python scripts/eval_cityscapes.py --weights W --arch large|small --variant paper|torchvision \
+    python scripts/eval_cityscapes.py --weights run.ckpt \
         --root DIR --split val --export-dir OUT [--device cpu|cuda] [--visualize DIR] [--json OUT]
         [--backend torch|onnxruntime|executorch [--int8 --calibration-images DIR] [--pte FILE]]
+    python scripts/eval_cityscapes.py --weights W --arch large|small --variant paper|torchvision ...
+
+``--weights`` takes our Lightning ``.ckpt`` (it names its network: builder and arguments) or a
+torchvision LR-ASPP state dict; the latter (and our state dicts, ``.ckpt`` files from before the
+record) are built from ``--arch`` (default large), ``--variant`` (default paper), ``--width-mult``
+and ``--reduced-tail``, with the class count read from the file (:mod:`mbv3_dense.resolve`).
 
 Runs the model over the split at full resolution (progress bar), writes one single-channel labelId
 PNG per image to ``OUT`` (``<city>_<seq>_<frame>_leftImg8bit.png``, full size), runs
@@ -42,9 +48,10 @@ from mbv3_dense.deploy.options import add_backend_arguments, backend_label, cali
 from mbv3_dense.image_io import read_image_rgb
 from mbv3_dense.latency import measure_latency
 from mbv3_dense.progress import progress
-from segmentation.cityscapes import list_split, read_train_ids
+from mbv3_dense.resolve import ResolveError, add_model_arguments, evaluation_summary, model_from_arguments
+from mbv3_dense.weights import WeightsError
+from segmentation.data import list_split, read_train_ids
 from segmentation.labels import CLASS_NAMES, IGNORE_INDEX, colorize, train_ids_to_label_ids
-from segmentation.model import lraspp_mobilenet_v3_large, lraspp_mobilenet_v3_small
 from segmentation.module import miou_metric
 from segmentation.transforms import eval_transform
 
@@ -80,19 +87,6 @@ def official_evaluation(predictions: list[Path], ground_truths: list[Path], expo
             f"cityscapesscripts' evaluator stopped: {captured.getvalue().strip()[-500:] or err}") from err
 
 
-def build_model(arch: str, variant: str, weights: str):
-    factory = {"large": lraspp_mobilenet_v3_large, "small": lraspp_mobilenet_v3_small}[arch]
-    num_classes = 19
-    if variant == "torchvision":
-        # torchvision's COCO/VOC checkpoints have 21 classes; ours (Cityscapes) 19: read it from the file.
-        from mbv3_dense.weights import extract_state_dict, read_checkpoint
-        from segmentation.weights import to_lraspp_layout
-
-        state, container = extract_state_dict(read_checkpoint(weights), weights)
-        num_classes = to_lraspp_layout(state, container, weights)["head.low_classifier.weight"].shape[0]
-    return factory(num_classes=num_classes, variant=variant, weights=weights)
-
-
 def overlay(image: np.ndarray, train_ids: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """Blend the Cityscapes palette over the image."""
     return (image * (1 - alpha) + colorize(train_ids) * alpha).astype(np.uint8)
@@ -100,9 +94,9 @@ def overlay(image: np.ndarray, train_ids: np.ndarray, alpha: float = 0.5) -> np.
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", required=True, help="our .ckpt or a torchvision LR-ASPP state dict")
-    parser.add_argument("--arch", choices=("large", "small"), required=True)
-    parser.add_argument("--variant", choices=("paper", "torchvision"), default="paper")
+    parser.add_argument("--weights", required=True, type=Path,
+                        help="our .ckpt (names its network) or a torchvision LR-ASPP state dict")
+    add_model_arguments(parser, "segment")
     parser.add_argument("--root", type=Path, required=True, help="Cityscapes root (leftImg8bit/, gtFine/)")
     parser.add_argument("--split", default="val")
     parser.add_argument("--export-dir", type=Path, required=True, help="where the labelId PNGs are written")
@@ -118,7 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--backend {args.backend} runs on the CPU: use --device cpu")
 
     device = torch.device(args.device)
-    model = build_model(args.arch, args.variant, args.weights).to(device).eval()
+    try:
+        resolved = model_from_arguments("segment", args)
+    except (ResolveError, WeightsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"model: {resolved.description}")
+    model = resolved.model.to(device).eval()
     pairs = list_split(args.root, args.split)
     args.export_dir.mkdir(parents=True, exist_ok=True)
     if args.visualize:
@@ -187,12 +187,12 @@ def main(argv: list[str] | None = None) -> int:
           f"median {latency.median_ms:.1f} ms (p90 {latency.p90_ms:.1f} ms)")
     print(f"params {params / 1e6:.3f}M, MAdds at {h}x{w}: {madds / 1e9:.3f}G")
     if args.json:
-        summary = {"metric": ours, "metric_name": "mIoU", "official_miou": official_mean,
-                   "classes_present": present, "per_class_iou": {n: class_scores[n] for n in present},
-                   "latency_ms": latency.median_ms, "latency_p90_ms": latency.p90_ms,
-                   "latency_input": [h, w], "backend": args.backend, "int8": int8,
-                   "pte": str(args.pte) if args.pte else None, "params_M": params / 1e6,
-                   "madds_G": madds / 1e9, "images": len(pairs)}
+        summary = {**evaluation_summary("segment", "mIoU", ours, latency, latency_input=(h, w),
+                                        backend=args.backend, int8=int8, pte=args.pte, weights=args.weights,
+                                        model=resolved.description),
+                   "official_miou": official_mean, "classes_present": present,
+                   "per_class_iou": {n: class_scores[n] for n in present},
+                   "params_M": params / 1e6, "madds_G": madds / 1e9, "images": len(pairs)}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2))
     return 0 if agree else 1

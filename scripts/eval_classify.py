@@ -1,12 +1,16 @@
 """Evaluate a classifier on an ImageFolder ``val`` split: top-1/top-5, latency, params and MAdds.
 
-    python scripts/eval_classify.py --weights W --arch large|small --root DIR [--split val]
+    python scripts/eval_classify.py --weights run.ckpt --root DIR [--split val]
         [--image-size 224] [--device cpu|cuda] [--json OUT] [--visualize DIR]
         [--backend torch|onnxruntime|executorch [--int8 --calibration-images DIR] [--pte FILE]]
+    python scripts/eval_classify.py --weights W --arch large|small [--width-mult M] --root DIR ...
 
-``--weights`` takes any checkpoint the classifier loads (torchvision, mmpretrain, timm, our
-``.ckpt``); the class count is read from it. Class indices follow the sorted folder names of
-``DIR/train`` (as in training), or of the split itself when there is no ``train`` folder.
+``--weights`` takes any checkpoint the classifier loads. A ``.ckpt`` of ``lightning fit`` names its
+network (builder and arguments); torchvision's, mmpretrain's and timm's checkpoints, our plain state
+dicts and older ``.ckpt`` files are built from ``--arch`` (default large), ``--width-mult`` and
+``--reduced-tail``, the class count read from the file (:mod:`mbv3_dense.resolve`). Class indices
+follow the sorted folder names of ``DIR/train`` (as in training), or of the split itself when there
+is no ``train`` folder.
 ``--backend onnxruntime|executorch`` runs the network exported (ONNX Runtime, or a ``.pte`` lowered to
 XNNPACK run by ExecuTorch), so top-1 and latency describe the deployed form; ``--int8`` quantizes it,
 calibrated on ``--calibration-images`` prepared like the evaluation images; ``--pte FILE`` runs a file
@@ -24,31 +28,16 @@ import torch
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
-from mbv3_dense import IMAGENET_MEAN, IMAGENET_STD, mobilenet_v3_large, mobilenet_v3_small
-from mbv3_dense.classification_data import (
-    ImageFolderDataset,
-    collate_skipping,
-    eval_transform,
-    find_classes,
-    scan_image_folder,
-)
+from mbv3_dense.classification.data import ImageFolderDataset, collate_skipping, find_classes, scan_image_folder
+from mbv3_dense.classification.transforms import eval_transform
 from mbv3_dense.complexity import count_madds, count_params
+from mbv3_dense.constants import IMAGENET_MEAN, IMAGENET_STD
 from mbv3_dense.deploy import make_backend
 from mbv3_dense.deploy.options import add_backend_arguments, backend_label, calibration_images, check_backend_arguments
 from mbv3_dense.latency import measure_latency
 from mbv3_dense.progress import progress
-from mbv3_dense.weights import WeightsError, extract_state_dict, read_checkpoint, to_classifier_layout
-
-BUILDERS = {"large": mobilenet_v3_large, "small": mobilenet_v3_small}
-
-
-def checkpoint_num_classes(path: Path, arch: str) -> int:
-    probe = BUILDERS[arch]()
-    state, container = extract_state_dict(read_checkpoint(path), path)
-    state, _ = to_classifier_layout(state, container, probe.backbone.features, str(path))
-    if "classifier.3.weight" not in state:
-        raise WeightsError(f"{path}: no classifier head (classifier.3.weight) to read the class count from")
-    return int(state["classifier.3.weight"].shape[0])
+from mbv3_dense.resolve import ResolveError, add_model_arguments, evaluation_summary, model_from_arguments
+from mbv3_dense.weights import WeightsError
 
 
 def save_grid(images: list[torch.Tensor], titles: list[str], path: Path) -> None:
@@ -73,8 +62,9 @@ def save_grid(images: list[torch.Tensor], titles: list[str], path: Path) -> None
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", type=Path, required=True)
-    p.add_argument("--arch", choices=sorted(BUILDERS), default="large")
+    p.add_argument("--weights", type=Path, required=True,
+                   help="our .ckpt (names its network) or a classifier checkpoint of another layout")
+    add_model_arguments(p, "classify")
     p.add_argument("--root", type=Path, required=True)
     p.add_argument("--split", default="val")
     p.add_argument("--image-size", type=int, default=224, help="centre-crop size (also the latency input)")
@@ -92,8 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if args.backend != "torch" and device.type != "cpu":
         raise SystemExit(f"--backend {args.backend} runs on the CPU: use --device cpu")
-    num_classes = checkpoint_num_classes(args.weights, args.arch)
-    model = BUILDERS[args.arch](num_classes=num_classes, weights=args.weights).eval().to(device)
+    try:
+        resolved = model_from_arguments("classify", args)
+    except (ResolveError, WeightsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"model: {resolved.description}")
+    model = resolved.model.eval().to(device)
+    num_classes = model.num_classes
     class_dir = args.root / "train" if (args.root / "train").is_dir() else args.root / args.split
     classes = find_classes(class_dir)
     if len(classes) != num_classes:
@@ -134,11 +130,10 @@ def main(argv: list[str] | None = None) -> int:
             seen += len(labels)
     latency = measure_latency(net, example, runs=args.latency_runs)
     summary = {
-        "task": "classify", "metric_name": "top1", "metric": float(top1.compute()),
+        **evaluation_summary("classify", "top1", float(top1.compute()), latency,
+                             latency_input=(args.image_size, args.image_size), backend=args.backend, int8=int8,
+                             pte=args.pte, weights=args.weights, model=resolved.description),
         "top1": float(top1.compute()), "top5": float(top5.compute()), "images": len(dataset),
-        "latency_ms": latency.median_ms, "latency_p90_ms": latency.p90_ms,
-        "latency_input": [args.image_size, args.image_size], "device": latency.device, "threads": latency.threads,
-        "backend": args.backend, "int8": int8, "pte": str(args.pte) if args.pte else None,
         "params_M": count_params(model) / 1e6, "madds_G": count_madds(model, example) / 1e9,
     }
     print(f"top-1 {summary['top1']:.4f}  top-5 {summary['top5']:.4f}  on {len(dataset)} images of {args.split}")

@@ -1,17 +1,22 @@
 """Evaluate an SSDLite checkpoint on a COCO-format dataset with the official COCO metric.
 
-    python scripts/eval_coco.py --weights W --arch large|small --num-classes N \\
+    python scripts/eval_coco.py --weights run.ckpt \\
         --images DIR --annotations FILE --results OUT.json [--device cpu|cuda] [--batch-size B] \\
         [--backend torch|onnxruntime|executorch [--int8 --calibration-images DIR] [--pte FILE]] \\
         [--evaluator pycocotools|faster_coco_eval] [--visualize DIR] \\
         [--json METRICS.json]
+    python scripts/eval_coco.py --weights W --arch large|small [--num-classes N] [--width-mult M] ...
 
 Runs the model over every image of the annotation file (progress bar), writes OUT.json in the COCO
 results format (original category ids, XYWH boxes in original-image pixels), runs COCOeval and
-prints its 12-number summary, then the latency (batch 1, 320x320, end to end: resize, network,
-decoding, NMS) and params/MAdds (raw network at 320x320). ``--weights`` takes our Lightning
-``.ckpt``, our state dict or torchvision's ``ssdlite320_mobilenet_v3_large`` state dict. With no
-detections at all the metrics are reported as zeros (pycocotools' ``loadRes([])`` would raise).
+prints its 12-number summary, then the latency (batch 1 at the model's ``image_size``, end to end:
+resize, network, decoding, NMS) and params/MAdds (raw network at that size). ``--weights`` takes
+our Lightning ``.ckpt`` (it names its network: builder and arguments), our state dict or
+torchvision's ``ssdlite320_mobilenet_v3_large`` state dict; the last two (and ``.ckpt`` files from
+before the record) are built from ``--arch`` (default large), ``--width-mult``, ``--reduced-tail`` and
+``--score-activation``, with the class count read from the file unless ``--num-classes`` is given
+(:mod:`mbv3_dense.resolve`). With no detections at all the metrics are reported as zeros
+(pycocotools' ``loadRes([])`` would raise).
 ``--backend onnxruntime`` runs the network (backbone and heads) exported to ONNX in ONNX Runtime and
 decodes + NMS in the same vectorised PyTorch step, so metric and latency describe the deployed form;
 ``--backend executorch`` does the same with the network lowered to XNNPACK in a ``.pte`` run by
@@ -33,20 +38,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from detection import ssdlite_mobilenet_v3_large, ssdlite_mobilenet_v3_small  # noqa: E402
-from detection.coco import collate_eval, eval_dataset  # noqa: E402
-from mbv3_dense.complexity import count_madds, count_params  # noqa: E402
-from mbv3_dense.deploy import make_backend  # noqa: E402
-from mbv3_dense.deploy.options import (  # noqa: E402
-    add_backend_arguments,
-    backend_label,
-    calibration_images,
-    check_backend_arguments,
-)
-from mbv3_dense.latency import measure_latency  # noqa: E402
-from mbv3_dense.progress import progress  # noqa: E402
+from detection.data import collate_eval, eval_dataset
+from mbv3_dense.complexity import count_madds, count_params
+from mbv3_dense.deploy import make_backend
+from mbv3_dense.deploy.options import add_backend_arguments, backend_label, calibration_images, check_backend_arguments
+from mbv3_dense.latency import measure_latency
+from mbv3_dense.progress import progress
+from mbv3_dense.resolve import ResolveError, add_model_arguments, evaluation_summary, model_from_arguments
+from mbv3_dense.weights import WeightsError
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -102,22 +101,19 @@ def visualize(images: list[torch.Tensor], detections: list[dict], image_ids: lis
         pil.save(out_dir / f"{image_id}.png")
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", required=True, help="our .ckpt / state dict, or torchvision's SSDLite state dict")
-    p.add_argument("--arch", choices=("large", "small"), required=True)
-    p.add_argument("--num-classes", type=int, required=True,
-                   help="incl. background: 91 = label is the COCO id; categories + 1 = contiguous labels")
+    p.add_argument("--weights", required=True, type=Path,
+                   help="our .ckpt (names its network) / state dict, or torchvision's SSDLite state dict")
+    add_model_arguments(p, "detect")
+    p.add_argument("--no-reduced-tail", dest="reduced_tail", action="store_const", const=False,
+                   help="the same as --reduced-tail false")
     p.add_argument("--images", required=True, type=Path)
     p.add_argument("--annotations", required=True, type=Path)
     p.add_argument("--results", required=True, type=Path)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--width-mult", type=float, default=1.0)
-    p.add_argument("--no-reduced-tail", action="store_true", help="the backbone has the full-width tail")
-    p.add_argument("--score-activation", choices=("softmax", "sigmoid"), default="softmax",
-                   help="sigmoid for models trained with the focal loss")
     add_backend_arguments(p)
     p.add_argument("--evaluator", choices=("pycocotools", "faster_coco_eval"), default="pycocotools")
     p.add_argument("--visualize", type=Path, default=None, help="write a few images with detections as PNG")
@@ -128,12 +124,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     check_backend_arguments(p, args)
 
-    build = ssdlite_mobilenet_v3_large if args.arch == "large" else ssdlite_mobilenet_v3_small
-    model = build(num_classes=args.num_classes, width_mult=args.width_mult, reduced_tail=not args.no_reduced_tail,
-                  weights=args.weights, score_activation=args.score_activation)
+    try:
+        resolved = model_from_arguments("detect", args)
+    except (ResolveError, WeightsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"model: {resolved.description}")
+    model = resolved.model
     device = torch.device(args.device)
     model.eval().to(device)
-    dataset, cmap = eval_dataset(args.images, args.annotations, args.num_classes)
+    dataset, cmap = eval_dataset(args.images, args.annotations, model.num_classes)
     names = {c["id"]: c["name"] for c in json.loads(args.annotations.read_text())["categories"]}
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_eval)
     predict = model.predict
@@ -170,23 +170,25 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"wrote {len(results)} detections for {len(dataset)} images to {args.results}")
 
     stats = coco_evaluate(args.annotations, args.results, args.evaluator)
-    example = torch.rand(1, 3, 320, 320, device=device)
+    height, width = model.image_size
+    example = torch.rand(1, 3, height, width, device=device)
     latency = measure_latency(lambda x: predict(list(x)), example, warmup=3, runs=args.latency_runs)
     params, madds = count_params(model), count_madds(model, model.normalize(example))
-    print(f"latency ({runtime}, batch 1, 320x320, end to end, {latency.device}, {latency.threads} threads): "
+    print(f"latency ({runtime}, batch 1, {height}x{width}, end to end, {latency.device}, {latency.threads} threads): "
           f"median {latency.median_ms:.1f} ms, p90 {latency.p90_ms:.1f} ms")
-    print(f"params {params / 1e6:.3f}M, MAdds {madds / 1e9:.3f}G (network at 320x320)")
-    summary = {"metric": float(stats[0]), "map_50": float(stats[1]), "map_75": float(stats[2]),
+    print(f"params {params / 1e6:.3f}M, MAdds {madds / 1e9:.3f}G (network at {height}x{width})")
+    summary = {**evaluation_summary("detect", "mAP", float(stats[0]), latency, latency_input=(height, width),
+                                    backend=args.backend, int8=int8, pte=args.pte, weights=args.weights,
+                                    model=resolved.description),
+               "map_50": float(stats[1]), "map_75": float(stats[2]),
                "stats": dict(zip(STAT_NAMES, (float(s) for s in stats), strict=True)),
-               "latency_ms": latency.median_ms, "latency_p90_ms": latency.p90_ms, "latency_input": [320, 320],
-               "backend": args.backend, "int8": int8, "pte": str(args.pte) if args.pte else None,
                "params_M": params / 1e6, "madds_G": madds / 1e9,
                "images": len(dataset), "detections": len(results)}
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2))
-    return summary
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

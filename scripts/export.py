@@ -1,12 +1,22 @@
 """Export a classifier, SSDLite or LR-ASPP model to ONNX or ExecuTorch and check it against PyTorch.
 
-    python scripts/export.py --task classify|detect|segment --arch large|small --weights W --out model.onnx
-        [--format onnx|executorch] [--variant paper|torchvision] [--num-classes N] [--size H W]
-        [--int8 --calibration-images DIR [--calibration-count 8]]
+    python scripts/export.py --weights run.ckpt --out model.onnx
+        [--format onnx|executorch] [--size H W] [--int8 --calibration-images DIR [--calibration-count 8]]
+    python scripts/export.py --task classify|detect|segment --weights W --arch large|small --out model.onnx
+        [--variant paper|torchvision] [--num-classes N] [--width-mult M] ...
+
+A ``.ckpt`` of ``lightning fit`` names its task and network (builder and arguments): ``--weights``
+alone describes the model. Other files (torchvision's, mmpretrain's, plain state dicts, older
+``.ckpt``) need ``--task`` and are built from ``--arch`` (default large), ``--variant``,
+``--width-mult`` and ``--reduced-tail``, the class count read from the file unless ``--num-classes``
+is given; without ``--weights`` the network of ``--task`` is exported with random weights
+(:mod:`mbv3_dense.resolve`).
 
 The graph is the network's ``forward`` (raw outputs: classifier logits, SSDLite ``box_regression``
-and ``cls_logits``, LR-ASPP logits), spatial size fixed at ``--size``; SSDLite's resize, decode and
-NMS stay in PyTorch (``model.preprocess`` / ``model.postprocess``), as in ``make_backend``. The check
+and ``cls_logits``, LR-ASPP logits), spatial size fixed at ``--size`` (default 224x224 classify, the
+model's ``image_size`` detect, 1024x2048 segment); SSDLite's resize, decode and NMS stay in PyTorch
+(``model.preprocess`` / ``model.postprocess``), as in ``make_backend``. The inputs are random images in
+[0, 1] through the model's own ``normalize``. The check
 runs PyTorch and the exported file on a fresh random input and prints each output's largest absolute
 error next to the tolerance ``--tolerance x max(1, max|reference|)``; for SSDLite it also compares the
 final detections of a random 480x640 image. Exit status 1 when the check fails.
@@ -38,37 +48,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mbv3_dense.classifier import IMAGENET_MEAN, IMAGENET_STD
 from mbv3_dense.deploy import ExecuTorchModel, OnnxModel, compare_outputs, export_executorch, export_onnx, quantize_int8
 from mbv3_dense.image_io import read_image_rgb
+from mbv3_dense.resolve import ResolveError, add_model_arguments, model_from_arguments
+from mbv3_dense.weights import WeightsError
 
-DEFAULT_SIZE = {"classify": (224, 224), "detect": (320, 320), "segment": (1024, 2048)}
-
-
-def build_model(args: argparse.Namespace) -> nn.Module:
-    weights = str(args.weights) if args.weights is not None else None
-    if args.task == "classify":
-        import mbv3_dense
-
-        build = getattr(mbv3_dense, f"mobilenet_v3_{args.arch}")
-        return build(num_classes=args.num_classes or 1000, weights=weights)
-    if args.task == "detect":
-        import detection
-
-        build = getattr(detection, f"ssdlite_mobilenet_v3_{args.arch}")
-        return build(num_classes=args.num_classes or 91, weights=weights)
-    import segmentation
-
-    build = getattr(segmentation, f"lraspp_mobilenet_v3_{args.arch}")
-    return build(num_classes=args.num_classes or 19, variant=args.variant, weights=weights)
+# Default input sizes of the networks that take any size (SSDLite has its own, ``image_size``).
+DEFAULT_SIZE = {"classify": (224, 224), "segment": (1024, 2048)}
+INT8_ONNX_DETECT = "--int8 with --format onnx is offered for classify and segment only (use --format executorch)"
 
 
-def load_calibration(folder: Path, count: int, size: tuple[int, int], task: str,
-                     model: nn.Module | None = None) -> list[Tensor]:
+def load_calibration(folder: Path, count: int, size: tuple[int, int], task: str, model: nn.Module) -> list[Tensor]:
     """``count`` images from ``folder`` as ``[1, 3, H, W]`` inputs, preprocessed as the task's model expects.
 
-    Classify and segment: resized to ``size`` and ImageNet-normalised. Detect: ``model.preprocess``
-    (SSDLite's own normalisation, [-1, 1], and resize to its ``image_size``).
+    Classify and segment: resized to ``size`` and normalised by ``model.normalize`` (ImageNet mean
+    and std). Detect: ``model.preprocess`` (SSDLite's own normalisation, [-1, 1], and resize to its
+    ``image_size``).
     """
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     if not files:
@@ -77,15 +72,11 @@ def load_calibration(folder: Path, count: int, size: tuple[int, int], task: str,
     inputs = []
     for path in files[::step][:count]:
         x = torch.from_numpy(read_image_rgb(path)).permute(2, 0, 1)[None].float() / 255.0
-        if task == "detect":
-            if model is None:
-                raise ValueError("detect calibration needs the model (its preprocess)")
-            with torch.no_grad():
+        with torch.no_grad():
+            if task == "detect":
                 inputs.append(model.preprocess([x[0]]))
-            continue
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        inputs.append((x - mean) / std)
+            else:
+                inputs.append(model.normalize(F.interpolate(x, size=size, mode="bilinear", align_corners=False)))
     return inputs
 
 
@@ -103,16 +94,57 @@ def _detections(model: nn.Module, runtime, image: Tensor) -> dict[str, Tensor]: 
     return model.postprocess(runtime(model.preprocess([image])), [(int(h), int(w))])[0]
 
 
+def match_detections(ref: dict[str, Tensor], got: dict[str, Tensor], *, box_tolerance: float = 1e-3,
+                     score_tolerance: float = 1e-5) -> tuple[int, int, float]:
+    """Match reference detections one to one with ``got`` ones: same label and score, same box.
+
+    Detections of equal score may come out in either order, and where several boxes tie (a barely
+    trained network scores many anchors alike) NMS and the per-image cut keep either of them: which
+    one is the CPU's floating-point choice. So the lists are compared as sets, first by label, score
+    and box (the candidates with the fewest matches first, so the greedy matching cannot strand one),
+    then what is left by label and score alone: boxes swapped among tied scores.
+
+    Returns:
+        Reference detections matched with their box, those matched among tied scores, and the
+        largest box error (pixels) of the first.
+    """
+    if not len(ref["boxes"]) or not len(got["boxes"]):
+        return 0, 0, 0.0
+    box_error = (got["boxes"][:, None, :] - ref["boxes"][None, :, :]).abs().amax(-1)  # [got, ref]
+    same = ((got["labels"][:, None] == ref["labels"][None, :])
+            & ((got["scores"][:, None] - ref["scores"][None, :]).abs() <= score_tolerance))
+    free = torch.ones(len(got["boxes"]), dtype=torch.bool)
+    left = []
+    matched, worst = 0, 0.0
+    close = same & (box_error <= box_tolerance)
+    for j in torch.argsort(close.sum(0), stable=True).tolist():
+        candidates = torch.nonzero(close[:, j] & free).flatten()
+        if not len(candidates):
+            left.append(j)
+            continue
+        i = int(candidates[box_error[candidates, j].argmin()])
+        free[i] = False
+        matched += 1
+        worst = max(worst, float(box_error[i, j]))
+    swapped = 0
+    for j in left:
+        candidates = torch.nonzero(same[:, j] & free).flatten()
+        if len(candidates):
+            free[int(candidates[0])] = False
+            swapped += 1
+    return matched, swapped, worst
+
+
 def check_detections(model: nn.Module, runtime, name: str = "ONNX Runtime") -> bool:  # noqa: ANN001
     image = torch.rand(3, 480, 640, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         ref = model.predict([image])[0]
         got = _detections(model, runtime, image)
-    same = ref["boxes"].shape == got["boxes"].shape and torch.equal(ref["labels"], got["labels"])
-    err = (ref["boxes"] - got["boxes"]).abs().max().item() if same and len(ref["boxes"]) else 0.0
-    ok = same and err <= 1e-3
+    matched, swapped, err = match_detections(ref, got)
+    ok = len(ref["boxes"]) == len(got["boxes"]) == matched + swapped
     print(f"detections on a random 480x640 image: PyTorch {len(ref['boxes'])}, {name} {len(got['boxes'])}, "
-          f"labels {'equal' if same else 'DIFFERENT'}, max box error {err:.2e} px (tolerance 1e-3 px): "
+          f"in any order {matched} equal (same label, score within 1e-5, box within 1e-3 px; max box error "
+          f"{err:.2e} px) and {swapped} of the same label and score with another of the tied boxes: "
           f"{'OK' if ok else 'FAILED'}")
     return ok
 
@@ -162,18 +194,18 @@ def _tensors(out: object) -> list[Tensor]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", choices=("classify", "detect", "segment"), required=True)
-    parser.add_argument("--arch", choices=("large", "small"), default="large")
+    parser.add_argument("--task", choices=("classify", "detect", "segment"), default=None,
+                        help="default: the one the checkpoint's model record names")
     parser.add_argument("--weights", type=Path, default=None,
-                        help="checkpoint (any layout the task's builder reads); without it: random weights")
+                        help="checkpoint (our .ckpt names its network; any layout the task's loader reads); "
+                             "without it: random weights")
     parser.add_argument("--out", type=Path, required=True, help="the .onnx or .pte file to write")
     parser.add_argument("--format", choices=("onnx", "executorch"), default="onnx",
                         help="onnx (ONNX Runtime) or executorch (.pte lowered to XNNPACK)")
-    parser.add_argument("--variant", choices=("paper", "torchvision"), default="paper", help="segment only")
-    parser.add_argument("--num-classes", type=int, default=None,
-                        help="default: 1000 classify, 91 detect, 19 segment")
+    add_model_arguments(parser, None)
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                        help="network input size (default 224x224, 320x320, 1024x2048)")
+                        help="network input size (default 224x224 classify, the model's image_size detect, "
+                             "1024x2048 segment)")
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="allowed max abs error, times max(1, max|reference output|)")
     parser.add_argument("--int8", action="store_true",
@@ -184,8 +216,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.int8 and args.calibration_images is None:
         parser.error("--int8 needs --calibration-images DIR")
+    if args.task is None and args.weights is None:
+        parser.error("--task is needed without --weights (random weights)")
     if args.int8 and args.task == "detect" and args.format == "onnx":
-        parser.error("--int8 with --format onnx is offered for classify and segment only (use --format executorch)")
+        parser.error(INT8_ONNX_DETECT)
     return args
 
 
@@ -194,20 +228,31 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.weights is None:
         print("no --weights: exporting randomly initialised weights", file=sys.stderr)
-    model = build_model(args).eval()
-    size = tuple(args.size) if args.size else DEFAULT_SIZE[args.task]
+    try:
+        resolved = model_from_arguments(args.task, args)
+    except (ResolveError, WeightsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    args.task = resolved.task
+    if args.int8 and args.task == "detect" and args.format == "onnx":  # the task read from the record
+        print(f"error: {INT8_ONNX_DETECT}", file=sys.stderr)
+        return 2
+    print(f"model ({args.task}): {resolved.description}")
+    model = resolved.model.eval()
+    if args.size:
+        size = tuple(args.size)
+    elif args.task == "detect":
+        size = tuple(model.image_size)
+    else:
+        size = DEFAULT_SIZE[args.task]
     gen = torch.Generator().manual_seed(0)
-    example = torch.rand(1, 3, *size, generator=gen)
-    if args.task != "detect":
-        example = (example - 0.45) / 0.225
+    example = model.normalize(torch.rand(1, 3, *size, generator=gen))
     if args.format == "executorch":
         return export_pte(args, model, example, gen, size)
     path = export_onnx(model, example, args.out)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB), input [N, 3, {size[0]}, {size[1]}]")
     onnx_model = OnnxModel(path, threads=args.threads)
-    fresh = torch.rand(1, 3, *size, generator=gen)
-    if args.task != "detect":
-        fresh = (fresh - 0.45) / 0.225
+    fresh = model.normalize(torch.rand(1, 3, *size, generator=gen))
     ok = check(model, onnx_model, fresh, args.tolerance)
     if args.task == "detect":
         ok = check_detections(model, onnx_model) and ok
@@ -228,8 +273,7 @@ def export_pte(args: argparse.Namespace, model: nn.Module, example: Tensor, gen:
           f"{result.seconds:.1f} s")
     print(f"XNNPACK delegation: {result.delegation_summary()}")
     runtime = ExecuTorchModel(path, task=args.task, input_size=size, threads=args.threads)
-    fresh = torch.rand(1, 3, *size, generator=gen)
-    fresh = model.normalize(fresh) if args.task == "detect" else (fresh - 0.45) / 0.225
+    fresh = model.normalize(torch.rand(1, 3, *size, generator=gen))
     ok = check(model, runtime, fresh, args.tolerance, "ExecuTorch (XNNPACK)")
     if args.task == "detect":
         ok = check_detections(model, runtime, "ExecuTorch (XNNPACK)") and ok

@@ -1,14 +1,18 @@
 """Predict on your own images without Lightning: the same files as ``lightning predict``, any backend.
 
-    python scripts/predict.py --task classify|detect|segment --weights W --images PATH --out DIR \\
-        [--arch large|small] [--num-classes N] [--width-mult M] [--variant paper|torchvision] \\
+    python scripts/predict.py --weights run.ckpt --images PATH --out DIR \\
         [--backend torch|onnxruntime|executorch] [--batch-size B] [--workers N] [--threads T] \\
         [--class-names FILE_OR_DIR] [--annotations instances.json] [--no-pictures] [--overwrite] \\
         [--max-pixels P] [--benchmark [--benchmark-images K]]
+    python scripts/predict.py --task classify|detect|segment --weights W --images PATH --out DIR \\
+        [--arch large|small] [--num-classes N] [--width-mult M] [--variant paper|torchvision] ...
 
 PATH is a folder (read recursively), a glob or a text file of paths. ``--weights`` takes any
-layout the builders read (our ``.ckpt``, torchvision's state dicts, ...). The writers are those of
-``lightning predict`` (mbv3_dense/classification_predict.py, detection/predict.py,
+layout the task's loader reads. A ``.ckpt`` of ``lightning fit`` names its task and network (builder
+and arguments); other files (torchvision's state dicts, ours, older ``.ckpt``) need ``--task`` and are
+built from ``--arch`` (default large), ``--width-mult``, ``--reduced-tail`` and ``--variant``, the class
+count read from the file unless ``--num-classes`` is given (:mod:`mbv3_dense.resolve`). The writers are those of
+``lightning predict`` (mbv3_dense/classification/predict.py, detection/predict.py,
 segmentation/predict.py): classify writes ``classifications.jsonl`` (top-5 names and probabilities;
 ``--class-names``: a text file with one name a line, or an ImageFolder ``train/`` folder), detect writes
 ``coco_results.json`` and ``detections/<name>.json`` (category ids and names from ``--annotations``),
@@ -44,8 +48,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from mbv3_dense.deploy import make_backend  # noqa: E402
 from mbv3_dense.deploy.backend import BACKENDS  # noqa: E402
 from mbv3_dense.predict import (  # noqa: E402
@@ -57,9 +59,10 @@ from mbv3_dense.predict import (  # noqa: E402
     predict_loader,
 )
 from mbv3_dense.progress import progress  # noqa: E402
+from mbv3_dense.resolve import ResolveError, add_model_arguments, model_from_arguments  # noqa: E402
+from mbv3_dense.weights import WeightsError  # noqa: E402
 
 log = logging.getLogger("predict")
-DEFAULT_CLASSES = {"classify": 1000, "detect": 91, "segment": 19}
 Predict = Callable[[PredictBatch], list]
 
 
@@ -83,28 +86,25 @@ def backend_for(kind: str, model: torch.nn.Module, example: Tensor, threads: int
 
 
 # ---------------------------------------------------------------------------------------------- tasks
-def classify_setup(args: argparse.Namespace) -> tuple[torch.nn.Module, PredictionWriter, Callable | None]:
-    import mbv3_dense
-    from mbv3_dense.classification_data import eval_transform, find_classes
-    from mbv3_dense.classification_predict import ClassificationWriter
+def classify_setup(args: argparse.Namespace, model: torch.nn.Module) -> tuple[PredictionWriter, Callable | None]:
+    from mbv3_dense.classification.data import find_classes
+    from mbv3_dense.classification.predict import ClassificationWriter
+    from mbv3_dense.classification.transforms import eval_transform
 
-    model = getattr(mbv3_dense, f"mobilenet_v3_{args.arch}")(
-        num_classes=args.num_classes, width_mult=args.width_mult, reduced_tail=args.reduced_tail,
-        weights=args.weights).eval()
     names = None
     if args.class_names is not None:
         names = find_classes(args.class_names) if args.class_names.is_dir() else \
             [line.strip() for line in args.class_names.read_text().splitlines() if line.strip()]
-        if len(names) != args.num_classes:
-            raise SystemExit(f"{args.class_names}: {len(names)} class names for a network of {args.num_classes} "
-                             "classes (--num-classes)")
+        if len(names) != model.num_classes:
+            raise SystemExit(f"{args.class_names}: {len(names)} class names for a network of {model.num_classes} "
+                             f"classes ({args.weights})")
     writer = ClassificationWriter(args.out, overwrite=args.overwrite, pictures=args.pictures, class_names=names)
     resize = args.resize_size or round(args.image_size * 256 / 224)
-    return model, writer, eval_transform(resize_size=resize, crop_size=args.image_size)
+    return writer, eval_transform(resize_size=resize, crop_size=args.image_size)
 
 
 def classify_predict(model: torch.nn.Module, net: Callable[[Tensor], object]) -> Predict:
-    from mbv3_dense.classification_predict import TopK
+    from mbv3_dense.classification.predict import TopK
 
     def run(batch: PredictBatch) -> list:
         if batch.inputs is None:
@@ -115,24 +115,20 @@ def classify_predict(model: torch.nn.Module, net: Callable[[Tensor], object]) ->
     return run
 
 
-def detect_setup(args: argparse.Namespace) -> tuple[torch.nn.Module, PredictionWriter, Callable | None]:
+def detect_setup(args: argparse.Namespace, model: torch.nn.Module) -> tuple[PredictionWriter, Callable | None]:
     import json
 
-    import detection
-    from detection.coco import CategoryMap
+    from detection.annotations import CategoryMap
     from detection.predict import DetectionWriter
 
-    model = getattr(detection, f"ssdlite_mobilenet_v3_{args.arch}")(
-        num_classes=args.num_classes, width_mult=args.width_mult, reduced_tail=args.reduced_tail,
-        weights=args.weights).eval()
     cmap = names = None
     if args.annotations is not None:
         categories = json.loads(args.annotations.read_text())["categories"]
-        cmap = CategoryMap([int(c["id"]) for c in categories], args.num_classes, str(args.annotations))
+        cmap = CategoryMap([int(c["id"]) for c in categories], model.num_classes, str(args.annotations))
         names = {int(c["id"]): str(c.get("name", c["id"])) for c in categories}
     writer = DetectionWriter(args.out, overwrite=args.overwrite, pictures=args.pictures, category_map=cmap,
                              category_names=names)
-    return model, writer, None
+    return writer, None
 
 
 def detect_predict(model: torch.nn.Module, net: Callable[[Tensor], object]) -> Predict:
@@ -145,22 +141,17 @@ def detect_predict(model: torch.nn.Module, net: Callable[[Tensor], object]) -> P
     return run
 
 
-def segment_setup(args: argparse.Namespace) -> tuple[torch.nn.Module, PredictionWriter, Callable | None]:
-    import segmentation
+def segment_setup(args: argparse.Namespace, model: torch.nn.Module) -> tuple[PredictionWriter, Callable | None]:
     from segmentation.predict import SegmentationWriter
 
-    model = getattr(segmentation, f"lraspp_mobilenet_v3_{args.arch}")(
-        num_classes=args.num_classes, variant=args.variant, width_mult=args.width_mult, weights=args.weights).eval()
-    return model, SegmentationWriter(args.out, overwrite=args.overwrite, pictures=args.pictures), None
+    return SegmentationWriter(args.out, overwrite=args.overwrite, pictures=args.pictures), None
 
 
 def segment_predict(model: torch.nn.Module, make_net: Callable[[Tensor], Callable[[Tensor], object]]) -> Predict:
-    from segmentation.predict import preprocess
-
     def run(batch: PredictBatch) -> list:
         out = []
         for image in batch.images:
-            x = preprocess(image)
+            x = model.normalize(image.float() / 255.0)[None]
             out.append(torch.as_tensor(make_net(x)(x)).argmax(1)[0].to(torch.uint8))
         return out
     return run
@@ -195,22 +186,23 @@ SETUP = {"classify": classify_setup, "detect": detect_setup, "segment": segment_
 
 
 # ---------------------------------------------------------------------------------------------- benchmark
-def torchvision_predict(task: str, args: argparse.Namespace) -> Predict | None:
+def torchvision_predict(task: str, args: argparse.Namespace, model: torch.nn.Module) -> Predict | None:
     """A plain loop over torchvision's model of the task with ``--weights`` (a torchvision state dict), or None."""
     import torchvision
 
-    name = {"classify": f"mobilenet_v3_{args.arch}", "detect": "ssdlite320_mobilenet_v3_large",
+    name = {"classify": f"mobilenet_v3_{model.backbone.arch}", "detect": "ssdlite320_mobilenet_v3_large",
             "segment": "lraspp_mobilenet_v3_large"}[task]
     try:
         state = torch.load(args.weights, map_location="cpu", weights_only=True)
         if task == "classify":
-            tv = getattr(torchvision.models, name)(num_classes=args.num_classes, width_mult=args.width_mult)
+            tv = getattr(torchvision.models, name)(num_classes=model.num_classes,
+                                                   width_mult=model.backbone.width_mult)
         elif task == "detect":
             tv = torchvision.models.detection.ssdlite320_mobilenet_v3_large(
-                weights=None, weights_backbone=None, num_classes=args.num_classes)
+                weights=None, weights_backbone=None, num_classes=model.num_classes)
         else:
             tv = torchvision.models.segmentation.lraspp_mobilenet_v3_large(
-                weights=None, weights_backbone=None, num_classes=args.num_classes)
+                weights=None, weights_backbone=None, num_classes=model.num_classes)
         tv.load_state_dict(state)
     except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as err:
         print(f"# torchvision {name}: not compared, --weights is not its state dict ({str(err)[:120]})")
@@ -223,10 +215,8 @@ def torchvision_predict(task: str, args: argparse.Namespace) -> Predict | None:
         def run(batch: PredictBatch) -> list:
             return tv([img.float().div(255) for img in batch.images])
     else:
-        from segmentation.predict import preprocess
-
         def run(batch: PredictBatch) -> list:
-            return [tv(preprocess(img))["out"].argmax(1)[0] for img in batch.images]
+            return [tv(model.normalize(img.float() / 255.0)[None])["out"].argmax(1)[0] for img in batch.images]
     return run
 
 
@@ -274,7 +264,7 @@ def benchmark(task: str, args: argparse.Namespace, model: torch.nn.Module, trans
         contenders.append((f"ours {args.backend}", build_predict(task, args.backend, model, args)))
     else:
         contenders.append(("ours torch (BN folded)", build_predict(task, "torch", model, args)))
-    tv = torchvision_predict(task, args)
+    tv = torchvision_predict(task, args, model)
     if tv is not None:
         contenders.append(("torchvision eager, plain loop", tv))
     sizes = sorted({1, args.batch_size}) if task != "segment" else [1]  # segment: one image a call anyway
@@ -297,17 +287,13 @@ def build_predict_eager(task: str, model: torch.nn.Module) -> Predict:
 # ---------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=sorted(SETUP), required=True)
-    p.add_argument("--weights", required=True, help="our .ckpt / state dict, or torchvision's state dict")
+    p.add_argument("--task", choices=sorted(SETUP), default=None,
+                   help="default: the one the checkpoint's model record names")
+    p.add_argument("--weights", required=True, type=Path,
+                   help="our .ckpt (names its task and network) / state dict, or torchvision's state dict")
     p.add_argument("--images", required=True, help="a folder (recursive), a glob or a text file of paths")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--arch", choices=("large", "small"), default="large")
-    p.add_argument("--num-classes", type=int, default=None, help="default: 1000 / 91 / 19 by task")
-    p.add_argument("--width-mult", type=float, default=1.0)
-    p.add_argument("--reduced-tail", choices=("true", "false"), default=None,
-                   help="classify/detect: the backbone's reduced tail (default: the builder's, off for classify, "
-                        "on for detect)")
-    p.add_argument("--variant", choices=("paper", "torchvision"), default="paper", help="segment: LR-ASPP decoder")
+    add_model_arguments(p, None)
     p.add_argument("--image-size", type=int, default=224, help="classify: centre-crop size")
     p.add_argument("--resize-size", type=int, default=None, help="classify: short side before the crop")
     p.add_argument("--class-names", type=Path, default=None, help="classify: names file or ImageFolder train/")
@@ -321,11 +307,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run's results in --out")
     p.add_argument("--benchmark", action="store_true", help="also time the prediction function (see above)")
     p.add_argument("--benchmark-images", type=int, default=16)
-    args = p.parse_args(argv)
-    if args.num_classes is None:
-        args.num_classes = DEFAULT_CLASSES[args.task]
-    args.reduced_tail = {"true": True, "false": False, None: args.task == "detect"}[args.reduced_tail]
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,7 +321,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     note_ignored(images, args.images)
-    model, writer, transform = SETUP[args.task](args)
+    try:
+        resolved = model_from_arguments(args.task, args)
+    except (ResolveError, WeightsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    args.task = resolved.task
+    log.info("model (%s): %s", args.task, resolved.description)
+    model = resolved.model.eval()
+    writer, transform = SETUP[args.task](args, model)
     writer.ignored = len(images.ignored)
     run = build_predict(args.task, args.backend, model, args)
     loader = predict_loader(images.files, transform=transform, batch_size=args.batch_size, num_workers=args.workers,
