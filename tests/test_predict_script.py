@@ -36,7 +36,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 def test_classify_onnxruntime_matches_the_model(tmp_path: Path):
     from mbv3_dense import mobilenet_v3_small
-    from mbv3_dense.classification_data import eval_transform
+    from mbv3_dense.classification.transforms import eval_transform
 
     images = make_images(tmp_path / "in")
     torch.manual_seed(0)
