@@ -117,7 +117,7 @@ def test_classify(images: Path, tmp_path: Path):
                    "--data.val_resize_size", "72")
     out = tmp_path / "run/predictions"
     check_common(proc, out, images)
-    assert "predict: one device (the config asks for devices=8" in proc.stderr  # one process writes
+    assert "predict: one device (the config asks for devices=auto" in proc.stderr  # one process writes
     assert "[predict] done in" in proc.stdout and "\r" not in proc.stdout  # piped: progress as lines
 
     rows = {r["name"]: r for r in map(json.loads, (out / "classifications.jsonl").read_text().splitlines())}
