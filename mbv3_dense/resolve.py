@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -223,10 +224,18 @@ def add_model_arguments(parser: argparse.ArgumentParser, task: str | None) -> No
 
 
 def model_from_arguments(task: str | None, args: argparse.Namespace) -> Resolved:
-    """:func:`resolve_model` with the options of :func:`add_model_arguments` and ``args.weights``."""
-    return resolve_model(task, args.weights, arch=args.arch, num_classes=args.num_classes,
-                         width_mult=args.width_mult, reduced_tail=args.reduced_tail, variant=args.variant,
-                         score_activation=args.score_activation)
+    """:func:`resolve_model` with the options of :func:`add_model_arguments` and ``args.weights``.
+
+    A script's way in: when the weights cannot be read or do not match the arguments, prints
+    ``error: <what is wrong, naming the file>`` on standard error and exits with status 2.
+    """
+    try:
+        return resolve_model(task, args.weights, arch=args.arch, num_classes=args.num_classes,
+                             width_mult=args.width_mult, reduced_tail=args.reduced_tail, variant=args.variant,
+                             score_activation=args.score_activation)
+    except (ResolveError, WeightsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
 
 
 # ---------------------------------------------------------------------------------------------- summary

@@ -48,8 +48,7 @@ from mbv3_dense.deploy.options import add_backend_arguments, backend_label, cali
 from mbv3_dense.image_io import read_image_rgb
 from mbv3_dense.latency import measure_latency
 from mbv3_dense.progress import progress
-from mbv3_dense.resolve import ResolveError, add_model_arguments, evaluation_summary, model_from_arguments
-from mbv3_dense.weights import WeightsError
+from mbv3_dense.resolve import add_model_arguments, evaluation_summary, model_from_arguments
 from segmentation.data import list_split, read_train_ids
 from segmentation.labels import CLASS_NAMES, IGNORE_INDEX, colorize, train_ids_to_label_ids
 from segmentation.module import miou_metric
@@ -112,11 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--backend {args.backend} runs on the CPU: use --device cpu")
 
     device = torch.device(args.device)
-    try:
-        resolved = model_from_arguments("segment", args)
-    except (ResolveError, WeightsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    resolved = model_from_arguments("segment", args)
     print(f"model: {resolved.description}")
     model = resolved.model.to(device).eval()
     pairs = list_split(args.root, args.split)

@@ -36,8 +36,7 @@ from mbv3_dense.deploy import make_backend
 from mbv3_dense.deploy.options import add_backend_arguments, backend_label, calibration_images, check_backend_arguments
 from mbv3_dense.latency import measure_latency
 from mbv3_dense.progress import progress
-from mbv3_dense.resolve import ResolveError, add_model_arguments, evaluation_summary, model_from_arguments
-from mbv3_dense.weights import WeightsError
+from mbv3_dense.resolve import add_model_arguments, evaluation_summary, model_from_arguments
 
 
 def save_grid(images: list[torch.Tensor], titles: list[str], path: Path) -> None:
@@ -82,11 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if args.backend != "torch" and device.type != "cpu":
         raise SystemExit(f"--backend {args.backend} runs on the CPU: use --device cpu")
-    try:
-        resolved = model_from_arguments("classify", args)
-    except (ResolveError, WeightsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    resolved = model_from_arguments("classify", args)
     print(f"model: {resolved.description}")
     model = resolved.model.eval().to(device)
     num_classes = model.num_classes

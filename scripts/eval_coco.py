@@ -44,8 +44,7 @@ from mbv3_dense.deploy import make_backend
 from mbv3_dense.deploy.options import add_backend_arguments, backend_label, calibration_images, check_backend_arguments
 from mbv3_dense.latency import measure_latency
 from mbv3_dense.progress import progress
-from mbv3_dense.resolve import ResolveError, add_model_arguments, evaluation_summary, model_from_arguments
-from mbv3_dense.weights import WeightsError
+from mbv3_dense.resolve import add_model_arguments, evaluation_summary, model_from_arguments
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -124,11 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     check_backend_arguments(p, args)
 
-    try:
-        resolved = model_from_arguments("detect", args)
-    except (ResolveError, WeightsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    resolved = model_from_arguments("detect", args)
     print(f"model: {resolved.description}")
     model = resolved.model
     device = torch.device(args.device)

@@ -50,8 +50,7 @@ from torch import Tensor, nn
 
 from mbv3_dense.deploy import ExecuTorchModel, OnnxModel, compare_outputs, export_executorch, export_onnx, quantize_int8
 from mbv3_dense.image_io import read_image_rgb
-from mbv3_dense.resolve import ResolveError, add_model_arguments, model_from_arguments
-from mbv3_dense.weights import WeightsError
+from mbv3_dense.resolve import add_model_arguments, model_from_arguments
 
 # Default input sizes of the networks that take any size (SSDLite has its own, ``image_size``).
 DEFAULT_SIZE = {"classify": (224, 224), "segment": (1024, 2048)}
@@ -228,11 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.weights is None:
         print("no --weights: exporting randomly initialised weights", file=sys.stderr)
-    try:
-        resolved = model_from_arguments(args.task, args)
-    except (ResolveError, WeightsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    resolved = model_from_arguments(args.task, args)
     args.task = resolved.task
     if args.int8 and args.task == "detect" and args.format == "onnx":  # the task read from the record
         print(f"error: {INT8_ONNX_DETECT}", file=sys.stderr)

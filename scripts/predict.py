@@ -59,8 +59,7 @@ from mbv3_dense.predict import (  # noqa: E402
     predict_loader,
 )
 from mbv3_dense.progress import progress  # noqa: E402
-from mbv3_dense.resolve import ResolveError, add_model_arguments, model_from_arguments  # noqa: E402
-from mbv3_dense.weights import WeightsError  # noqa: E402
+from mbv3_dense.resolve import add_model_arguments, model_from_arguments  # noqa: E402
 
 log = logging.getLogger("predict")
 Predict = Callable[[PredictBatch], list]
@@ -321,11 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     note_ignored(images, args.images)
-    try:
-        resolved = model_from_arguments(args.task, args)
-    except (ResolveError, WeightsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    resolved = model_from_arguments(args.task, args)
     args.task = resolved.task
     log.info("model (%s): %s", args.task, resolved.description)
     model = resolved.model.eval()
