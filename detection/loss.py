@@ -91,10 +91,17 @@ class SSDLoss:
             anchors: default boxes ``[A, 4]`` XYXY in input pixels.
             targets: per image ``boxes [G, 4]`` XYXY in input pixels and ``labels [G]`` (1..C-1).
 
-        Returns: ``{"loss", "box_loss", "cls_loss"}`` (scalars) and ``num_positives``.
+        Returns: ``{"loss", "box_loss", "cls_loss"}`` (fp32 scalars) and ``num_positives``.
         """
-        codes, logits = outputs["box_regression"], outputs["cls_logits"]
-        cls_target, box_target = self.targets(anchors, targets)
+        # In fp32 whatever the network ran in: under bf16/fp16 autocast the exponentials of the focal loss
+        # and the sums over thousands of default boxes lose the small terms.
+        with torch.autocast(outputs["cls_logits"].device.type, enabled=False):
+            return self._loss(outputs["box_regression"].float(), outputs["cls_logits"].float(), anchors.float(),
+                              targets)
+
+    def _loss(self, codes: Tensor, logits: Tensor, anchors: Tensor,
+              targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        cls_target, box_target = self.targets(anchors, [{**t, "boxes": t["boxes"].float()} for t in targets])
         positive = cls_target > 0
         num_pos = positive.sum()
         normaliser = num_pos.clamp(min=1).to(codes.dtype)

@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 from jsonargparse import Namespace
+from jsonargparse.typing import NonNegativeInt
 from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mbv3_dense.callbacks import ResumeState
@@ -27,12 +28,32 @@ from mbv3_dense.progress import progress_bar_for
 
 log = logging.getLogger(__name__)
 
+# The metric each task's best checkpoint keeps (``--checkpoints.best``), as the task module logs it.
+TASK_METRICS = {"classify": "val/top1", "detect": "val/map", "segment": "val/miou"}
+
+
+def auto_precision(accelerator: object) -> tuple[str, str]:
+    """The training precision for ``trainer.precision: null`` and why: ``bf16-mixed`` on a CUDA GPU with
+    bf16 (Ampere and newer), ``16-mixed`` (with a gradient scaler) on an older one, ``32-true`` otherwise
+    (CPU: mixed precision there is slower, and the deployment latency is measured in fp32/int8 anyway)."""
+    name = accelerator if isinstance(accelerator, str) else type(accelerator).__name__.lower()
+    if name not in ("auto", "gpu", "cuda", "cudaaccelerator") or not torch.cuda.is_available():
+        return "32-true", f"accelerator {name}, no CUDA GPU in use"
+    card = torch.cuda.get_device_name()
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return "bf16-mixed", f"{card} computes in bf16"
+    return "16-mixed", f"{card} has no bf16: fp16 with a gradient scaler"
+
 
 class MBV3CLI(LightningCLI):
     """LightningCLI with the project's defaults: any LightningModule / LightningDataModule by
     ``class_path``, the resolved config saved next to the logs (overwriting on resume).
 
     Every run gets, without a line of YAML:
+
+    - the precision for the machine when ``trainer.precision`` is null (the configs): bf16 mixed precision
+      on GPUs that have bf16, fp16 with a gradient scaler on other GPUs, fp32 on a CPU (logged; name
+      ``--trainer.precision 32-true`` to force one);
 
     - the scheduler's length from the trainer: ``T_max`` / ``total_iters`` = ``trainer.max_epochs`` for
       a module whose scheduler steps every epoch, ``trainer.max_steps`` for one stepping every iteration;
@@ -43,6 +64,14 @@ class MBV3CLI(LightningCLI):
       (random states in checkpoints; a resumed epoch continues where it stopped),
       :class:`~mbv3_dense.guards.FiniteCheckpointGuard` (no checkpoint with NaN/inf weights) and the
       :class:`~mbv3_dense.checkpoint_io.AtomicCheckpointIO` plugin (write beside, then rename);
+    - in ``fit``, the run's checkpoints, unless the config lists a ``ModelCheckpoint`` of its own
+      (then it is in charge): the best by the task's metric (``--checkpoints.best``; ``val/top1``,
+      ``val/map``, ``val/miou``, or ``--checkpoints.monitor``: ``--ckpt_path best``), and ``last.ckpt``
+      at the end of every epoch and every ``--checkpoints.every_n_train_steps`` optimizer steps (500;
+      0: epoch ends only), from which ``--ckpt_path last`` resumes (``--checkpoints.last false``
+      writes none);
+    - in ``fit``, a ``LearningRateMonitor`` at the scheduler's interval when the module has a scheduler
+      and the run a logger (``--lr_monitor false`` to leave it out);
     - checkpoints under ``<trainer.default_root_dir>/checkpoints`` for every ``ModelCheckpoint``
       that names no ``dirpath``, so two runs with different roots never share a folder and
       ``--ckpt_path last`` finds the last checkpoint of that root;
@@ -66,6 +95,16 @@ class MBV3CLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--safety_callbacks", type=bool, default=True,
                             help="add ResumeState, FiniteCheckpointGuard and AtomicCheckpointIO to the run")
+        parser.add_argument("--checkpoints.best", type=bool, default=True,
+                            help="fit: keep the checkpoint with the best task metric (--ckpt_path best)")
+        parser.add_argument("--checkpoints.monitor", type=str | None, default=None,
+                            help="fit: the metric --checkpoints.best maximises (default: the task's own)")
+        parser.add_argument("--checkpoints.last", type=bool, default=True,
+                            help="fit: write last.ckpt at every epoch end and every N steps (--ckpt_path last)")
+        parser.add_argument("--checkpoints.every_n_train_steps", type=NonNegativeInt, default=500,
+                            help="fit: also write last.ckpt every N optimizer steps (0: epoch ends only)")
+        parser.add_argument("--lr_monitor", type=bool, default=True,
+                            help="fit: log the learning rate at the scheduler's interval")
 
     def _run_config(self) -> Namespace:
         return self.config[self.subcommand] if self.subcommand else self.config
@@ -133,14 +172,48 @@ class MBV3CLI(LightningCLI):
             plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
             if not any(isinstance(p, AtomicCheckpointIO) for p in plugins):
                 config["plugins"] = [*plugins, AtomicCheckpointIO()]
+        if self.subcommand == "fit":
+            added += self._run_checkpoints(present)
+            added += self._lr_monitor(config, present)
         root = config.get("default_root_dir") or os.getcwd()
-        for c in present:
+        for c in [*present, *added]:
             if isinstance(c, ModelCheckpoint) and c.dirpath is None:
                 c.dirpath = os.path.realpath(os.path.join(os.fspath(root), "checkpoints"))
         record = self._model_record()
         if record is not None:
             added.append(record)
         return [*callbacks, *added]
+
+    def _run_checkpoints(self, present: list[Callback]) -> list[Callback]:
+        if any(isinstance(c, ModelCheckpoint) for c in present):
+            return []  # the config names its checkpoints
+        options = self._run_config().get("checkpoints") or Namespace()
+        every_n_steps = options.get("every_n_train_steps", 500)
+        checkpoints: list[Callback] = []
+        metric = options.get("monitor") or TASK_METRICS.get(getattr(type(self.model), "task", None))
+        if options.get("best", True) and metric is not None:
+            position = "step{step:06d}" if getattr(self.model, "scheduler_interval", "epoch") == "step" \
+                else "epoch{epoch:03d}"
+            name = metric.rpartition("/")[2]
+            checkpoints.append(ModelCheckpoint(filename=f"{position}-{name}{{{metric}:.4f}}", monitor=metric,
+                                               mode="max", auto_insert_metric_name=False, save_top_k=1,
+                                               save_last=False))
+        if options.get("last", True):
+            # last.ckpt every N optimizer steps, and an epoch-end copy: Lightning 2.6's save_last only
+            # follows a save, so the epoch-end one is a top-1 checkpoint named "last". The newer wins.
+            if every_n_steps:
+                checkpoints.append(ModelCheckpoint(every_n_train_steps=every_n_steps, save_top_k=0, save_last=True,
+                                                   enable_version_counter=False))
+            checkpoints.append(ModelCheckpoint(filename="last", every_n_epochs=1, save_on_train_epoch_end=True,
+                                               save_top_k=1, enable_version_counter=False))
+        return checkpoints
+
+    def _lr_monitor(self, config: dict[str, Any], present: list[Callback]) -> list[Callback]:
+        if not self._run_config().get("lr_monitor", True) or config.get("logger") is False \
+                or getattr(self.model, "scheduler", None) is None \
+                or any(isinstance(c, LearningRateMonitor) for c in present):
+            return []
+        return [LearningRateMonitor(logging_interval=getattr(self.model, "scheduler_interval", "epoch"))]
 
     def _model_record(self) -> ModelRecord | None:
         network = self._run_config().get("model.init_args.model")
@@ -181,6 +254,9 @@ class MBV3CLI(LightningCLI):
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """Progress as periodic lines when standard output is not a terminal (CI, ``> log``); the tqdm bar
         in a terminal, or whatever progress bar the config names."""
+        if config.get("precision") is None:
+            config["precision"], why = auto_precision(config.get("accelerator", "auto"))
+            log.info("precision %s (trainer.precision null: %s)", config["precision"], why)
         callbacks = self._project_callbacks(config, callbacks)
         if self.subcommand == "predict":
             callbacks = self._default_writer(config, callbacks)

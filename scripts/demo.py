@@ -138,23 +138,22 @@ def fit(spec: Task, data: Path, run_dir: Path, seed: int, quick: bool) -> None:
 
 
 def evaluate(spec: Task, data: Path, run_dir: Path, pictures: Path, quick: bool) -> dict:
-    """Run the task's evaluation script on the last checkpoint and return its JSON summary."""
+    """Run the task's evaluation script on the last checkpoint (which describes its network) and return its
+    JSON summary."""
     ckpt = checkpoint(run_dir)
     summary_path = run_dir / "eval.json"
     if spec.name == "detect":
-        run([python(), "scripts/eval_coco.py", "--weights", str(ckpt), "--arch", "small",
-             "--num-classes", "5", "--images", str(data / "val2017"),
+        run([python(), "scripts/eval_coco.py", "--weights", str(ckpt), "--images", str(data / "val2017"),
              "--annotations", str(data / "annotations" / "instances_val2017.json"),
              "--results", str(run_dir / "coco_results.json"), "--json", str(summary_path),
              "--visualize", str(pictures)] + (["--latency-runs", "3"] if quick else []))
     elif spec.name == "segment":
-        run([python(), "scripts/eval_cityscapes.py", "--weights", str(ckpt), "--arch", "large",
-             "--variant", "paper", "--root", str(data), "--split", "val",
+        run([python(), "scripts/eval_cityscapes.py", "--weights", str(ckpt), "--root", str(data), "--split", "val",
              "--export-dir", str(run_dir / "labelIds"), "--json", str(summary_path),
              "--visualize", str(pictures)] + (["--latency-size", "128", "256"] if quick else []))
     else:
-        run([python(), "scripts/eval_classify.py", "--weights", str(ckpt), "--arch", "small",
-             "--root", str(data), "--image-size", "64", "--json", str(summary_path),
+        run([python(), "scripts/eval_classify.py", "--weights", str(ckpt), "--root", str(data), "--image-size", "64",
+             "--json", str(summary_path),
              "--visualize", str(pictures)]
             + (["--latency-runs", "3"] if quick else []))
     return json.loads(summary_path.read_text())
