@@ -3,6 +3,9 @@
 Annotations are read and checked by :mod:`detection.annotations`. Training targets exclude
 ``iscrowd`` boxes and images without any (non-crowd) box; evaluation keeps every image and every
 box, crowd flags and the annotation ``area`` included, in the original image's pixels.
+
+Images travel as uint8 ``[3, H, W]`` RGB; :class:`~detection.module.DetectionModule` turns them into
+floats on the device (:meth:`~mbv3_dense.task.TaskModule.on_after_batch_transfer`).
 """
 
 from __future__ import annotations
@@ -30,14 +33,7 @@ from detection.annotations import (  # noqa: F401 - also this module's names for
 from detection.transforms import train_transform
 from mbv3_dense.image_io import read_image_rgb
 from mbv3_dense.predict import DEFAULT_MAX_PIXELS, ImageList, list_images, note_ignored, predict_loader
-from mbv3_dense.sampling import (
-    SampleKey,
-    as_sample_key,
-    evaluation_sampler,
-    loader_generator,
-    sample_randomness,
-    training_sampler,
-)
+from mbv3_dense.sampling import SampleKey, as_sample_key, eval_loader, sample_randomness, train_loader
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +42,7 @@ Batch = tuple[Tensor | list[Tensor], list[Target]]
 
 
 class CocoTrainDataset(Dataset):
-    """Training split: ``(image [3, S, S] float in [0, 1], {"boxes": [G, 4] XYXY in the S x S input, "labels": [G]})``.
+    """Training split: ``(image [3, S, S] uint8, {"boxes": [G, 4] XYXY in the S x S input, "labels": [G]})``.
 
     Crowd boxes are left out; images without any other box are dropped (logged).
     """
@@ -69,14 +65,14 @@ class CocoTrainDataset(Dataset):
             out = self.transform(image=image, bboxes=rec.boxes[keep], labels=rec.labels[keep].tolist())
         boxes = torch.as_tensor(np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4))
         labels = torch.as_tensor(np.asarray(out["labels"], dtype=np.int64).reshape(-1))
-        img = torch.from_numpy(np.ascontiguousarray(out["image"])).permute(2, 0, 1).float().div_(255)
+        img = torch.from_numpy(np.ascontiguousarray(out["image"])).permute(2, 0, 1).contiguous()
         return img, {"boxes": boxes, "labels": labels}
 
 
 class CocoEvalDataset(Dataset):
     """Evaluation split: every image at its original size, every box.
 
-    Items: ``(image [3, H, W] float in [0, 1], {"image_id", "orig_size" (H, W), "boxes" [G, 4] XYXY
+    Items: ``(image [3, H, W] uint8, {"image_id", "orig_size" (H, W), "boxes" [G, 4] XYXY
     original pixels, "labels" [G], "iscrowd" [G] bool, "area" [G]})``.
     """
 
@@ -92,7 +88,7 @@ class CocoEvalDataset(Dataset):
         if image.shape[:2] != (rec.height, rec.width):
             raise AnnotationError(f"{rec.path}: image is {image.shape[1]}x{image.shape[0]} but the annotation file "
                                   f"says {rec.width}x{rec.height}")
-        img = torch.from_numpy(image).permute(2, 0, 1).float().div_(255)
+        img = torch.from_numpy(image).permute(2, 0, 1).contiguous()
         return img, {"image_id": torch.tensor(rec.image_id), "orig_size": torch.tensor([rec.height, rec.width]),
                      "boxes": torch.from_numpy(rec.boxes), "labels": torch.from_numpy(rec.labels),
                      "iscrowd": torch.from_numpy(rec.iscrowd), "area": torch.from_numpy(rec.area)}
@@ -110,9 +106,9 @@ class CocoDataModule(L.LightningDataModule):
     """COCO detection in the real layout: ``root/train2017``, ``root/val2017``,
     ``root/annotations/instances_{train,val}2017.json`` (each path configurable, relative to ``root``).
 
-    Training batches: ``(images [N, 3, S, S] in [0, 1], targets)`` with boxes in input pixels and
-    model labels. Validation batches: ``(list of [3, H, W] images at original size, targets)`` with
-    all annotations (see :class:`CocoEvalDataset`).
+    Training batches: ``(images [N, 3, S, S] uint8, targets)`` with boxes in input pixels and
+    model labels. Validation batches: ``(list of uint8 [3, H, W] images at original size, targets)``
+    with all annotations (see :class:`CocoEvalDataset`).
 
     Args:
         root: dataset root.
@@ -229,16 +225,13 @@ class CocoDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # drop_last: a last batch of one image would fail in BatchNorm on the 1x1 extra map.
-        drop_last = len(self.train_set) > self.batch_size
-        return DataLoader(self.train_set, batch_size=self.batch_size,
-                          sampler=training_sampler(self.train_set, self.trainer, self.batch_size), drop_last=drop_last,
-                          num_workers=self.num_workers, collate_fn=collate_train,
-                          persistent_workers=self.num_workers > 0, generator=loader_generator())
+        return train_loader(self.train_set, trainer=self.trainer, batch_size=self.batch_size,
+                            num_workers=self.num_workers, collate_fn=collate_train,
+                            drop_last=len(self.train_set) > self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False,
-                          sampler=evaluation_sampler(self.val_set, self.trainer),
-                          num_workers=self.num_workers, collate_fn=collate_eval)
+        return eval_loader(self.val_set, trainer=self.trainer, batch_size=self.val_batch_size,
+                           num_workers=self.num_workers, collate_fn=collate_eval)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

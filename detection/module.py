@@ -75,9 +75,18 @@ class DetectionModule(TaskModule):
         """One inference end to end: resize + normalise, network, decoding and NMS."""
         return self.model.predict(list(x))
 
+    def batch_to_input(self, batch: Batch) -> Batch:
+        """Training batches: uint8 images -> the network's normalised input. Validation batches (a list of
+        images of their own sizes): uint8 -> float in [0, 1], which :meth:`SSDLite.preprocess` normalises and
+        resizes (in torchvision's order)."""
+        images, targets = batch
+        if isinstance(images, Tensor):
+            return self.images_to_input(images), targets
+        return [img.float().div(255) if not img.is_floating_point() else img for img in images], targets
+
     def precise_bn_forward(self, batch: Batch) -> None:
         images, _ = batch
-        self.model(self.model.normalize(images))
+        self.model(images)
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -89,7 +98,7 @@ class DetectionModule(TaskModule):
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         images, targets = batch
-        outputs = self.model(self.model.normalize(images))
+        outputs = self.model(images)
         anchors = self.model.default_boxes(*images.shape[-2:], device=images.device)
         losses = self.loss(outputs, anchors, targets)
         parts = {k: losses[k] for k in ("box_loss", "cls_loss")}

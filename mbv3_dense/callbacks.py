@@ -28,8 +28,10 @@ class PreciseBN(L.Callback):
     network in train mode without gradients, with every BN accumulating an exact average, then
     restores the momenta. Under DDP the statistics are averaged over the processes.
 
-    The LightningModule may define ``precise_bn_forward(batch)`` to say how a (device-moved)
-    training batch goes through the network; by default ``pl_module(batch[0])`` is called.
+    Each batch goes to the device as Lightning moves training batches (``transfer_batch_to_device``,
+    then ``on_after_batch_transfer``, where this project's modules turn uint8 images into the network's
+    input). The LightningModule may define ``precise_bn_forward(batch)`` to say how that batch goes
+    through the network; by default ``pl_module(batch[0])`` is called.
 
     Args:
         num_batches: training batches to average over (0 disables the callback).
@@ -69,6 +71,7 @@ class PreciseBN(L.Callback):
             with torch.random.fork_rng(devices=[]):
                 for batch in itertools.islice(_fresh_loader(trainer.train_dataloader), self.num_batches):
                     batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+                    batch = pl_module.on_after_batch_transfer(batch, 0)
                     if forward is not None:
                         forward(batch)
                     else:
@@ -97,6 +100,7 @@ def _fresh_loader(loader: DataLoader) -> DataLoader:
         return loader
     return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=loader.sampler,
                       drop_last=loader.drop_last, collate_fn=loader.collate_fn, num_workers=loader.num_workers,
+                      pin_memory=loader.pin_memory, worker_init_fn=loader.worker_init_fn,
                       generator=torch.Generator().manual_seed(0))
 
 

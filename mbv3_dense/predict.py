@@ -41,6 +41,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from mbv3_dense.image_io import ImageReadError, read_image_rgb
+from mbv3_dense.sampling import worker_init
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,8 @@ class PredictBatch(NamedTuple):
     """A batch of readable images and the files skipped while reading it.
 
     ``images``: uint8 ``[3, H_i, W_i]`` RGB at original size; ``inputs``: the data module's
-    per-image transform applied and stacked (``None`` when it has none: the model preprocesses);
+    per-image transform applied and stacked (classification: the uint8 resized centre crops, which
+    ``predict_step`` normalises; ``None`` when it has none: the model preprocesses);
     ``files``: the :class:`ImageFile` of each image; ``notes``: per image, a conversion note or ``None``.
     """
 
@@ -215,8 +217,8 @@ class PredictImageDataset(Dataset):
 
     Args:
         files: the images (:func:`list_images`).
-        transform: maps the uint8 ``[3, H, W]`` image to the model input (``None``: the model's own
-            preprocessing runs in ``predict_step``).
+        transform: maps the uint8 ``[3, H, W]`` image to what ``predict_step`` takes as ``inputs`` (``None``:
+            the model's own preprocessing runs in ``predict_step``).
         max_pixels: larger images are skipped.
     """
 
@@ -251,7 +253,7 @@ def predict_loader(files: list[ImageFile], *, transform: Callable[[Tensor], Tens
                    batch_size: int, num_workers: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> DataLoader:
     """The loader of a data module's ``predict_dataloader`` (and of ``scripts/predict.py``), in file order."""
     return DataLoader(PredictImageDataset(files, transform, max_pixels=max_pixels), batch_size=batch_size,
-                      shuffle=False, num_workers=num_workers, collate_fn=collate_predict)
+                      shuffle=False, num_workers=num_workers, collate_fn=collate_predict, worker_init_fn=worker_init)
 
 
 # ---------------------------------------------------------------------------------------------- drawing

@@ -16,6 +16,9 @@ world size, or the point where it was killed and resumed:
 
 Nothing here reads a worker's or the OS's random state: a DataLoader worker's seed, the number of
 workers and the rank that happens to draw an index change nothing.
+
+:func:`train_loader` and :func:`eval_loader` build the three data modules' loaders with these
+samplers, and :func:`worker_init` gives each loader worker one thread (docs/data_pipeline.md).
 """
 
 from __future__ import annotations
@@ -24,13 +27,14 @@ import logging
 import math
 import os
 import random
-from collections.abc import Iterator, Sized
+from collections.abc import Callable, Iterator, Sized
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import cv2
 import numpy as np
 import torch
-from torch.utils.data import DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 log = logging.getLogger(__name__)
 
@@ -182,3 +186,39 @@ def evaluation_sampler(dataset: Sized, trainer: object | None) -> Sampler | None
     from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
     return UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=trainer.global_rank, shuffle=False)
+
+
+def worker_init(worker_id: int) -> None:
+    """A loader worker's thread settings: one torch thread, OpenCV without its thread pool.
+
+    Each worker is one process on one core: worker threads would oversubscribe the cores that the
+    other workers and the training process use. PyTorch already gives a worker one intra-op
+    thread; OpenCV (decoding, resizing, warping) would otherwise start a pool as wide as the machine
+    in every worker. The main process keeps its settings (``num_workers=0`` loads there).
+    """
+    torch.set_num_threads(1)
+    cv2.setNumThreads(0)
+
+
+def train_loader(dataset: Dataset, *, trainer: object | None, batch_size: int, num_workers: int,
+                 collate_fn: Callable[[list], Any] | None = None, drop_last: bool = True,
+                 pin_memory: bool = True) -> DataLoader:
+    """A data module's training loader: :func:`training_sampler` order, a key-seeded augmentation per sample,
+    persistent one-thread workers, and host memory pinned when a CUDA device is there to copy to.
+
+    The loader's own generator (:func:`loader_generator`) keeps ``iter()`` from drawing on the global
+    RNG (dropout's), whose state :class:`~mbv3_dense.callbacks.ResumeState` restores.
+    """
+    return DataLoader(dataset, batch_size=batch_size, sampler=training_sampler(dataset, trainer, batch_size),
+                      drop_last=drop_last, num_workers=num_workers, collate_fn=collate_fn,
+                      pin_memory=pin_memory and torch.cuda.is_available(), persistent_workers=num_workers > 0,
+                      worker_init_fn=worker_init, generator=loader_generator())
+
+
+def eval_loader(dataset: Dataset, *, trainer: object | None, batch_size: int, num_workers: int,
+                collate_fn: Callable[[list], Any] | None = None, pin_memory: bool = True) -> DataLoader:
+    """A data module's validation loader: in order, each sample on exactly one process (:func:`evaluation_sampler`)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=evaluation_sampler(dataset, trainer),
+                      num_workers=num_workers, collate_fn=collate_fn,
+                      pin_memory=pin_memory and torch.cuda.is_available(), persistent_workers=num_workers > 0,
+                      worker_init_fn=worker_init)

@@ -52,7 +52,6 @@ from mbv3_dense.resolve import add_model_arguments, evaluation_summary, model_fr
 from segmentation.data import list_split, read_train_ids
 from segmentation.labels import CLASS_NAMES, IGNORE_INDEX, colorize, train_ids_to_label_ids
 from segmentation.module import miou_metric
-from segmentation.transforms import eval_transform
 
 
 class OfficialEvaluationError(RuntimeError):
@@ -118,12 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     args.export_dir.mkdir(parents=True, exist_ok=True)
     if args.visualize:
         args.visualize.mkdir(parents=True, exist_ok=True)
-    transform = eval_transform()
+    def model_input(image: np.ndarray) -> torch.Tensor:
+        """``[H, W, 3]`` uint8 RGB -> ``[1, 3, H, W]``, normalised by the network's own ``normalize``."""
+        return model.normalize(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255)
+
     runtimes: dict[tuple[int, ...], object] = {}
     calibration = None
     if args.int8:
-        calibration = [transform(image=a)["image"].unsqueeze(0)
-                       for a in calibration_images(args.calibration_images, args.calibration_count)]
+        calibration = [model_input(a) for a in calibration_images(args.calibration_images, args.calibration_count)]
 
     def network(x: torch.Tensor) -> torch.Tensor:
         """The model on the chosen runtime; exported graphs have a fixed size, so one per input shape."""
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         for image_path, label_path in progress(pairs, desc=f"LR-ASPP on {args.split}", unit="img"):
             image = read_image_rgb(image_path)
             target = torch.as_tensor(read_train_ids(label_path), dtype=torch.int64, device=device)
-            x = transform(image=image)["image"].unsqueeze(0).to(device)
+            x = model_input(image).to(device)
             pred = network(x).argmax(1)[0]
             metric.update(pred[None], target[None])
             train_ids = pred.cpu().numpy().astype(np.uint8)

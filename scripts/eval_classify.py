@@ -31,7 +31,6 @@ from torchmetrics.classification import MulticlassAccuracy
 from mbv3_dense.classification.data import ImageFolderDataset, collate_skipping, find_classes, scan_image_folder
 from mbv3_dense.classification.transforms import eval_transform
 from mbv3_dense.complexity import count_madds, count_params
-from mbv3_dense.constants import IMAGENET_MEAN, IMAGENET_STD
 from mbv3_dense.deploy import make_backend
 from mbv3_dense.deploy.options import add_backend_arguments, backend_label, calibration_images, check_backend_arguments
 from mbv3_dense.latency import measure_latency
@@ -98,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     example = torch.rand(1, 3, args.image_size, args.image_size, device=device)
     calibration = None
     if args.int8:
-        calibration = [dataset.transform(torch.from_numpy(a).permute(2, 0, 1).contiguous())[None]
+        calibration = [model.normalize(dataset.transform(torch.from_numpy(a).permute(2, 0, 1).contiguous())[None]
+                                       .float() / 255)
                        for a in calibration_images(args.calibration_images, args.calibration_count)]
     net = model if args.backend == "torch" else make_backend(
         args.backend, model, example, threads=args.threads, int8_calibration=calibration, pte_file=args.pte,
@@ -110,18 +110,16 @@ def main(argv: list[str] | None = None) -> int:
     seen = 0
     with torch.inference_mode():
         for batch in progress(loader, desc=f"eval {args.split}", unit="batch"):
-            images, labels = batch.images.to(device), batch.labels.to(device)
-            logits = net(images)
+            images, labels = batch.images.to(device), batch.labels.to(device)  # uint8, as the loader gives them
+            logits = net(model.normalize(images.float() / 255))
             top1.update(logits, labels)
             top5.update(logits, labels)
             if wanted:
                 pred = logits.argmax(1)
-                mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-                std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
                 for offset, (img, y, t) in enumerate(zip(images.cpu(), pred.cpu(), labels.cpu(), strict=True)):
                     if seen + offset in wanted:
                         mark = "ok" if y == t else f"true {classes[t]}"
-                        shown.append(((img * std + mean).clamp(0, 1), f"{classes[y]} ({mark})"))
+                        shown.append((img, f"{classes[y]} ({mark})"))
             seen += len(labels)
     latency = measure_latency(net, example, runs=args.latency_runs)
     summary = {

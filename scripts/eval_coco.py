@@ -90,7 +90,7 @@ def visualize(images: list[torch.Tensor], detections: list[dict], image_ids: lis
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for img, det, image_id in zip(images, detections, image_ids, strict=True):
-        pil = Image.fromarray((img.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
+        pil = Image.fromarray(img.permute(1, 2, 0).cpu().numpy())
         draw = ImageDraw.Draw(pil)
         keep = det["scores"] > threshold
         cats = cmap.to_category_ids(det["labels"][keep].cpu()).tolist()
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     for images, targets in progress(loader, desc="detect", unit="batch"):
         image_ids = [int(t["image_id"]) for t in targets]
         with torch.inference_mode():
-            detections = predict([img.to(device) for img in images])
+            detections = predict([img.to(device).float() / 255 for img in images])  # the loader's are uint8
         results += coco_results(detections, image_ids, cmap)
         if args.visualize is not None and shown < args.num_visualize:
             n = args.num_visualize - shown

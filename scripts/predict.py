@@ -108,7 +108,7 @@ def classify_predict(model: torch.nn.Module, net: Callable[[Tensor], object]) ->
     def run(batch: PredictBatch) -> list:
         if batch.inputs is None:
             return []
-        probs = torch.as_tensor(net(batch.inputs)).float().softmax(1)
+        probs = torch.as_tensor(net(model.normalize(batch.inputs.float() / 255))).float().softmax(1)
         top = probs.topk(min(5, probs.shape[1]), dim=1)
         return [TopK(p, i) for p, i in zip(top.values, top.indices, strict=True)]
     return run
@@ -209,7 +209,7 @@ def torchvision_predict(task: str, args: argparse.Namespace, model: torch.nn.Mod
     tv.eval()
     if task == "classify":
         def run(batch: PredictBatch) -> list:
-            return list(tv(batch.inputs).softmax(1).topk(5, dim=1).indices)
+            return list(tv(model.normalize(batch.inputs.float() / 255)).softmax(1).topk(5, dim=1).indices)
     elif task == "detect":
         def run(batch: PredictBatch) -> list:
             return tv([img.float().div(255) for img in batch.images])

@@ -6,12 +6,16 @@ Layout (the official one)::
     root/gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png
 
 Label files hold labelIds (8-bit, single channel); they are converted to trainIds (0..18,
-255 = ignore) here, at the edge, with :func:`segmentation.labels.label_ids_to_train_ids`.
+255 = ignore) here, at the edge, with :func:`segmentation.labels.label_ids_to_train_ids`, after the
+transform: the training crop resamples labelIds by nearest neighbour, which commutes with the lookup,
+so only the crop's pixels are mapped (a third of a frame's), and padding gets labelId 0 ("unlabeled",
+ignored in training). Images travel as uint8 ``[3, H, W]``; the module normalises them on the device.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,14 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mbv3_dense.image_io import ImageReadError, read_image_rgb, read_label_png
 from mbv3_dense.predict import DEFAULT_MAX_PIXELS, ImageList, list_images, note_ignored, predict_loader
-from mbv3_dense.sampling import (
-    SampleKey,
-    as_sample_key,
-    evaluation_sampler,
-    loader_generator,
-    sample_randomness,
-    training_sampler,
-)
+from mbv3_dense.sampling import SampleKey, as_sample_key, eval_loader, sample_randomness, train_loader
 from segmentation.labels import label_ids_to_train_ids
 from segmentation.transforms import eval_transform, train_transform
 
@@ -39,6 +36,10 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
+# What a training crop's padding holds in labelId space: "unlabeled", which maps to trainId 255 (ignore).
+PAD_LABEL_ID = 0
+# A transform: (image [H, W, 3] uint8, labelIds [H, W] uint8, the sample's Random) -> (uint8 [3, h, w], labelIds).
+Transform = Callable[[np.ndarray, np.ndarray, random.Random], tuple[Tensor, np.ndarray]]
 
 
 class CityscapesDataError(ValueError):
@@ -102,8 +103,8 @@ def check_pairs(pairs: list[tuple[Path, Path]]) -> list[str]:
     return [problem for image, label in pairs if (problem := check_pair(image, label)) is not None]
 
 
-def read_train_ids(label_path: Path) -> np.ndarray:
-    """Read a ``*_gtFine_labelIds.png`` and return ``[H, W]`` uint8 trainIds.
+def read_label_ids(label_path: Path) -> np.ndarray:
+    """Read a ``*_gtFine_labelIds.png`` as ``[H, W]`` uint8 labelIds.
 
     Raises:
         ImageReadError: missing/corrupt file or a colour (RGB) label image.
@@ -116,24 +117,29 @@ def read_train_ids(label_path: Path) -> np.ndarray:
             f"{label_path}: label image is 16/32-bit; Cityscapes labelIds are 8-bit single-channel PNGs "
             "(is this an *_instanceIds.png?)"
         )
-    return label_ids_to_train_ids(ids, label_path)
+    return ids
+
+
+def read_train_ids(label_path: Path) -> np.ndarray:
+    """Read a ``*_gtFine_labelIds.png`` and return ``[H, W]`` uint8 trainIds (errors as :func:`read_label_ids`)."""
+    return label_ids_to_train_ids(read_label_ids(label_path), label_path)
 
 
 class CityscapesSegmentation(Dataset):
     """Images and trainId masks of one split.
 
-    ``dataset[i]`` is ``(image, mask)`` after ``transform``: with the pipelines of
-    :mod:`segmentation.transforms`, a float ``[3, H, W]`` tensor and an int64 ``[H, W]`` tensor of
-    trainIds (255 = ignore).
+    ``dataset[i]`` is ``(image, mask)`` after ``transform``: a uint8 ``[3, H, W]`` RGB tensor and an
+    int64 ``[H, W]`` tensor of trainIds (255 = ignore).
 
     Args:
         root: the Cityscapes root folder.
         split: ``"train"``, ``"val"`` or ``"test"``.
-        transform: an albumentations pipeline called as ``transform(image=..., mask=...)``.
+        transform: one of :mod:`segmentation.transforms`, called as ``transform(image, label_ids, rng)``
+            on the labelIds (padding, if any, with :data:`PAD_LABEL_ID`); trainIds are looked up after it.
         check_files: run :func:`check_pairs` over the split now and raise naming the first problems.
     """
 
-    def __init__(self, root: str | Path, split: str, transform: Callable[..., dict], *,
+    def __init__(self, root: str | Path, split: str, transform: Transform, *,
                  check_files: bool = False) -> None:
         self.root = Path(root)
         self.split = split
@@ -153,23 +159,21 @@ class CityscapesSegmentation(Dataset):
         the augmentation's draws are a function of it, never of a worker's or the OS's state."""
         image_path, label_path = self.pairs[as_sample_key(key).index]
         image = read_image_rgb(image_path)
-        mask = read_train_ids(label_path)
-        if image.shape[:2] != mask.shape:
+        label_ids = read_label_ids(label_path)
+        if image.shape[:2] != label_ids.shape:
             raise CityscapesDataError(
                 f"{image_path} is {image.shape[1]}x{image.shape[0]} (WxH) but its label {label_path} "
-                f"is {mask.shape[1]}x{mask.shape[0]}"
+                f"is {label_ids.shape[1]}x{label_ids.shape[0]}"
             )
         with sample_randomness(key) as generators:
-            if hasattr(self.transform, "set_random_state"):  # albumentations: hand it the sample's generators
-                self.transform.set_random_state(generators.numpy, generators.python)
-            out = self.transform(image=image, mask=mask)
-        return out["image"], torch.as_tensor(out["mask"], dtype=torch.int64)
+            image, label_ids = self.transform(image, label_ids, generators.python)
+        return image, torch.from_numpy(label_ids_to_train_ids(label_ids, label_path)).long()
 
 
 class CityscapesDataModule(L.LightningDataModule):
     """Cityscapes fine annotations for LR-ASPP training and validation.
 
-    Batches are ``(images [N, 3, H, W] float, masks [N, H, W] int64 trainIds, 255 = ignore)``.
+    Batches are ``(images [N, 3, H, W] uint8, masks [N, H, W] int64 trainIds, 255 = ignore)``.
     Validation runs at full resolution. Under DDP, validation uses an unpadded distributed
     sampler, so each image is counted once (a padded sampler would duplicate images, and the
     synced confusion matrix would count them twice).
@@ -219,7 +223,8 @@ class CityscapesDataModule(L.LightningDataModule):
         if stage == "fit":
             self.train_set = CityscapesSegmentation(
                 self.root, self.train_split,
-                train_transform(crop_size=self.crop_size, scale_range=self.scale_range, hflip=self.hflip),
+                train_transform(crop_size=self.crop_size, scale_range=self.scale_range, hflip=self.hflip,
+                                fill_mask=PAD_LABEL_ID),
                 check_files=self.check_files)
             log.info("Cityscapes %s: %d images", self.train_split, len(self.train_set))
         if stage in ("fit", "validate"):
@@ -234,15 +239,12 @@ class CityscapesDataModule(L.LightningDataModule):
             note_ignored(self.predict_list, self.predict_images)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size,
-                          sampler=training_sampler(self.train_set, self.trainer, self.batch_size), drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          generator=loader_generator())
+        return train_loader(self.train_set, trainer=self.trainer, batch_size=self.batch_size,
+                            num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        sampler = evaluation_sampler(self.val_set, self.trainer)
-        return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False, sampler=sampler,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return eval_loader(self.val_set, trainer=self.trainer, batch_size=self.val_batch_size,
+                           num_workers=self.num_workers)
 
     def predict_dataloader(self) -> DataLoader:
         return predict_loader(self.predict_list.files, batch_size=self.val_batch_size, num_workers=self.num_workers,
@@ -250,4 +252,4 @@ class CityscapesDataModule(L.LightningDataModule):
 
 
 __all__ = ["CityscapesDataError", "CityscapesDataModule", "CityscapesSegmentation", "ImageReadError", "check_pair",
-           "check_pairs", "list_split", "read_train_ids"]
+           "check_pairs", "list_split", "read_label_ids", "read_train_ids"]

@@ -42,7 +42,8 @@ def miou_metric() -> MulticlassJaccardIndex:
 class SegmentationModule(TaskModule):
     """Trains and validates an LR-ASPP model on Cityscapes trainIds.
 
-    Batches: ``(images [N, 3, H, W] float, masks [N, H, W] int64 trainIds, 255 = ignore)``.
+    Batches: ``(images [N, 3, H, W] uint8, masks [N, H, W] int64 trainIds, 255 = ignore)``; the images
+    are normalised with the network's ``normalize`` once on the device (:meth:`batch_to_input`).
 
     Args:
         model: the network (e.g. :func:`segmentation.lraspp_mobilenet_v3_large`); its forward returns

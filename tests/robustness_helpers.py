@@ -8,6 +8,9 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
+
+from mbv3_dense.constants import IMAGENET_MEAN, IMAGENET_STD
 
 
 class Throttle(L.Callback):
@@ -18,6 +21,17 @@ class Throttle(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
         time.sleep(self.seconds)
+
+
+def loader_images(images: torch.Tensor) -> torch.Tensor:
+    """The uint8 images the loader delivered, from a classification batch as the training step sees it:
+    normalised on the device with ImageNet mean/std (TaskModule.on_after_batch_transfer). The float32
+    round trip is off by less than 1e-4 of a grey level, so rounding gives the loader's bytes back."""
+    if not images.is_floating_point():
+        return images
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return ((images * std + mean) * 255).round().to(torch.uint8)
 
 
 class RecordSamples(L.Callback):
@@ -35,7 +49,7 @@ class RecordSamples(L.Callback):
         loader = trainer.train_dataloader
         size = loader.batch_size
         indices = loader.sampler.indices()[batch_idx * size:(batch_idx + 1) * size]
-        for index, image in zip(indices, batch.images.cpu(), strict=True):
+        for index, image in zip(indices, loader_images(batch.images.cpu()), strict=True):
             digest = hashlib.sha1(image.contiguous().numpy().tobytes()).hexdigest()
             self.rows.append({"epoch": trainer.current_epoch, "index": index, "digest": digest})
 

@@ -55,7 +55,7 @@ def test_discovery_extensions_and_ignored_files(tree: Path, caplog: pytest.LogCa
     assert len(dm.train_set) == 3 + 1 + 3 + 1 + 1
     assert "ignored 1 files" in caplog.text
     batch = next(iter(dm.train_dataloader()))
-    assert batch.images.shape == (4, 3, 32, 32) and batch.images.dtype == torch.float32
+    assert batch.images.shape == (4, 3, 32, 32) and batch.images.dtype == torch.uint8
     assert batch.labels.dtype == torch.long and batch.skipped.item() == 0
     val = next(iter(dm.val_dataloader()))
     assert val.images.shape[1:] == (3, 32, 32)
@@ -147,9 +147,9 @@ def test_transforms_shapes() -> None:
     image = torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8)
     torch.manual_seed(0)
     out = train_transform(crop_size=48, auto_augment=True, random_erase=1.0)(image)
-    assert out.shape == (3, 48, 48) and out.dtype == torch.float32
+    assert out.shape == (3, 48, 48) and out.dtype == torch.uint8  # normalised on the device, not here
     out = eval_transform(resize_size=56, crop_size=48)(image)
-    assert out.shape == (3, 48, 48)
+    assert out.shape == (3, 48, 48) and out.dtype == torch.uint8
 
 
 def test_generated_data_is_deterministic_and_distinct(tmp_path: Path) -> None:

@@ -114,7 +114,7 @@ def test_datamodule_policies(coco_root: Path, caplog):
     assert "2 images without a non-crowd box dropped from training" in text
     assert len(dm.train_set) == 4 and len(dm.val_set) == 3
     images, targets = next(iter(dm.train_dataloader()))
-    assert images.shape == (2, 3, 64, 64) and images.dtype == torch.float32
+    assert images.shape == (2, 3, 64, 64) and images.dtype == torch.uint8
     for t in targets:
         assert t["boxes"].shape[1] == 4 and ((t["labels"] >= 1) & (t["labels"] <= 4)).all()
     by_id = {int(t["image_id"]): t for _, t in dm.val_set}

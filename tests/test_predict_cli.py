@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -127,7 +128,8 @@ def test_classify(images: Path, tmp_path: Path):
     refs = {}
     for name, rel in GOOD.items():
         with torch.no_grad():
-            refs[name] = model(transform(reference_image(images, rel))[None]).softmax(1)[0]
+            crop = transform(reference_image(images, rel))[None]  # uint8: the model normalises
+            refs[name] = model(model.normalize(crop.float() / 255)).softmax(1)[0]
         row = rows[name]
         assert (row["width"], row["height"]) == Image.open(images / rel).size
         top = row["top5"]
@@ -249,11 +251,13 @@ def test_segment(images: Path, tmp_path: Path):
 
 
 def test_segmentation_preprocess_is_the_eval_transform():
+    from segmentation import lraspp_mobilenet_v3_small
     from segmentation.predict import preprocess
     from segmentation.transforms import eval_transform
 
     image = np.random.default_rng(1).integers(0, 256, (33, 47, 3), dtype=np.uint8)
-    ref = eval_transform()(image=image)["image"]
+    frame, _ = eval_transform()(image, image[..., 0], random.Random(0))  # uint8, normalised on the device
+    ref = lraspp_mobilenet_v3_small().normalize(frame.float() / 255)
     got = preprocess(torch.from_numpy(image).permute(2, 0, 1))[0]
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 from pathlib import Path
 
 import numpy as np
@@ -88,9 +89,10 @@ def test_empty_or_missing_split_folder(tmp_path):
 
 def test_train_crop_pads_masks_with_ignore():
     transform = train_transform(crop_size=(64, 64), scale_range=(1.0, 1.0), hflip=False)
-    out = transform(image=np.full((20, 30, 3), 200, np.uint8), mask=np.zeros((20, 30), np.uint8))
-    image, mask = out["image"], torch.as_tensor(out["mask"])
-    assert image.shape == (3, 64, 64) and image.dtype == torch.float32 and mask.shape == (64, 64)
+    image, mask = transform(np.full((20, 30, 3), 200, np.uint8), np.zeros((20, 30), np.uint8), random.Random(0))
+    mask = torch.as_tensor(mask)
+    assert image.shape == (3, 64, 64) and image.dtype == torch.uint8 and mask.shape == (64, 64)
+    assert (image == 200).sum() == 3 * 20 * 30 and (image == 0).sum() == 3 * (64 * 64 - 20 * 30)
     assert (mask == 0).sum() == 20 * 30 and (mask == 255).sum() == 64 * 64 - 20 * 30
 
 
@@ -102,7 +104,8 @@ def test_generated_tree_and_datamodule(tmp_path):
     dm = CityscapesDataModule(root=str(tmp_path), batch_size=2, num_workers=0, crop_size=(32, 48))
     dm.setup("fit")
     images, masks = next(iter(dm.train_dataloader()))
-    assert images.shape == (2, 3, 32, 48) and masks.shape == (2, 32, 48) and masks.dtype == torch.int64
+    assert images.shape == (2, 3, 32, 48) and images.dtype == torch.uint8
+    assert masks.shape == (2, 32, 48) and masks.dtype == torch.int64
     images, masks = next(iter(dm.val_dataloader()))
     assert images.shape == (1, 3, 64, 128)  # full resolution
     present = set(torch.unique(masks).tolist()) - {255}

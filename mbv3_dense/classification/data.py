@@ -30,14 +30,7 @@ from torchvision.transforms import v2
 from mbv3_dense.classification.transforms import eval_transform, train_transform
 from mbv3_dense.image_io import ImageReadError, read_image_rgb
 from mbv3_dense.predict import DEFAULT_MAX_PIXELS, ImageList, list_images, note_ignored, predict_loader
-from mbv3_dense.sampling import (
-    SampleKey,
-    as_sample_key,
-    evaluation_sampler,
-    loader_generator,
-    sample_randomness,
-    training_sampler,
-)
+from mbv3_dense.sampling import SampleKey, as_sample_key, eval_loader, sample_randomness, train_loader
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +39,8 @@ BadImagePolicy = Literal["error", "skip"]
 
 
 class ClassificationBatch(NamedTuple):
-    """A collated batch. ``images``: float ``[N, 3, H, W]`` normalised with ImageNet mean/std;
+    """A collated batch. ``images``: uint8 ``[N, 3, H, W]`` RGB as loaded (the module turns them into the
+    network's normalised float input on the device, :meth:`~mbv3_dense.task.TaskModule.on_after_batch_transfer`);
     ``labels``: int64 ``[N]`` class indices; ``skipped``: int64 scalar, samples dropped as unreadable."""
 
     images: Tensor
@@ -93,11 +87,11 @@ def scan_image_folder(split_dir: Path, class_to_idx: dict[str, int]) -> FolderSc
 
 
 class ImageFolderDataset(Dataset):
-    """``(image [3, H, W] float, label)`` pairs of an ImageFolder split; ``None`` for a skipped file.
+    """``(image [3, H, W] uint8, label)`` pairs of an ImageFolder split; ``None`` for a skipped file.
 
     Args:
         samples: ``(path, label)`` pairs.
-        transform: maps a uint8 ``[3, H, W]`` tensor to the model input.
+        transform: maps a uint8 ``[3, H, W]`` tensor to the (uint8) crop the batch carries.
         on_bad_image: ``"error"`` raises naming the file; ``"skip"`` warns naming it and returns ``None``.
     """
 
@@ -123,7 +117,9 @@ class ImageFolderDataset(Dataset):
                 raise
             warnings.warn(f"skipping unreadable image: {err}", stacklevel=1)
             return None
-        image = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+        # A [3, H, W] view of the HWC array, not a copy: torchvision's uint8 resize reads this
+        # channels-last layout directly (and faster than a contiguous copy it would convert back).
+        image = torch.from_numpy(array).permute(2, 0, 1)
         with sample_randomness(key):
             return self.transform(image), label
 
@@ -133,7 +129,8 @@ def collate_skipping(items: list[tuple[Tensor, int] | None]) -> ClassificationBa
     kept = [item for item in items if item is not None]
     skipped = torch.tensor(len(items) - len(kept))
     if not kept:
-        return ClassificationBatch(torch.empty(0, 3, 0, 0), torch.empty(0, dtype=torch.long), skipped)
+        return ClassificationBatch(torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.long),
+                                   skipped)
     images = torch.stack([image for image, _ in kept])
     labels = torch.tensor([label for _, label in kept], dtype=torch.long)
     return ClassificationBatch(images, labels, skipped)
@@ -160,7 +157,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         crop_scale: RandomResizedCrop area range.
         hflip: random horizontal flips in training.
         auto_augment: AutoAugment with the ImageNet policy in training.
-        random_erase: RandomErasing probability in training.
+        random_erase: RandomErasing probability in training (filled with the ImageNet mean colour,
+            :data:`~mbv3_dense.classification.transforms.ERASE_FILL`).
         on_bad_image: ``"error"`` (stop, naming the file) or ``"skip"`` (warn naming the file,
             drop it from its batch, count it).
         pin_memory: pin host memory for faster copies to the GPU.
@@ -265,29 +263,14 @@ class ImageFolderDataModule(L.LightningDataModule):
             log.info("%s/%s: ignored %d files that are not images by their extension", self.root, split,
                      scan.ignored)
 
-    def _loader(self, dataset: Dataset, *, sampler: torch.utils.data.Sampler | None, drop_last: bool,
-                generator: torch.Generator | None = None) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            generator=generator,
-            drop_last=drop_last,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-            collate_fn=collate_skipping,
-        )
-
     def train_dataloader(self) -> DataLoader:
-        # Augmentations are drawn per sample from (seed, epoch, index); the loader's own generator keeps
-        # iter() from drawing on the global RNG (dropout's), whose state ResumeState restores.
-        return self._loader(self.train_set, sampler=training_sampler(self.train_set, self.trainer, self.batch_size),
-                            drop_last=len(self.train_set) > self.batch_size, generator=loader_generator())
+        return train_loader(self.train_set, trainer=self.trainer, batch_size=self.batch_size,
+                            num_workers=self.num_workers, collate_fn=collate_skipping,
+                            drop_last=len(self.train_set) > self.batch_size, pin_memory=self.pin_memory)
 
     def val_dataloader(self) -> DataLoader:
-        sampler = evaluation_sampler(self.val_set, self.trainer)
-        return self._loader(self.val_set, sampler=sampler, drop_last=False)
+        return eval_loader(self.val_set, trainer=self.trainer, batch_size=self.batch_size,
+                           num_workers=self.num_workers, collate_fn=collate_skipping, pin_memory=self.pin_memory)
 
 
 # The name used before the class took any image folder (configs and code that still say it work).

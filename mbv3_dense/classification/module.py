@@ -45,8 +45,9 @@ def count_outputs(model: nn.Module, size: int = 32) -> int:
 class ClassificationModule(TaskModule):
     """Cross-entropy training of a classifier with top-1/top-5 validation accuracy.
 
-    The batch is a :class:`~mbv3_dense.classification.data.ClassificationBatch` (images
-    ``[N, 3, H, W]`` normalised as the model expects, labels ``[N]``, count of skipped files).
+    The batch is a :class:`~mbv3_dense.classification.data.ClassificationBatch` (uint8 images
+    ``[N, 3, H, W]``, normalised with the network's ``normalize`` once on the device, labels ``[N]``,
+    count of skipped files).
     Logs ``train/loss``, ``train/top1``, ``val/loss``, ``val/top1``, ``val/top5`` (fractions in
     [0, 1]) and ``data/skipped_images`` when a skip policy dropped files.
 
@@ -100,6 +101,9 @@ class ClassificationModule(TaskModule):
     def eval_model(self) -> nn.Module:
         """The network that validation uses: the weight average when kept, else ``model``."""
         return self.model_ema if self.model_ema is not None else self.model
+
+    def batch_to_input(self, batch: ClassificationBatch) -> ClassificationBatch:
+        return batch._replace(images=self.images_to_input(batch.images))
 
     def precise_bn_forward(self, batch: ClassificationBatch) -> None:
         # PreciseBN resets every BN of the module, the average's included: recompute both.
@@ -166,7 +170,7 @@ class ClassificationModule(TaskModule):
         ``inputs`` the data module's validation transform made; uses the weight average when kept."""
         if batch.inputs is None:
             return []
-        probabilities = self.eval_model(batch.inputs).float().softmax(dim=1)
+        probabilities = self.eval_model(self.images_to_input(batch.inputs)).float().softmax(dim=1)
         top = probabilities.topk(min(5, self.num_classes), dim=1)
         return [TopK(p, i) for p, i in zip(top.values.cpu(), top.indices.cpu(), strict=True)]
 

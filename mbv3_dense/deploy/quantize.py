@@ -21,6 +21,11 @@ class CalibrationReader:
 
     def __init__(self, inputs: Iterable[Tensor | np.ndarray], *, input_name: str = "input") -> None:
         self.input_name = input_name
+        inputs = list(inputs)
+        if any(not (x.is_floating_point() if isinstance(x, Tensor) else np.issubdtype(x.dtype, np.floating))
+               for x in inputs):
+            raise ValueError("calibration inputs must be the network's float input (uint8 images as the data "
+                             "loaders give them: convert and normalise with the model's normalize first)")
         self.inputs = [np.ascontiguousarray(x.detach().cpu().numpy() if isinstance(x, Tensor) else x,
                                             dtype=np.float32) for x in inputs]
         if not self.inputs:
