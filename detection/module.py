@@ -43,6 +43,7 @@ class DetectionModule(TaskModule):
         nonfinite_loss: ``"stop"`` raises :class:`~mbv3_dense.guards.NonFiniteLossError` naming the
             step and the box/class losses at the first NaN/inf loss; ``"skip"`` skips that batch's
             update and counts it (``train/skipped_nonfinite``).
+        channels_last, compile: as :class:`~mbv3_dense.task.TaskModule`.
     """
 
     task = "detect"
@@ -51,9 +52,11 @@ class DetectionModule(TaskModule):
     def __init__(self, *, model: SSDLite, optimizer: OptimizerCallable = torch.optim.SGD,
                  scheduler: LRSchedulerCallable | None = None, loss: SSDLoss | None = None,
                  warmup_steps: int = 1000, warmup_factor: float = 0.001, lr_batch_size: int | None = None,
-                 weight_decay_norm_bias: bool = False, nonfinite_loss: NonFinitePolicy = "stop") -> None:
+                 weight_decay_norm_bias: bool = False, nonfinite_loss: NonFinitePolicy = "stop",
+                 channels_last: bool | None = None, compile: bool = False) -> None:  # noqa: A002 - the option's name
         super().__init__(model=model, optimizer=optimizer, scheduler=scheduler, lr_batch_size=lr_batch_size,
-                         weight_decay_norm_bias=weight_decay_norm_bias, nonfinite_loss=nonfinite_loss)
+                         weight_decay_norm_bias=weight_decay_norm_bias, nonfinite_loss=nonfinite_loss,
+                         channels_last=channels_last, compile=compile)
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "loss"])
         self.loss = loss or SSDLoss()
         if (self.loss.classification == "focal") != (model.score_activation == "sigmoid"):

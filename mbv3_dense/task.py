@@ -78,6 +78,11 @@ class TaskModule(L.LightningModule):
         nonfinite_loss: ``"stop"`` raises :class:`~mbv3_dense.guards.NonFiniteLossError` naming
             the step at the first NaN/inf loss; ``"skip"`` skips that batch's update and counts it
             (``train/skipped_nonfinite``).
+        channels_last: the network's weights and its input batches in channels-last memory format
+            (NHWC: what cuDNN's mixed-precision convolutions want). ``None``: when the run is on a CUDA
+            GPU. Numerically the same network; the checkpoint's state dict is unchanged.
+        compile: ``torch.compile`` the network's forward at set-up (in place: checkpoint keys unchanged).
+            The first steps are slow while it compiles; worth it for long GPU runs.
     """
 
     task: ClassVar[str]  # "classify" | "detect" | "segment", recorded in checkpoints (mbv3_dense.model_record)
@@ -88,7 +93,8 @@ class TaskModule(L.LightningModule):
 
     def __init__(self, *, model: nn.Module, optimizer: OptimizerCallable = torch.optim.SGD,
                  scheduler: LRSchedulerCallable | None = None, lr_batch_size: int | None = None,
-                 weight_decay_norm_bias: bool = False, nonfinite_loss: NonFinitePolicy = "stop") -> None:
+                 weight_decay_norm_bias: bool = False, nonfinite_loss: NonFinitePolicy = "stop",
+                 channels_last: bool | None = None, compile: bool = False) -> None:  # noqa: A002 - the option's name
         super().__init__()
         if nonfinite_loss not in ("stop", "skip"):
             raise ValueError(f"nonfinite_loss must be 'stop' or 'skip', got {nonfinite_loss!r}")
@@ -100,6 +106,23 @@ class TaskModule(L.LightningModule):
         self.lr_batch_size = lr_batch_size
         self.weight_decay_norm_bias = weight_decay_norm_bias
         self.nonfinite_loss = nonfinite_loss
+        self.channels_last = channels_last
+        self.compile_network = compile
+        self._memory_format = torch.contiguous_format
+        self._compiled = False
+
+    def configure_model(self) -> None:
+        """Channels-last weights and ``torch.compile``, once, before the run moves the module to its device."""
+        on_cuda = self._trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        if self.channels_last if self.channels_last is not None else on_cuda:
+            self._memory_format = torch.channels_last
+            self.model.to(memory_format=torch.channels_last)
+            self.eval_model.to(memory_format=torch.channels_last)  # a weight average, where one is kept
+            log.info("channels-last memory format for the network and its input batches")
+        if self.compile_network and not self._compiled:
+            self.model.compile()
+            self._compiled = True
+            log.info("network compiled with torch.compile (the first steps include compilation)")
 
     # ------------------------------------------------------------------ batches: uint8 in, network input out
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:  # noqa: ANN401 - each task's batch
@@ -121,9 +144,9 @@ class TaskModule(L.LightningModule):
     def images_to_input(self, images: Tensor) -> Tensor:
         """uint8 ``[N, 3, H, W]`` RGB -> the network's float input, normalised by the network's own
         ``normalize``. Floating-point images are taken to be the network's input already."""
-        if images.is_floating_point():
-            return images
-        return self.model.normalize(images.float().div_(255))
+        if not images.is_floating_point():
+            images = self.model.normalize(images.float().div_(255))
+        return images.contiguous(memory_format=self._memory_format)
 
     # ------------------------------------------------------------------ hooks used by callbacks
     def forward(self, x: Tensor) -> object:

@@ -30,7 +30,8 @@ def segmentation_loss(logits: Tensor, target: Tensor) -> Tensor:
     """
     if not (target != IGNORE_INDEX).any():
         return logits.sum() * 0.0
-    return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+    # fp32 under mixed precision: a softmax over 19 classes averaged over millions of pixels.
+    return F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX)
 
 
 def miou_metric() -> MulticlassJaccardIndex:
@@ -50,7 +51,8 @@ class SegmentationModule(TaskModule):
             logits ``[N, 19, H, W]`` at input size.
         optimizer, scheduler (stepped every iteration; poly LR:
             ``torch.optim.lr_scheduler.PolynomialLR(total_iters=<max_steps>, power=0.9)``), lr_batch_size,
-            weight_decay_norm_bias, nonfinite_loss: as :class:`~mbv3_dense.task.TaskModule`.
+            weight_decay_norm_bias, nonfinite_loss, channels_last, compile: as
+            :class:`~mbv3_dense.task.TaskModule`.
     """
 
     task = "segment"
@@ -58,9 +60,11 @@ class SegmentationModule(TaskModule):
 
     def __init__(self, *, model: nn.Module, optimizer: OptimizerCallable = torch.optim.SGD,
                  scheduler: LRSchedulerCallable | None = None, lr_batch_size: int | None = None,
-                 weight_decay_norm_bias: bool = False, nonfinite_loss: NonFinitePolicy = "stop") -> None:
+                 weight_decay_norm_bias: bool = False, nonfinite_loss: NonFinitePolicy = "stop",
+                 channels_last: bool | None = None, compile: bool = False) -> None:  # noqa: A002 - the option's name
         super().__init__(model=model, optimizer=optimizer, scheduler=scheduler, lr_batch_size=lr_batch_size,
-                         weight_decay_norm_bias=weight_decay_norm_bias, nonfinite_loss=nonfinite_loss)
+                         weight_decay_norm_bias=weight_decay_norm_bias, nonfinite_loss=nonfinite_loss,
+                         channels_last=channels_last, compile=compile)
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
         self.val_miou = miou_metric()
         self.val_iou = MulticlassJaccardIndex(num_classes=NUM_CLASSES, ignore_index=IGNORE_INDEX, average="none")

@@ -62,7 +62,7 @@ class ClassificationModule(TaskModule):
         label_smoothing: cross-entropy label smoothing.
         ema_decay: per-step decay of the weight average; ``None`` disables it.
         optimizer, scheduler (stepped once per epoch), lr_batch_size, weight_decay_norm_bias,
-            nonfinite_loss: as :class:`~mbv3_dense.task.TaskModule`.
+            nonfinite_loss, channels_last, compile: as :class:`~mbv3_dense.task.TaskModule`.
     """
 
     task = "classify"
@@ -78,9 +78,12 @@ class ClassificationModule(TaskModule):
         label_smoothing: float = 0.0,
         ema_decay: float | None = None,
         nonfinite_loss: NonFinitePolicy = "stop",
+        channels_last: bool | None = None,
+        compile: bool = False,  # noqa: A002 - the option's name
     ) -> None:
         super().__init__(model=model, optimizer=optimizer, scheduler=scheduler, lr_batch_size=lr_batch_size,
-                         weight_decay_norm_bias=weight_decay_norm_bias, nonfinite_loss=nonfinite_loss)
+                         weight_decay_norm_bias=weight_decay_norm_bias, nonfinite_loss=nonfinite_loss,
+                         channels_last=channels_last, compile=compile)
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
         # The metrics need the class count: read it off the network's output once.
         self.num_classes = num_classes = count_outputs(model)
@@ -134,7 +137,7 @@ class ClassificationModule(TaskModule):
         if self._no_update:
             return None
         logits = self.model(batch.images)
-        loss = self.criterion(logits, batch.labels)
+        loss = self.criterion(logits.float(), batch.labels)  # fp32 under mixed precision
         checked = check_loss(self, loss, {"cross_entropy": loss}, self.nonfinite_loss)
         if checked is not loss:
             self._no_update = checked is None
@@ -160,7 +163,7 @@ class ClassificationModule(TaskModule):
         bs = batch.labels.numel()
         self.val_top1(logits, batch.labels)
         self.val_top5(logits, batch.labels)
-        self.val_loss.update(self.criterion(logits, batch.labels), weight=bs)
+        self.val_loss.update(self.criterion(logits.float(), batch.labels), weight=bs)
         self.log("val/loss", self.val_loss, batch_size=bs)
         self.log("val/top1", self.val_top1, prog_bar=True, batch_size=bs)
         self.log("val/top5", self.val_top5, batch_size=bs)

@@ -1,0 +1,207 @@
+"""The GPU check: does training run, converge and measure the same on a GPU as on the CPU?
+
+    bash scripts/gpu_check.sh                    # one GPU, at most ~8 minutes
+    bash scripts/gpu_check.sh --device cpu       # dry run: the same steps, a few of each, on the CPU
+
+For each task it generates the demo dataset (real on-disk formats), then runs the task's real
+config with the demo overlay through ``python -m mbv3_dense fit`` for ``--steps`` optimizer steps in
+mixed precision (``--precision``, bf16 by default on CUDA), and reads the training loss from the
+run's ``metrics.csv``: the mean of the first logged fifth against the last fifth. The overlay's
+``LatencyCallback`` times the network on the training device (CUDA synchronised before each clock
+read) and its ``latency_ms`` is reported beside the loss. Then ``scripts/benchmark_training.py``
+measures train-step images/s in fp32 and in the mixed precision, ours against torchvision's models,
+and the ratio mixed/fp32 is printed per task.
+
+Everything goes to ``--out`` (``gpu_check.json``, ``gpu_check.md``, the runs' logs). Exit status 1
+when a loss did not go down on a GPU run (a CPU dry run is too short to ask that of).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = {
+    "classify": ("configs/mobilenet_v3_small_imagenet.yaml", "configs/demo/classify.yaml"),
+    "detect": ("configs/ssdlite_mobilenet_v3_small_coco.yaml", "configs/demo/detect.yaml"),
+    "segment": ("configs/lraspp_cityscapes.yaml", "configs/demo/segment.yaml"),
+}
+METRICS = {"classify": "val/top1", "detect": "val/map_50", "segment": "val/miou"}
+# A dry run on the CPU: the smallest data and batches that still go through every step.
+DRY_RUN = {
+    "classify": ["--data.batch_size", "8"],
+    "detect": ["--data.batch_size", "2"],
+    "segment": ["--data.batch_size", "2", "--data.crop_size", "[64, 64]",
+                "--trainer.callbacks.init_args.input_size", "[64, 128]"],
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--tasks", default="classify,detect,segment")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per task (cuda 300, cpu 4)")
+    p.add_argument("--precision", default=None,
+                   help="the mixed precision to check (cuda: bf16-mixed; cpu: 32-true)")
+    p.add_argument("--out", type=Path, default=Path("outputs/gpu_check"))
+    p.add_argument("--skip-benchmark", action="store_true", help="only the training runs")
+    args = p.parse_args(argv)
+    args.tasks = [t for t in args.tasks.split(",") if t]
+    unknown = sorted(set(args.tasks) - set(TASKS))
+    if unknown:
+        p.error(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    dry = args.device == "cpu"
+    args.steps = args.steps or (4 if dry else 300)
+    args.precision = args.precision or ("32-true" if dry else "bf16-mixed")
+    return args
+
+
+def run(cmd: list[str], log: Path) -> None:
+    """Run ``cmd`` from the repository root, its output to ``log`` (and the tail to the terminal on failure)."""
+    print(f"$ {' '.join(cmd)}", flush=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    with log.open("w") as f:
+        result = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        print(log.read_text()[-4000:], file=sys.stderr)
+        raise SystemExit(f"gpu check step failed (exit {result.returncode}), log: {log}")
+
+
+def make_data(task: str, out: Path, dry: bool) -> Path:
+    data = out / "data" / task
+    if not (data / ".complete").exists():
+        run([sys.executable, "scripts/make_demo_data.py", task, "--out", str(data), *(["--tiny"] if dry else [])],
+            out / f"data_{task}.log")
+    return data
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    (path,) = sorted(run_dir.glob("logs/version_*/metrics.csv"))[-1:] or [None]
+    if path is None:
+        raise SystemExit(f"no metrics.csv under {run_dir}")
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def loss_trend(rows: list[dict[str, str]]) -> tuple[float, float, int]:
+    """(mean loss of the first fifth of the logged steps, of the last fifth, number logged)."""
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss") not in (None, "")]
+    if not losses:
+        raise SystemExit("no train/loss in metrics.csv")
+    k = max(1, len(losses) // 5)
+    return sum(losses[:k]) / k, sum(losses[-k:]) / k, len(losses)
+
+
+def last(rows: list[dict[str, str]], key: str) -> float | None:
+    values = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+    return values[-1] if values else None
+
+
+def train(task: str, args: argparse.Namespace) -> dict:
+    dry = args.device == "cpu"
+    data = make_data(task, args.out, dry)
+    run_dir = args.out / "runs" / task
+    cmd = [sys.executable, "-m", "mbv3_dense", "fit"]
+    for config in TASKS[task]:
+        cmd += ["-c", config]
+    cmd += ["--data.root", str(data), "--trainer.default_root_dir", str(run_dir),
+            "--trainer.accelerator", "gpu" if args.device == "cuda" else "cpu", "--trainer.devices", "1",
+            "--trainer.precision", args.precision, "--trainer.max_steps", str(args.steps), "--trainer.max_epochs",
+            "-1", "--trainer.log_every_n_steps", "1" if dry else "5", "--trainer.limit_val_batches", "4",
+            "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(run_dir),
+            "--trainer.logger.name", "logs", "--checkpoints.every_n_train_steps", "0",
+            "--data.num_workers", "0" if dry else str(min(8, os.cpu_count() or 1))]
+    # Validate (the metric, and the latency callback's timing) once, at the last step, whatever the epoch length.
+    cmd += ["--trainer.check_val_every_n_epoch", "null", "--trainer.val_check_interval", str(args.steps)]
+    if dry:
+        cmd += DRY_RUN[task]
+    t0 = time.time()
+    run(cmd, args.out / f"fit_{task}.log")
+    rows = read_metrics(run_dir)
+    first, final, logged = loss_trend(rows)
+    return {"task": task, "steps": args.steps, "precision": args.precision, "seconds": round(time.time() - t0, 1),
+            "loss_first": first, "loss_last": final, "losses_logged": logged, "loss_went_down": final < first,
+            "metric": last(rows, METRICS[task]), "metric_name": METRICS[task],
+            "latency_ms": last(rows, "latency_ms"), "latency_p90_ms": last(rows, "latency_p90_ms")}
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, dict]:
+    """Train-step images/s in fp32 and in ``args.precision``, ours and torchvision's, per task."""
+    dry = args.device == "cpu"
+    found: dict[str, dict] = {}
+    for precision in dict.fromkeys(("32-true", args.precision)):
+        out = args.out / f"benchmark_{precision}.json"
+        run([sys.executable, "scripts/benchmark_training.py", "--tasks", ",".join(args.tasks), "--measure", "train",
+             "--device", args.device, "--precision", precision, "--steps", "10", "--warmup", "3",
+             "--workdir", str(args.out / "benchmark_data"), "--json", str(out), *(["--quick"] if dry else [])],
+            args.out / f"benchmark_{precision}.log")
+        found[precision] = json.loads(out.read_text())
+    return found
+
+
+def train_step_rows(report: dict) -> dict[tuple[str, str], float]:
+    """``{(task, contender): images/s}`` of the train-step rows of a benchmark_training.py report."""
+    rows = {}
+    for row in report["rows"]:
+        if row["what"] == "train step":
+            rows[(row["task"], "ours")] = row["ours_img_s"]
+            rows[(row["task"], "torchvision")] = row["torchvision_img_s"]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch sees no CUDA GPU (use --device cpu for the dry run)", file=sys.stderr)
+        return 2
+    card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"gpu check on {card}: {', '.join(args.tasks)}, {args.steps} steps, {args.precision}", flush=True)
+    summary: dict = {"device": card, "torch": torch.__version__, "training": [], "speedup": []}
+    for task in args.tasks:
+        result = train(task, args)
+        summary["training"].append(result)
+        print(f"  {task:9s} loss {result['loss_first']:.4f} -> {result['loss_last']:.4f} "
+              f"({result['losses_logged']} logged), latency {result['latency_ms']} ms on {card}, "
+              f"{result['seconds']} s", flush=True)
+    if not args.skip_benchmark:
+        reports = benchmark(args)
+        summary["benchmark"] = reports
+        fp32, mixed = train_step_rows(reports["32-true"]), train_step_rows(reports[args.precision])
+        for key, base in fp32.items():
+            if key in mixed and base > 0:
+                summary["speedup"].append({"task": key[0], "contender": key[1], "fp32_img_s": base,
+                                           "mixed_img_s": mixed[key], "ratio": mixed[key] / base})
+    lines = [f"# GPU check: {card}", "", f"{args.steps} steps per task in {args.precision}; torch {torch.__version__}",
+             "", "| task | loss first fifth | loss last fifth | metric | latency ms | s |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['loss_first']:.4f} | {r['loss_last']:.4f} | {r['metric_name']} {r['metric']} | "
+              f"{r['latency_ms']} | {r['seconds']} |" for r in summary["training"]]
+    if summary["speedup"]:
+        lines += ["", f"| task | model | fp32 img/s | {args.precision} img/s | ratio |", "|---|---|---|---|---|"]
+        lines += [f"| {s['task']} | {s['contender']} | {s['fp32_img_s']:.1f} | {s['mixed_img_s']:.1f} | "
+                  f"{s['ratio']:.2f} |" for s in summary["speedup"]]
+    (args.out / "gpu_check.md").write_text("\n".join(lines) + "\n")
+    (args.out / "gpu_check.json").write_text(json.dumps(summary, indent=2))
+    print("\n".join(lines))
+    bad = [r["task"] for r in summary["training"] if not math.isfinite(r["loss_last"])]
+    if args.device == "cuda":
+        bad += [r["task"] for r in summary["training"] if not r["loss_went_down"]]
+    if bad:
+        print(f"FAILED: the loss did not go down (or is not finite) for {', '.join(sorted(set(bad)))}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
