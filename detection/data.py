@@ -32,7 +32,7 @@ from detection.annotations import (  # noqa: F401 - also this module's names for
 )
 from detection.transforms import train_transform
 from mbv3_dense.image_io import read_image_rgb
-from mbv3_dense.predict import DEFAULT_MAX_PIXELS, ImageList, list_images, note_ignored, predict_loader
+from mbv3_dense.predict import DEFAULT_MAX_PIXELS, ImageList, predict_images_for, predict_loader
 from mbv3_dense.sampling import SampleKey, as_sample_key, eval_loader, sample_randomness, train_loader
 
 log = logging.getLogger(__name__)
@@ -196,11 +196,7 @@ class CocoDataModule(L.LightningDataModule):
         if stage in ("fit", "validate", "test") and self.val_set is None:
             self.val_set = CocoEvalDataset(self._load("val"))
         if stage == "predict":
-            if self.predict_images is None:
-                raise ValueError("lightning predict needs the images: --data.predict_images PATH (a folder, a glob "
-                                 "or a text file of paths)")
-            self.predict_list = list_images(self.predict_images)
-            note_ignored(self.predict_list, self.predict_images)
+            self.predict_list = predict_images_for(self.predict_images)
             self._load_categories()
 
     def _load_categories(self) -> None:

@@ -435,3 +435,19 @@ def note_ignored(images: ImageList, source: str) -> None:
         log.warning("%s: %d files are not images by their extension and were left out: %s%s", source,
                     len(images.ignored), shown, ", ..." if len(images.ignored) > 5 else "")
     log.info("%s: %d images to predict on", source, len(images.files))
+
+
+def predict_images_for(spec: str | Path | None) -> ImageList:
+    """A data module's ``predict_images`` for ``lightning predict``: the listed images, with the files
+    left out noted.
+
+    Raises:
+        ValueError: no ``--data.predict_images`` given.
+        FileNotFoundError: nothing there (:func:`list_images`).
+    """
+    if spec is None:
+        raise ValueError("lightning predict needs the images: --data.predict_images PATH (a folder, a glob or a "
+                         "text file of paths)")
+    images = list_images(spec)
+    note_ignored(images, spec)
+    return images

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from mbv3_dense.image_io import ImageReadError, read_image_rgb, read_label_png
-from mbv3_dense.predict import DEFAULT_MAX_PIXELS, ImageList, list_images, note_ignored, predict_loader
+from mbv3_dense.predict import DEFAULT_MAX_PIXELS, ImageList, predict_images_for, predict_loader
 from mbv3_dense.sampling import SampleKey, as_sample_key, eval_loader, sample_randomness, train_loader
 from segmentation.labels import label_ids_to_train_ids
 from segmentation.transforms import eval_transform, train_transform
@@ -232,11 +232,7 @@ class CityscapesDataModule(L.LightningDataModule):
                                                   check_files=self.check_files)
             log.info("Cityscapes %s: %d images", self.val_split, len(self.val_set))
         if stage == "predict":
-            if self.predict_images is None:
-                raise ValueError("lightning predict needs the images: --data.predict_images PATH (a folder, a glob "
-                                 "or a text file of paths)")
-            self.predict_list = list_images(self.predict_images)
-            note_ignored(self.predict_list, self.predict_images)
+            self.predict_list = predict_images_for(self.predict_images)
 
     def train_dataloader(self) -> DataLoader:
         return train_loader(self.train_set, trainer=self.trainer, batch_size=self.batch_size,

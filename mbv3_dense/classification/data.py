@@ -29,7 +29,7 @@ from torchvision.transforms import v2
 
 from mbv3_dense.classification.transforms import eval_transform, train_transform
 from mbv3_dense.image_io import ImageReadError, read_image_rgb
-from mbv3_dense.predict import DEFAULT_MAX_PIXELS, ImageList, list_images, note_ignored, predict_loader
+from mbv3_dense.predict import DEFAULT_MAX_PIXELS, ImageList, predict_images_for, predict_loader
 from mbv3_dense.sampling import SampleKey, as_sample_key, eval_loader, sample_randomness, train_loader
 
 log = logging.getLogger(__name__)
@@ -242,11 +242,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             self.val_set = ImageFolderDataset(scan.samples, self.val_tf, on_bad_image=self.on_bad_image)
 
     def _setup_predict(self) -> None:
-        if self.predict_images is None:
-            raise ValueError("lightning predict needs the images: --data.predict_images PATH (a folder, a glob or "
-                             "a text file of paths)")
-        self.predict_list = list_images(self.predict_images)
-        note_ignored(self.predict_list, self.predict_images)
+        self.predict_list = predict_images_for(self.predict_images)
         try:
             self.predict_class_names = find_classes(self.root / "train")
         except FileNotFoundError:
