@@ -167,13 +167,14 @@ class CityscapesSegmentation(Dataset):
             )
         with sample_randomness(key) as generators:
             image, label_ids = self.transform(image, label_ids, generators.python)
-        return image, torch.from_numpy(label_ids_to_train_ids(label_ids, label_path)).long()
+        return image, torch.from_numpy(label_ids_to_train_ids(label_ids, label_path))  # uint8: long on the device
 
 
 class CityscapesDataModule(L.LightningDataModule):
     """Cityscapes fine annotations for LR-ASPP training and validation.
 
-    Batches are ``(images [N, 3, H, W] uint8, masks [N, H, W] int64 trainIds, 255 = ignore)``.
+    Batches are ``(images [N, 3, H, W] uint8, masks [N, H, W] uint8 trainIds, 255 = ignore)``; the module
+    makes them float input and int64 targets on the device.
     Validation runs at full resolution. Under DDP, validation uses an unpadded distributed
     sampler, so each image is counted once (a padded sampler would duplicate images, and the
     synced confusion matrix would count them twice).

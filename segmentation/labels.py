@@ -43,12 +43,13 @@ def label_ids_to_train_ids(label_ids: np.ndarray, source: str | Path = "<array>"
     Ids that are not in the Cityscapes table (e.g. 34..254, or values of a 16-bit image) become
     255 with a warning naming ``source`` and the offending values.
     """
-    values = np.unique(label_ids)
+    ids = np.asarray(label_ids)
+    # The ids present: for uint8 a histogram, several times faster than np.unique on a frame.
+    values = np.flatnonzero(np.bincount(ids.ravel(), minlength=256)) if ids.dtype == np.uint8 else np.unique(ids)
     unknown = [int(v) for v in values if int(v) not in KNOWN_LABEL_IDS]
     if unknown:
         log.warning("%s: label ids %s are not Cityscapes labelIds; mapped to %d (ignore)",
                     source, unknown[:10], IGNORE_INDEX)
-    ids = np.asarray(label_ids)
     if ids.dtype != np.uint8:
         out = np.full(ids.shape, IGNORE_INDEX, dtype=np.uint8)
         inside = (ids >= 0) & (ids < 256)

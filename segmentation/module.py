@@ -43,8 +43,8 @@ def miou_metric() -> MulticlassJaccardIndex:
 class SegmentationModule(TaskModule):
     """Trains and validates an LR-ASPP model on Cityscapes trainIds.
 
-    Batches: ``(images [N, 3, H, W] uint8, masks [N, H, W] int64 trainIds, 255 = ignore)``; the images
-    are normalised with the network's ``normalize`` once on the device (:meth:`batch_to_input`).
+    Batches: ``(images [N, 3, H, W] uint8, masks [N, H, W] uint8 trainIds, 255 = ignore)``; on the device the
+    images are normalised with the network's ``normalize`` and the masks become int64 (:meth:`batch_to_input`).
 
     Args:
         model: the network (e.g. :func:`segmentation.lraspp_mobilenet_v3_large`); its forward returns
@@ -69,6 +69,11 @@ class SegmentationModule(TaskModule):
         self.val_miou = miou_metric()
         self.val_iou = MulticlassJaccardIndex(num_classes=NUM_CLASSES, ignore_index=IGNORE_INDEX, average="none")
         self.val_loss = MeanMetric()
+
+    def batch_to_input(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """uint8 images -> the network's input; uint8 trainId masks -> int64 (an eighth of the bytes travel)."""
+        images, masks = batch
+        return self.images_to_input(images), masks.long()
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         images, masks = batch

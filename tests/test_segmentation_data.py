@@ -105,7 +105,7 @@ def test_generated_tree_and_datamodule(tmp_path):
     dm.setup("fit")
     images, masks = next(iter(dm.train_dataloader()))
     assert images.shape == (2, 3, 32, 48) and images.dtype == torch.uint8
-    assert masks.shape == (2, 32, 48) and masks.dtype == torch.int64
+    assert masks.shape == (2, 32, 48) and masks.dtype == torch.uint8  # int64 on the device
     images, masks = next(iter(dm.val_dataloader()))
     assert images.shape == (1, 3, 64, 128)  # full resolution
     present = set(torch.unique(masks).tolist()) - {255}
