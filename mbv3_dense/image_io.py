@@ -15,6 +15,8 @@ apply EXIF orientation and give the same pixels on the files cv2 takes (tests/te
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -93,23 +95,33 @@ def read_image_rgb(path: str | Path) -> np.ndarray:
     return _pil_rgb(path)
 
 
-def _pil_rgb(path: Path) -> np.ndarray:
+@contextmanager
+def _pil_errors(path: Path, kind: str) -> Iterator[None]:
+    """PIL's exceptions while decoding ``path`` (``kind``: "image" or "label") as :class:`ImageReadError`
+    naming the file and the cause."""
     try:
-        with Image.open(path) as img:
-            img.load()  # decode fully now: truncation raises here, not later
-            img = ImageOps.exif_transpose(img)
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(img, dtype=np.float32)
-                scale = 255.0 / max(float(arr.max()), 1.0)
-                img = Image.fromarray((arr * scale).astype(np.uint8))
-            rgb = img.convert("RGB")
-            return np.asarray(rgb, dtype=np.uint8).copy()
+        yield
+    except ImageReadError:
+        raise
     except FileNotFoundError as err:
-        raise ImageReadError(f"{path}: image file not found") from err
+        raise ImageReadError(f"{path}: {kind} file not found") from err
     except UnidentifiedImageError as err:
         raise ImageReadError(f"{path}: not a readable image (unknown or corrupt format)") from err
     except (OSError, SyntaxError, ValueError) as err:
-        raise ImageReadError(f"{path}: corrupt or truncated image ({err})") from err
+        raise ImageReadError(f"{path}: corrupt or truncated {'label image' if kind == 'label' else 'image'} ({err})") \
+            from err
+
+
+def _pil_rgb(path: Path) -> np.ndarray:
+    with _pil_errors(path, "image"), Image.open(path) as img:
+        img.load()  # decode fully now: truncation raises here, not later
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(img, dtype=np.float32)
+            scale = 255.0 / max(float(arr.max()), 1.0)
+            img = Image.fromarray((arr * scale).astype(np.uint8))
+        rgb = img.convert("RGB")
+        return np.asarray(rgb, dtype=np.uint8).copy()
 
 
 def read_label_png(path: str | Path) -> np.ndarray:
@@ -127,19 +139,8 @@ def read_label_png(path: str | Path) -> np.ndarray:
         array = _cv2_decode(data, cv2.IMREAD_UNCHANGED)
         if array is not None and array.ndim == 2:
             return array
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
-                raise ImageReadError(
-                    f"{path}: label image has mode {img.mode}; expected a single-channel PNG of ids"
-                )
-            return np.asarray(img).astype(np.int64 if img.mode.startswith("I") else np.uint8)
-    except ImageReadError:
-        raise
-    except FileNotFoundError as err:
-        raise ImageReadError(f"{path}: label file not found") from err
-    except UnidentifiedImageError as err:
-        raise ImageReadError(f"{path}: not a readable image (unknown or corrupt format)") from err
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ImageReadError(f"{path}: corrupt or truncated label image ({err})") from err
+    with _pil_errors(path, "label"), Image.open(path) as img:
+        img.load()
+        if img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+            raise ImageReadError(f"{path}: label image has mode {img.mode}; expected a single-channel PNG of ids")
+        return np.asarray(img).astype(np.int64 if img.mode.startswith("I") else np.uint8)
