@@ -143,7 +143,8 @@ class TaskModule(L.LightningModule):
 
     def images_to_input(self, images: Tensor) -> Tensor:
         """uint8 ``[N, 3, H, W]`` RGB -> the network's float input, normalised by the network's own
-        ``normalize``. Floating-point images are taken to be the network's input already."""
+        ``normalize``, in the network's memory format (channels-last where :meth:`configure_model` chose it).
+        Floating-point images are taken to be the network's input already."""
         if not images.is_floating_point():
             images = self.model.normalize(images.float().div_(255))
         return images.contiguous(memory_format=self._memory_format)
@@ -158,8 +159,9 @@ class TaskModule(L.LightningModule):
         return self.model
 
     def example_input(self, height: int, width: int) -> Tensor:
-        """A normalised-looking ``[1, 3, height, width]`` input for latency and MAdds."""
-        return torch.randn(1, 3, height, width, device=self.device)
+        """A normalised-looking ``[1, 3, height, width]`` input for latency and MAdds, in the memory format the
+        batches have (channels-last on a GPU)."""
+        return torch.randn(1, 3, height, width, device=self.device).contiguous(memory_format=self._memory_format)
 
     def inference_step(self, x: Tensor) -> object:
         """One inference as timed by :class:`~mbv3_dense.latency.LatencyCallback`: the network's forward."""

@@ -56,3 +56,19 @@ def test_bf16_channels_last_and_compile_through_the_cli(tiny_imagefolder: Path, 
     network.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()
                              if k.startswith("model.")})
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_channels_last_reaches_weights_batches_and_the_latency_input() -> None:
+    module = ClassificationModule(model=mobilenet_v3_small(num_classes=3, width_mult=0.5), ema_decay=0.99,
+                                  channels_last=True)
+    module.configure_model()
+    conv = next(m for m in module.model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    ema_conv = next(m for m in module.model_ema.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+    assert ema_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = module.images_to_input(torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8))
+    assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+    assert module.example_input(16, 16).is_contiguous(memory_format=torch.channels_last)
+    plain = ClassificationModule(model=mobilenet_v3_small(num_classes=3, width_mult=0.5))
+    plain.configure_model()  # null: channels-last only on a CUDA device
+    assert plain.images_to_input(torch.zeros(2, 3, 16, 16, dtype=torch.uint8)).is_contiguous()
