@@ -12,6 +12,7 @@ so evaluation, export and prediction rebuild the same network from the file alon
 
 from __future__ import annotations
 
+import argparse
 import importlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +26,15 @@ TASKS = ("classify", "detect", "segment")
 # Builder arguments that point at files of the machine that trained (pretrained weights): the
 # checkpoint's own weights replace them when rebuilding.
 _FILE_ARGUMENTS = ("weights", "weights_backbone")
+
+
+def task_list(text: str) -> list[str]:
+    """The scripts' ``--tasks`` (an argparse ``type``): a comma-separated subset of :data:`TASKS`, in order."""
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise argparse.ArgumentTypeError(f"unknown tasks {unknown}; choose from {', '.join(TASKS)}")
+    return tasks
 
 
 class ModelRecord(Callback):

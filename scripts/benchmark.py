@@ -63,9 +63,9 @@ from mbv3_dense.deploy import (
     quantize_int8,
     to_channels_last,
 )
+from mbv3_dense.model_record import TASKS, task_list
 from mbv3_dense.weights import from_torchvision_classifier, load_state_dict_strict
 
-TASKS = ("classify", "detect", "segment")
 BASELINE = "torchvision eager"
 
 
@@ -349,7 +349,8 @@ def print_table(rows: list[Row]) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ", ".join(TASKS))
+    parser.add_argument("--tasks", type=task_list, default=",".join(TASKS),
+                        help="comma-separated subset of " + ", ".join(TASKS))
     parser.add_argument("--arch", choices=("large", "small"), default="large")
     parser.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime threads (default: torch's)")
     parser.add_argument("--runs", type=int, default=20, help="timed runs per row (classify, detect)")
@@ -370,10 +371,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reuse-exports", action="store_true",
                         help="with --keep-onnx: run .pte files already there instead of exporting again")
     args = parser.parse_args(argv)
-    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in args.tasks if t not in TASKS]
-    if unknown or not args.tasks:
-        parser.error(f"unknown tasks {unknown}; choose from {', '.join(TASKS)}")
     if args.reuse_exports and args.keep_onnx is None:
         parser.error("--reuse-exports needs --keep-onnx DIR")
     if args.quick:

@@ -73,8 +73,10 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from mbv3_dense.constants import IMAGENET_MEAN, IMAGENET_STD
+from mbv3_dense.model_record import TASKS, task_list
+
 REPO = Path(__file__).resolve().parents[1]
-TASKS = ("classify", "detect", "segment")
 CONFIGS = {
     "classify": REPO / "configs" / "mobilenet_v3_large_imagenet.yaml",
     "detect": REPO / "configs" / "ssdlite_mobilenet_v3_large_coco.yaml",
@@ -84,8 +86,6 @@ PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.f
 # Issue 13's targets for ours / torchvision (train step on the CPU; data pipeline per worker).
 TRAIN_TARGET = 1.0
 PIPELINE_TARGETS = {"classify": 1.0, "detect": 1.2, "segment": 1.5}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's classifiers and LR-ASPP (the reference side)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -608,7 +608,8 @@ def print_row(row: Row) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ", ".join(TASKS))
+    parser.add_argument("--tasks", type=task_list, default=",".join(TASKS),
+                        help="comma-separated subset of " + ", ".join(TASKS))
     parser.add_argument("--measure", default="train,pipeline",
                         help="comma-separated: train (train step), pipeline (data pipeline); default both")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -627,10 +628,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="tiny data, shapes, batches and turns: a smoke test (the figures mean nothing)")
     args = parser.parse_args(argv)
-    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in args.tasks if t not in TASKS]
-    if unknown or not args.tasks:
-        parser.error(f"unknown tasks {unknown}; choose from {', '.join(TASKS)}")
     args.measure = [m.strip() for m in args.measure.split(",") if m.strip()]
     if not args.measure or set(args.measure) - {"train", "pipeline"}:
         parser.error(f"--measure takes train and/or pipeline, got {args.measure}")

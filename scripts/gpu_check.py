@@ -28,8 +28,10 @@ import sys
 import time
 from pathlib import Path
 
+from mbv3_dense.model_record import TASKS, task_list
+
 ROOT = Path(__file__).resolve().parents[1]
-TASKS = {
+CONFIGS = {
     "classify": ("configs/mobilenet_v3_small_imagenet.yaml", "configs/demo/classify.yaml"),
     "detect": ("configs/ssdlite_mobilenet_v3_small_coco.yaml", "configs/demo/detect.yaml"),
     "segment": ("configs/lraspp_cityscapes.yaml", "configs/demo/segment.yaml"),
@@ -47,17 +49,13 @@ DRY_RUN = {
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    p.add_argument("--tasks", default="classify,detect,segment")
+    p.add_argument("--tasks", type=task_list, default=",".join(TASKS))
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per task (cuda 300, cpu 4)")
     p.add_argument("--precision", default=None,
                    help="the mixed precision to check (cuda: bf16-mixed; cpu: 32-true)")
     p.add_argument("--out", type=Path, default=Path("outputs/gpu_check"))
     p.add_argument("--skip-benchmark", action="store_true", help="only the training runs")
     args = p.parse_args(argv)
-    args.tasks = [t for t in args.tasks.split(",") if t]
-    unknown = sorted(set(args.tasks) - set(TASKS))
-    if unknown:
-        p.error(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
     dry = args.device == "cpu"
     args.steps = args.steps or (4 if dry else 300)
     args.precision = args.precision or ("32-true" if dry else "bf16-mixed")
@@ -111,7 +109,7 @@ def train(task: str, args: argparse.Namespace) -> dict:
     data = make_data(task, args.out, dry)
     run_dir = args.out / "runs" / task
     cmd = [sys.executable, "-m", "mbv3_dense", "fit"]
-    for config in TASKS[task]:
+    for config in CONFIGS[task]:
         cmd += ["-c", config]
     cmd += ["--data.root", str(data), "--trainer.default_root_dir", str(run_dir),
             "--trainer.accelerator", "gpu" if args.device == "cuda" else "cpu", "--trainer.devices", "1",
