@@ -19,6 +19,8 @@ import torch
 from pycocotools.coco import COCO
 from torch import Tensor
 
+from mbv3_dense.classes import BACKGROUND, ClassInfo, check_class_info, check_unique_names
+
 log = logging.getLogger(__name__)
 
 
@@ -29,21 +31,28 @@ class AnnotationError(ValueError):
 class CategoryMap:
     """COCO category ids <-> model labels (0 is background), the one place they are converted.
 
-    With ``num_classes == len(categories) + 1`` labels are contiguous (the i-th category by id is
-    label i + 1: 81 classes for COCO); with ``num_classes`` above the largest id the label *is* the
+    With ``num_classes == len(categories) + 1`` (or ``None``) labels are contiguous (the i-th category by
+    id is label i + 1: 81 classes for COCO); with ``num_classes`` above the largest id the label *is* the
     category id (torchvision's 91-class layout). Anything else is an error.
 
     Args:
         category_ids: the ids of the annotation file's ``categories``.
-        num_classes: the model's classes including background.
+        num_classes: the model's classes including background; ``None``: contiguous.
         source: named in error messages (the annotation file).
+        names: category id -> name (the file's ``categories``); missing ones are named by their id.
     """
 
-    def __init__(self, category_ids: list[int], num_classes: int, source: str = "annotations") -> None:
+    def __init__(self, category_ids: list[int], num_classes: int | None, source: str = "annotations",
+                 names: dict[int, str] | None = None) -> None:
         ids = sorted(int(i) for i in category_ids)
         if not ids:
             raise AnnotationError(f"{source}: no categories")
+        if len(set(ids)) != len(ids):
+            raise AnnotationError(f"{source}: category ids listed more than once: "
+                                  f"{sorted({i for i in ids if ids.count(i) > 1})}")
         self.source = source
+        if num_classes is None:
+            num_classes = len(ids) + 1
         self.num_classes = num_classes
         if num_classes == len(ids) + 1:
             self.layout = "contiguous"
@@ -53,11 +62,33 @@ class CategoryMap:
             self.label_to_id = list(range(num_classes))
         else:
             raise AnnotationError(
-                f"{source}: {len(ids)} categories with ids up to {ids[-1]} fit neither num_classes="
-                f"{len(ids) + 1} (contiguous labels) nor num_classes > {ids[-1]} (label = category id); "
-                f"got num_classes={num_classes}")
+                f"{source}: {len(ids)} categories (ids up to {ids[-1]}) are more than a model of num_classes="
+                f"{num_classes} can hold: it takes {num_classes - 1} categories with contiguous labels, or ids "
+                f"below {num_classes} as labels; use num_classes {len(ids) + 1} (contiguous, or null to follow the "
+                f"file) or above {ids[-1]} (label = category id)")
         self.category_ids = ids
+        self.names = {int(k): str(v) for k, v in (names or {}).items()}
         self._id_to_label = {c: self.label_to_id.index(c) for c in ids}
+
+    @classmethod
+    def from_class_info(cls, info: dict, source: str = "checkpoint") -> CategoryMap:
+        """The map a checkpoint's class info describes (``names`` and ``category_ids`` per label)."""
+        ids = info.get("category_ids") or list(range(len(info["names"])))
+        names = dict(zip(ids, info["names"], strict=True))
+        return cls([i for i in ids[1:] if names[i] != "N/A"], len(ids), source, names)
+
+    @property
+    def class_names(self) -> list[str]:
+        """The name of each label: background first; in the category-id layout, unused ids are ``N/A``
+        (as torchvision's COCO list)."""
+        known = set(self.category_ids)
+        return [BACKGROUND if i == 0 else (self.names.get(c, str(c)) if c in known else "N/A")
+                for i, c in enumerate(self.label_to_id)]
+
+    @property
+    def class_info(self) -> ClassInfo:
+        """What checkpoints record (:mod:`mbv3_dense.classes`): names and the category id of each label."""
+        return check_class_info({"names": self.class_names, "category_ids": self.label_to_id}, self.source)
 
     def to_label(self, category_id: int, where: str = "") -> int:
         """Model label of a category id. Raises AnnotationError naming the unknown id."""
@@ -72,6 +103,29 @@ class CategoryMap:
         """Model labels ``[K]`` -> COCO category ids ``[K]`` (vectorised lookup)."""
         table = torch.as_tensor(self.label_to_id, dtype=torch.int64, device=labels.device)
         return table[labels.long()]
+
+
+def read_categories(annotation_file: str | Path, num_classes: int | None) -> CategoryMap:
+    """The category map of an instances file's ``categories`` (ids and names), without reading its images.
+
+    Raises:
+        AnnotationError: missing or unreadable file, no categories, or more categories than ``num_classes``
+            holds; duplicated names (two categories one name) are refused too.
+    """
+    path = Path(annotation_file)
+    if not path.is_file():
+        raise AnnotationError(f"{path}: annotation file not found")
+    try:
+        categories = json.loads(path.read_text())["categories"]
+        ids = [int(c["id"]) for c in categories]
+        names = {int(c["id"]): str(c.get("name", c["id"])) for c in categories}
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise AnnotationError(f"{path}: cannot read its categories ({type(err).__name__}: {err})") from err
+    try:
+        check_unique_names(list(names.values()), f"{path} (categories)")
+    except ValueError as err:
+        raise AnnotationError(str(err)) from err
+    return CategoryMap(ids, num_classes, str(path), names)
 
 
 @dataclass
@@ -154,9 +208,13 @@ def missing_image_files(records: list[ImageRecord]) -> list[Path]:
     return [r.path for r in records if not r.path.is_file()]
 
 
-def load_coco(annotation_file: str | Path, images_dir: str | Path, num_classes: int,
-              min_box_size: float = 1.0) -> tuple[list[ImageRecord], CategoryMap, LoadStats]:
+def load_coco(annotation_file: str | Path, images_dir: str | Path, num_classes: int | None,
+              min_box_size: float = 1.0, *, category_map: CategoryMap | None = None,
+              ) -> tuple[list[ImageRecord], CategoryMap, LoadStats]:
     """Read a COCO instances file into records, clamping boxes to the image.
+
+    Labels follow ``category_map`` when given (the data module's, so that both splits share one), else the
+    file's own categories with ``num_classes`` (``None``: contiguous).
 
     Boxes partly outside the image are clamped to it; boxes narrower or lower than ``min_box_size``
     pixels after clamping (degenerate, or entirely outside) are dropped. Both are counted.
@@ -178,7 +236,8 @@ def load_coco(annotation_file: str | Path, images_dir: str | Path, num_classes: 
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
-    cmap = CategoryMap(coco.getCatIds(), num_classes, str(annotation_file))
+    names = {int(c["id"]): str(c.get("name", c["id"])) for c in data["categories"]}
+    cmap = category_map or CategoryMap(coco.getCatIds(), num_classes, str(annotation_file), names)
     stats = LoadStats()
     records = []
     for image_id in sorted(coco.getImgIds()):

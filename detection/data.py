@@ -10,7 +10,6 @@ floats on the device (:meth:`~mbv3_dense.task.TaskModule.on_after_batch_transfer
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -28,9 +27,11 @@ from detection.annotations import (  # noqa: F401 - also this module's names for
     LoadStats,
     load_coco,
     missing_image_files,
+    read_categories,
     validate_coco_dict,
 )
 from detection.transforms import train_transform
+from mbv3_dense.classes import ClassInfo
 from mbv3_dense.image_io import read_image_rgb
 from mbv3_dense.predict import DEFAULT_MAX_PIXELS, ImageList, predict_images_for, predict_loader
 from mbv3_dense.sampling import SampleKey, as_sample_key, eval_loader, sample_randomness, train_loader
@@ -114,7 +115,10 @@ class CocoDataModule(L.LightningDataModule):
         root: dataset root.
         train_images / val_images: image folders.
         train_annotations / val_annotations: instances files.
-        num_classes: the model's classes incl. background (decides the label layout, see :class:`CategoryMap`).
+        num_classes: the model's classes incl. background (decides the label layout, see :class:`CategoryMap`);
+            ``None``: contiguous labels for the annotation file's categories (its count + 1), what fine-tuning
+            on your own COCO JSON wants. The categories (ids and names) come from the validation annotation
+            file (smaller), else the training one, and both splits are labelled by them.
         image_size: training input side.
         batch_size: training batch per device.
         val_batch_size: evaluation batch per device.
@@ -139,7 +143,7 @@ class CocoDataModule(L.LightningDataModule):
         val_images: str = "val2017",
         train_annotations: str = "annotations/instances_train2017.json",
         val_annotations: str = "annotations/instances_val2017.json",
-        num_classes: int = 91,
+        num_classes: int | None = 91,
         image_size: int = 320,
         batch_size: int = 24,
         val_batch_size: int = 8,
@@ -156,23 +160,49 @@ class CocoDataModule(L.LightningDataModule):
         self.root = Path(root)
         self.paths = {"train": (self.root / train_images, self.root / train_annotations),
                       "val": (self.root / val_images, self.root / val_annotations)}
-        self.num_classes = num_classes
+        self._num_classes = num_classes
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
         self.min_box_size = min_box_size
         self.transform = train_transform(image_size=image_size, iou_crop=iou_crop, zoom_out_p=zoom_out_p,
                                          photometric_p=photometric_p, hflip_p=hflip_p, min_box_size=min_box_size)
         self.train_set: CocoTrainDataset | None = None
         self.val_set: CocoEvalDataset | None = None
-        self.category_map: CategoryMap | None = None
-        self.category_names: dict[int, str] | None = None
+        self._category_map: CategoryMap | None = None
         self.predict_images = predict_images
         self.predict_max_pixels = predict_max_pixels
         self.predict_list: ImageList | None = None
 
+    @property
+    def category_map(self) -> CategoryMap:
+        """Category ids and names <-> labels, read once from the annotation files' ``categories``."""
+        if self._category_map is None:
+            found = [annotations for _, annotations in (self.paths["val"], self.paths["train"])
+                     if annotations.is_file()]
+            if not found:
+                raise AnnotationError(f"no annotation file: neither {self.paths['val'][1]} nor "
+                                      f"{self.paths['train'][1]} exists")
+            self._category_map = read_categories(found[0], self._num_classes)
+        return self._category_map
+
+    @property
+    def num_classes(self) -> int:
+        """The model's classes, background included (given, or the categories' count + 1)."""
+        return self._num_classes if self._num_classes is not None else self.category_map.num_classes
+
+    @property
+    def class_names(self) -> list[str]:
+        """The name of each label (background first)."""
+        return self.category_map.class_names
+
+    @property
+    def class_info(self) -> ClassInfo:
+        """What checkpoints record of the classes: names and the COCO category id of each label."""
+        return self.category_map.class_info
+
     def _load(self, split: str) -> list[ImageRecord]:
         images, annotations = self.paths[split]
-        records, cmap, stats = load_coco(annotations, images, self.num_classes, self.min_box_size)
-        self.category_map = cmap
+        records, _, stats = load_coco(annotations, images, self._num_classes, self.min_box_size,
+                                      category_map=self.category_map)
         missing = missing_image_files(records)
         if missing:
             raise AnnotationError(f"{annotations}: {len(missing)} of {len(records)} listed images are missing from "
@@ -200,20 +230,13 @@ class CocoDataModule(L.LightningDataModule):
             self._load_categories()
 
     def _load_categories(self) -> None:
-        """Category ids and names of the training annotations (validation file first: it is smaller)."""
-        for split in ("val", "train"):
-            annotations = self.paths[split][1]
-            if annotations.is_file():
-                try:
-                    categories = json.loads(annotations.read_text())["categories"]
-                    ids = [int(c["id"]) for c in categories]
-                except (ValueError, KeyError, TypeError) as err:
-                    raise AnnotationError(f"{annotations}: cannot read its categories ({err})") from err
-                self.category_map = CategoryMap(ids, self.num_classes, str(annotations))
-                self.category_names = {int(c["id"]): str(c.get("name", c["id"])) for c in categories}
-                log.info("%s: category ids and names for the predictions", annotations)
-                return
-        log.info("no annotation file under %s: predictions give model labels as category ids", self.root)
+        """Category ids and names for the predictions, when an annotation file is at hand."""
+        try:
+            log.info("%s: category ids and names for the predictions", self.category_map.source)
+        except AnnotationError:
+            self._category_map = None
+            log.info("no annotation file under %s: predictions take the category ids and names the checkpoint "
+                     "records, else labels", self.root)
 
     def predict_dataloader(self) -> DataLoader:
         return predict_loader(self.predict_list.files, batch_size=self.val_batch_size, num_workers=self.num_workers,

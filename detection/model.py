@@ -21,6 +21,7 @@ Contracts:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 from typing import Literal
 
@@ -32,6 +33,7 @@ from torchvision.ops import batched_nms, clip_boxes_to_image
 from detection.anchors import DefaultBoxes
 from detection.box_coder import BoxCoder
 from mbv3_dense.backbone import MobileNetV3
+from mbv3_dense.classes import network_class_names
 from mbv3_dense.layers import ConvNormAct, NormLayer
 
 
@@ -133,6 +135,8 @@ class SSDLite(nn.Module):
         nms_thresh: IoU threshold of the per-class NMS.
         detections_per_img: detections kept per image after NMS.
         box_coder: the box parametrisation.
+        class_names: the name of each label (index 0 is ``"__background__"``), kept as :attr:`class_names`
+            and recorded in checkpoints; ``None``: unknown.
     """
 
     def __init__(
@@ -152,6 +156,7 @@ class SSDLite(nn.Module):
         nms_thresh: float = 0.55,
         detections_per_img: int = 300,
         box_coder: BoxCoder | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if tuple(backbone.out_features) != ("c4_expand", "c5"):
@@ -160,6 +165,7 @@ class SSDLite(nn.Module):
             raise ValueError(f"score_activation must be 'softmax' or 'sigmoid', got {score_activation!r}")
         self.backbone = backbone
         self.num_classes = num_classes
+        self.class_names = network_class_names(class_names, num_classes)
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.score_activation = score_activation
         self.score_thresh = score_thresh
@@ -193,6 +199,11 @@ class SSDLite(nn.Module):
         normal_init(self.extra)
         normal_init(self.cls_head)
         normal_init(self.box_head)
+
+    def class_layers(self) -> list[str]:
+        """The layers whose outputs are per class: each map's class predictor (``B x num_classes`` channels,
+        box-major). Re-initialised for another class list (:mod:`mbv3_dense.transfer`)."""
+        return [f"cls_head.{i}.1" for i in range(len(self.cls_head))]
 
     # ------------------------------------------------------------------ raw network
     def forward(self, x: Tensor) -> dict[str, Tensor]:

@@ -43,7 +43,8 @@ class DetectionModule(TaskModule):
         nonfinite_loss: ``"stop"`` raises :class:`~mbv3_dense.guards.NonFiniteLossError` naming the
             step and the box/class losses at the first NaN/inf loss; ``"skip"`` skips that batch's
             update and counts it (``train/skipped_nonfinite``).
-        channels_last, compile: as :class:`~mbv3_dense.task.TaskModule`.
+        channels_last, compile, freeze_backbone_epochs, backbone_lr_multiplier, freeze_bn_statistics: as
+            :class:`~mbv3_dense.task.TaskModule`.
     """
 
     task = "detect"
@@ -53,10 +54,13 @@ class DetectionModule(TaskModule):
                  scheduler: LRSchedulerCallable | None = None, loss: SSDLoss | None = None,
                  warmup_steps: int = 1000, warmup_factor: float = 0.001, lr_batch_size: int | None = None,
                  weight_decay_norm_bias: bool = False, nonfinite_loss: NonFinitePolicy = "stop",
-                 channels_last: bool | None = None, compile: bool = False) -> None:  # noqa: A002 - the option's name
+                 channels_last: bool | None = None, compile: bool = False,  # noqa: A002 - the option's name
+                 freeze_backbone_epochs: int = 0, backbone_lr_multiplier: float = 1.0,
+                 freeze_bn_statistics: bool = False) -> None:
         super().__init__(model=model, optimizer=optimizer, scheduler=scheduler, lr_batch_size=lr_batch_size,
                          weight_decay_norm_bias=weight_decay_norm_bias, nonfinite_loss=nonfinite_loss,
-                         channels_last=channels_last, compile=compile)
+                         channels_last=channels_last, compile=compile, freeze_backbone_epochs=freeze_backbone_epochs,
+                         backbone_lr_multiplier=backbone_lr_multiplier, freeze_bn_statistics=freeze_bn_statistics)
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "loss"])
         self.loss = loss or SSDLoss()
         if (self.loss.classification == "focal") != (model.score_activation == "sigmoid"):
@@ -92,6 +96,7 @@ class DetectionModule(TaskModule):
         self.model(images)
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         num_classes = getattr(dm, "num_classes", None)
         if num_classes is not None and num_classes != self.model.num_classes:

@@ -10,22 +10,21 @@ Layout under the output folder::
 
 Boxes are in the image's own pixels (XYXY in the per-image files, XYWH in the COCO results, as
 COCO wants). ``label`` is the model's class index; ``category_id`` is the COCO category id of the
-training annotations when they are known (:class:`~detection.data.CategoryMap`: contiguous labels
-map back to the file's ids), else the label itself. ``image_id`` comes from the file name when all
-names are distinct numbers (COCO's ``000000397133.jpg``), else a running id (see the per-image files).
+training annotations when they are known (the checkpoint's record, else the annotation files at hand:
+contiguous labels map back to the file's ids), else the label itself; ``class`` its name. ``image_id``
+comes from the file name when all names are distinct numbers (COCO's ``000000397133.jpg``), else a
+running id (see the per-image files).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from PIL import ImageDraw
 from torch import Tensor
 
-from detection.data import CategoryMap
 from mbv3_dense.predict import ImageFile, PredictionWriter, draw_text_block, font_for, to_pil
 
 Detections = dict[str, Tensor]
@@ -38,9 +37,8 @@ class DetectionWriter(PredictionWriter):
     :meth:`close` (``on_predict_end``).
 
     Args:
-        output_dir / overwrite / pictures: as :class:`~mbv3_dense.predict.PredictionWriter`.
-        category_map: model labels -> category ids (``None``: from the data module, else identity).
-        category_names: category id -> name (``None``: from the data module, else the ids as text).
+        output_dir / overwrite / pictures / class_info: as :class:`~mbv3_dense.predict.PredictionWriter`
+            (detection: ``names`` and ``category_ids`` of each label).
         picture_threshold: boxes drawn on the pictures score above this (all are written to the files).
     """
 
@@ -48,22 +46,20 @@ class DetectionWriter(PredictionWriter):
     outputs = ("coco_results.json", "detections", "pictures")
 
     def __init__(self, output_dir: str | Path | None = None, *, overwrite: bool = False, pictures: bool = True,
-                 category_map: CategoryMap | None = None, category_names: dict[int, str] | None = None,
-                 picture_threshold: float = 0.3) -> None:
-        super().__init__(output_dir, overwrite=overwrite, pictures=pictures)
-        self.category_map = category_map
-        self.category_names = category_names
+                 class_info: dict | None = None, picture_threshold: float = 0.3) -> None:
+        super().__init__(output_dir, overwrite=overwrite, pictures=pictures, class_info=class_info)
         self.picture_threshold = picture_threshold
+        self._configure_classes()
 
-    def configure_from(self, datamodule: Any) -> None:  # noqa: ANN401
-        super().configure_from(datamodule)
-        if self.category_map is None:
-            self.category_map = getattr(datamodule, "category_map", None)
-        if self.category_names is None:
-            self.category_names = getattr(datamodule, "category_names", None)
+    def _configure_classes(self) -> None:
+        info = self.class_info or {}
+        ids = info.get("category_ids")
+        self._category_ids = torch.as_tensor(ids, dtype=torch.int64) if ids is not None else None
+        self._names = dict(zip(ids or range(len(info.get("names", []))), info.get("names", []), strict=True))
 
     def category_ids(self, labels: Tensor) -> Tensor:
-        return self.category_map.to_category_ids(labels) if self.category_map is not None else labels.long()
+        """Model labels -> category ids (the labels themselves when the classes' ids are unknown)."""
+        return self._category_ids[labels.long()] if self._category_ids is not None else labels.long()
 
     def _open(self) -> None:
         (self.output_dir / "detections").mkdir(parents=True, exist_ok=True)
@@ -76,7 +72,7 @@ class DetectionWriter(PredictionWriter):
         scores = output["scores"].detach().cpu().tolist()
         labels = output["labels"].detach().cpu()
         cats = self.category_ids(labels).tolist()
-        names = self.category_names or {}
+        names = self._names
         xywh = torch.cat((boxes[:, :2], boxes[:, 2:] - boxes[:, :2]), dim=1).tolist()
         for box, score, cat in zip(xywh, scores, cats, strict=True):
             entry = {"image_id": file.image_id, "category_id": int(cat), "bbox": [round(v, 3) for v in box],

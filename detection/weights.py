@@ -5,7 +5,8 @@ and including the expansion conv of the first stride-32 bottleneck (index ``c4``
 ``backbone.features.1`` the rest (its ``0`` is that bottleneck's remaining layers). Extras are
 ``backbone.extra.{i}``, heads ``head.{classification,regression}_head.module_list.{i}``. Ours keeps
 torchvision's classifier layout (``backbone.features.{i}``), ``extra.{i}``, ``cls_head.{i}``,
-``box_head.{i}``. Every load is strict (:func:`mbv3_dense.weights.load_state_dict_strict`).
+``box_head.{i}``. Every load is strict but for the class predictors of a checkpoint with other classes
+(:mod:`mbv3_dense.transfer`).
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+from mbv3_dense.transfer import check_task, load_checkpoint_state
 from mbv3_dense.weights import (
     StateDict,
     WeightsError,
+    describe_checkpoint,
     extract_state_dict,
     lightning_model_state,
-    load_state_dict_strict,
     read_checkpoint,
 )
 
@@ -67,15 +69,26 @@ def to_ssdlite_layout(state: Mapping[str, Tensor], container: str, c4_index: int
         return from_torchvision_ssdlite(state, c4_index)
     if "backbone.features.0.0.weight" in state and any(k.startswith("cls_head.") for k in state):
         return dict(state)
-    sample = sorted(state)[:5]
+    held = describe_checkpoint(state)
     raise WeightsError(
-        f"{source}: not an SSDLite checkpoint: expected torchvision's (backbone.features.0.0.0.*, head.*) "
-        f"or this project's (backbone.features.*, cls_head.*) keys; first keys: {sample}"
+        f"{source}: not an SSDLite checkpoint" + (f": it holds {held}" if held else "")
+        + "; expected torchvision's (backbone.features.0.0.0.*, head.*) or this project's (backbone.features.*, "
+        f"cls_head.*) keys; first keys: {sorted(state)[:5]}" + _BACKBONE_HINT * bool(held and "classifier" in held)
     )
 
 
+_BACKBONE_HINT = "; an ImageNet classifier goes to the detector as weights_backbone, not weights"
+
+
 def load_ssdlite_weights(model: nn.Module, path: str | Path) -> None:
-    """Load an SSDLite checkpoint into ``model`` (an :class:`~detection.model.SSDLite`), strictly."""
-    state, container = extract_state_dict(read_checkpoint(path), path)
+    """Load an SSDLite checkpoint into ``model`` (an :class:`~detection.model.SSDLite`).
+
+    Strict, except that a checkpoint with other classes loads into new class predictors that keep the
+    background row and the rows of classes named alike (:func:`mbv3_dense.transfer.load_checkpoint_state`).
+    """
+    checkpoint = read_checkpoint(path)
+    check_task(checkpoint, "detect", str(path))
+    state, container = extract_state_dict(checkpoint, path)
     c4_index = model.backbone.feature_info["c4_expand"].index
-    load_state_dict_strict(model, to_ssdlite_layout(state, container, c4_index, str(path)), str(path))
+    load_checkpoint_state(model, to_ssdlite_layout(state, container, c4_index, str(path)), str(path),
+                          task="detect", checkpoint=checkpoint, always_kept=(0,))

@@ -53,16 +53,21 @@ class PreciseBN(L.Callback):
 
     @torch.no_grad()
     def recompute(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int:
-        """Recompute the statistics now; returns the number of batches used."""
-        norms = [m for m in pl_module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        """Recompute the statistics now; returns the number of batches used.
+
+        Only the BatchNorm layers that train in train mode are recomputed: a module may keep some in eval
+        mode (a frozen backbone, frozen BatchNorm statistics while fine-tuning), and their statistics stay.
+        """
+        was_training = pl_module.training
+        pl_module.train()
+        norms = [m for m in pl_module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
         if not norms:
+            pl_module.train(was_training)
             return 0
         momenta = [m.momentum for m in norms]
-        was_training = pl_module.training
         for m in norms:
             m.reset_running_stats()
             m.momentum = None  # cumulative average: every batch weighs the same
-        pl_module.train()
         used = 0
         forward = pl_module.precise_bn_forward if isinstance(pl_module, InferenceHooks) else None
         # Dropout draws in train mode: fork the generators so that the training run's own streams

@@ -107,3 +107,21 @@ def match_classes(old: Sequence[str], new: Sequence[str]) -> list[tuple[int, int
     where = {normalize_name(n): i for i, n in enumerate(old)
              if counts[normalize_name(n)] == 1 and normalize_name(n) not in _PLACEHOLDERS}
     return [(where[key], j) for j, name in enumerate(new) if (key := normalize_name(name)) in where]
+
+
+def network_class_names(names: Sequence[str] | None, num_classes: int,
+                        source: str = "class_names") -> tuple[str, ...] | None:
+    """A network's ``class_names`` argument checked against its class count: a tuple, or None when not given.
+
+    Raises:
+        ClassInfoError: another count of names than ``num_classes``, or a name that occurs twice.
+    """
+    if names is None:
+        return None
+    if isinstance(names, str):
+        raise ClassInfoError(f"{source}: expected a list of class names, got the string {names!r}")
+    names = tuple(str(n) for n in names)
+    if len(names) != num_classes:
+        raise ClassInfoError(f"{source}: {len(names)} class names for a network of {num_classes} classes: {names[:10]}")
+    check_unique_names(names, source)
+    return names

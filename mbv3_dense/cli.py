@@ -23,7 +23,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from mbv3_dense.callbacks import ResumeState
 from mbv3_dense.checkpoint_io import AtomicCheckpointIO
 from mbv3_dense.guards import FiniteCheckpointGuard
-from mbv3_dense.model_record import ModelRecord
+from mbv3_dense.model_record import ModelRecord, read_model_record
 from mbv3_dense.progress import progress_bar_for
 
 log = logging.getLogger(__name__)
@@ -111,13 +111,23 @@ class MBV3CLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self._run_config()
-        self._num_classes_from_data(config)
+        if not self._classes_from_checkpoint(config):
+            self._classes_from_data(config)
         self._schedule_length_from_trainer(config)
 
-    @staticmethod
-    def _import(path: str) -> Any:  # noqa: ANN401 - a class or function named in the config
-        module_name, _, name = path.rpartition(".")
-        return getattr(importlib.import_module(module_name), name)
+    def instantiate_classes(self) -> None:
+        """As LightningCLI's, but an error raised while building the network, the module or the data reaches
+        the user as its own first line (``error: <message>``, exit status 2) instead of inside jsonargparse's
+        report of every type it tried."""
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            cause = _raised_outside_jsonargparse(err)
+            if cause is None:
+                raise
+            log.debug("while instantiating the config", exc_info=err)
+            print(f"error: {cause}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from cause
 
     @classmethod
     def _schedule_length_from_trainer(cls, config: Namespace) -> None:
@@ -128,7 +138,7 @@ class MBV3CLI(LightningCLI):
                 or not isinstance(module_path, str):
             return
         try:
-            interval = getattr(cls._import(module_path), "scheduler_interval", None)
+            interval = getattr(import_object(module_path), "scheduler_interval", None)
         except (ImportError, AttributeError, ValueError):
             return
         source = {"epoch": "trainer.max_epochs", "step": "trainer.max_steps"}.get(interval)
@@ -141,25 +151,57 @@ class MBV3CLI(LightningCLI):
                 log.info("model.init_args.scheduler.init_args.%s %s -> %d (= %s)", key, args[key], length, source)
                 args[key] = length
 
+    def _classes_from_checkpoint(self, config: Namespace) -> bool:
+        """validate/test/predict with ``--ckpt_path FILE``: the network's class count and names are the ones
+        the checkpoint's model record gives (the weights are what they are, whatever data is at hand).
+        Returns whether the record was used."""
+        network, path = config.get("model.init_args.model"), config.get("ckpt_path")
+        if self.subcommand not in ("validate", "test", "predict") or not isinstance(path, str) \
+                or not os.path.isfile(path) or not isinstance(network, Namespace):
+            return False
+        try:
+            record = read_model_record(torch.load(path, map_location="cpu", weights_only=True, mmap=True), path)
+        except Exception as err:  # noqa: BLE001 - Lightning's own load of the file reports what is wrong with it
+            log.debug("%s: no model record read (%s)", path, err)
+            return False
+        net_args = network.get("init_args")
+        if record is None or record["builder"] != network.get("class_path") or not isinstance(net_args, Namespace):
+            return False
+        taken = {k: record["init_args"][k] for k in ("num_classes", "class_names")
+                 if k in record["init_args"] and k in net_args and net_args[k] != record["init_args"][k]}
+        for key, value in taken.items():
+            net_args[key] = value
+        if taken:
+            log.info("network from the checkpoint's record (%s): %s", path,
+                     ", ".join(f"{k}={_shown(v)}" for k, v in taken.items()))
+        return True
+
     @staticmethod
-    def _num_classes_from_data(config: Namespace) -> None:
+    def _classes_from_data(config: Namespace) -> None:
+        """The network's ``num_classes`` and ``class_names`` follow the data module's, where both sides
+        have them (an image folder's class folders, a COCO file's categories, a classes file)."""
         data, network = config.get("data"), config.get("model.init_args.model")
         if not isinstance(data, Namespace) or not isinstance(network, Namespace):
             return
         net_args = network.get("init_args")
         if not isinstance(net_args, Namespace) or "num_classes" not in net_args:
             return
-        try:
-            data_class = MBV3CLI._import(data.class_path)
-            data_args = data.get("init_args")
-            found = getattr(data_class(**(data_args.as_dict() if data_args is not None else {})), "num_classes", None)
-        except Exception as err:  # noqa: BLE001 - the data module reports its own errors when the run sets it up
-            log.debug("num_classes not taken from the data: %s", err)
+        data_class = import_object(data.class_path)
+        if not hasattr(data_class, "num_classes"):
             return
-        if isinstance(found, int) and found != net_args.num_classes:
-            log.info("the data has %d classes: model.init_args.model.init_args.num_classes %s -> %d",
-                     found, net_args.num_classes, found)
-            net_args.num_classes = found
+        data_args = data.get("init_args")
+        try:
+            datamodule = data_class(**(data_args.as_dict() if data_args is not None else {}))
+            found = {"num_classes": datamodule.num_classes,
+                     "class_names": getattr(datamodule, "class_names", None) if "class_names" in net_args else None}
+        except (OSError, ValueError) as err:  # no data at hand (predict on photos): the network as configured
+            log.info("the network's classes as configured (the data's are unknown: %s)", err)
+            return
+        for key, value in found.items():
+            if value is not None and net_args[key] != value:
+                log.info("the data has %s: model.init_args.model.init_args.%s %s -> %s", _shown(value)
+                         if key == "class_names" else f"{value} classes", key, _shown(net_args[key]), _shown(value))
+                net_args[key] = value
 
     def _project_callbacks(self, config: dict[str, Any], callbacks: list[Callback]) -> list[Callback]:
         present = (config.get("callbacks") or []) + callbacks
@@ -266,6 +308,35 @@ class MBV3CLI(LightningCLI):
             if bar is not None:
                 callbacks = [*callbacks, bar]
         return super()._instantiate_trainer(config, callbacks)
+
+
+def import_object(path: str) -> Any:  # noqa: ANN401 - a class or function named in the config
+    """The object a dotted path names (``package.module.Name``)."""
+    module_name, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module_name), name)
+
+
+def _shown(value: object, limit: int = 8) -> str:
+    """A value for a log line: long lists cut after ``limit`` items."""
+    if isinstance(value, (list, tuple)) and len(value) > limit:
+        return f"[{', '.join(map(str, value[:limit]))}, ... ({len(value)})]"
+    return str(value)
+
+
+def _raised_outside_jsonargparse(err: BaseException) -> BaseException | None:
+    """The first exception in ``err``'s chain that was raised by other code than jsonargparse (the network's
+    builder, a module, a data module), or None when jsonargparse itself found the problem (a bad option)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        tb = current.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if tb is not None and "jsonargparse" not in tb.tb_frame.f_code.co_filename:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def main(args: list[str] | None = None) -> None:

@@ -1,10 +1,11 @@
 """Self-describing checkpoints: which builder made the network, with which arguments.
 
 ``lightning fit`` stores, in every ``.ckpt`` it writes, the network's entry of the config under
-:data:`RECORD_KEY`::
+:data:`RECORD_KEY`, with what its classes are (:mod:`mbv3_dense.classes`)::
 
     {"task": "detect", "builder": "detection.ssdlite_mobilenet_v3_small",
-     "init_args": {"num_classes": 5, "width_mult": 1.0, ...}}
+     "init_args": {"num_classes": 5, "width_mult": 1.0, "class_names": [...], ...},
+     "classes": {"names": ["__background__", "person", ...], "category_ids": [0, 1, 3, 18, 44]}}
 
 so evaluation, export and prediction rebuild the same network from the file alone
 (:func:`build_from_record`) instead of asking for ``--arch``/``--num-classes``/``--variant``.
@@ -52,7 +53,8 @@ class ModelRecord(Callback):
         self.record = {"task": task, "builder": builder, "init_args": dict(init_args)}
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        checkpoint[RECORD_KEY] = self.record
+        classes = getattr(pl_module, "class_info", None)
+        checkpoint[RECORD_KEY] = {**self.record, **({"classes": classes} if classes else {})}
 
 
 def read_model_record(checkpoint: Mapping[str, Any], source: str | Path = "<checkpoint>") -> dict[str, Any] | None:

@@ -288,17 +288,23 @@ class PredictionWriter(BasePredictionWriter):
     Subclasses set :attr:`outputs` (the files and folders they write under ``output_dir``) and
     implement :meth:`_open`, :meth:`_write_image` and :meth:`_close`.
 
+    Class names (and category ids, colours) come from ``class_info`` when given, else from the module
+    (the checkpoint's record, or the network's ``class_names``), else from the data module.
+
     Args:
         output_dir: where to write (``None``: ``<default_root_dir>/predictions``).
         overwrite: replace an earlier run's results in ``output_dir``.
         pictures: also draw the predictions on the images (off for large runs).
+        class_info: what the network's outputs mean (:mod:`mbv3_dense.classes`).
     """
 
     task = "predict"
     outputs: tuple[str, ...] = ()
 
-    def __init__(self, output_dir: str | Path | None = None, *, overwrite: bool = False, pictures: bool = True) -> None:
+    def __init__(self, output_dir: str | Path | None = None, *, overwrite: bool = False, pictures: bool = True,
+                 class_info: dict | None = None) -> None:
         super().__init__(write_interval="batch")
+        self.class_info = class_info
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.ignored = 0  # files left out of a listed folder because they are not images by extension
         self.overwrite = overwrite
@@ -319,6 +325,12 @@ class PredictionWriter(BasePredictionWriter):
         if datamodule is not None:
             self.configure_from(datamodule)
         self.open()
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After the checkpoint is restored: the module knows the classes the weights were trained on.
+        if self.class_info is None:
+            self.class_info = getattr(pl_module, "class_info", None) or data_class_info(trainer.datamodule)
+        self._configure_classes()
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
                            batch_indices: Any, batch: PredictBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -400,6 +412,9 @@ class PredictionWriter(BasePredictionWriter):
         return summary
 
     # -------------------------------------------------------------- per task
+    def _configure_classes(self) -> None:
+        """After :attr:`class_info` is known (from the module or the data): what a task derives from it."""
+
     def _open(self) -> None:
         raise NotImplementedError
 
@@ -416,6 +431,15 @@ class PredictionWriter(BasePredictionWriter):
         path = self.output_dir / folder / f"{file.name}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
+
+
+def data_class_info(datamodule: Any) -> dict | None:  # noqa: ANN401 - any data module
+    """The data module's ``class_info``, or None when it has none or its files are not at hand (predicting on
+    photos without the training data)."""
+    try:
+        return getattr(datamodule, "class_info", None)
+    except (OSError, ValueError):
+        return None
 
 
 def summary_line(summary: dict) -> str:

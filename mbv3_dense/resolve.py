@@ -56,11 +56,14 @@ class ResolveError(ValueError):
 
 
 class Resolved(NamedTuple):
-    """A network with its weights loaded (CPU, train mode), its task, and how it was built."""
+    """A network with its weights loaded (CPU, train mode), its task, how it was built, and what its
+    outputs mean (the record's class info, else the network's ``class_names``, e.g. torchvision's COCO
+    names for its 91-class file; None when unknown)."""
 
     model: nn.Module
     description: str
     task: str
+    classes: dict[str, Any] | None = None
 
 
 def _attribute(path: str) -> Callable[..., Any]:
@@ -187,7 +190,10 @@ def resolve_model(task: str | None, weights: str | Path | None, *, arch: str | N
             raise WeightsError(f"{err}\n  {source} has no model record, so the network was built from the "
                                f"arguments: {built}; check "
                                f"{', '.join(OPTIONS[k] for k in OPTIONS if TASK_ONLY.get(k, task) == task)}") from err
-    return Resolved(model, description, task)
+    classes = (record or {}).get("classes")
+    if classes is None and getattr(model, "class_names", None) is not None:
+        classes = {"names": list(model.class_names)}
+    return Resolved(model, description, task, classes)
 
 
 # ---------------------------------------------------------------------------------------------- command line

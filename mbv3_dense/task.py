@@ -17,7 +17,10 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from mbv3_dense.classes import ClassInfo
 from mbv3_dense.guards import NonFinitePolicy
+from mbv3_dense.model_record import RECORD_KEY
+from mbv3_dense.predict import data_class_info
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +42,14 @@ class InferenceHooks(Protocol):
         ``batch`` as the training step gets it (on the device, after ``on_after_batch_transfer``)."""
 
 
-def split_weight_decay(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """``(decayed, not_decayed)``: norm-layer parameters and every bias go in the second list."""
+def split_weight_decay(model: nn.Module, *, trainable_only: bool = True) -> tuple[list[nn.Parameter],
+                                                                                list[nn.Parameter]]:
+    """``(decayed, not_decayed)``: norm-layer parameters and every bias go in the second list; parameters
+    that do not require gradients are left out unless ``trainable_only`` is false."""
     decay, no_decay = [], []
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad:
+            if trainable_only and not param.requires_grad:
                 continue
             (no_decay if isinstance(module, NORM_TYPES) or name == "bias" else decay).append(param)
     return decay, no_decay
@@ -83,6 +88,14 @@ class TaskModule(L.LightningModule):
             GPU. Numerically the same network; the checkpoint's state dict is unchanged.
         compile: ``torch.compile`` the network's forward at set-up (in place: checkpoint keys unchanged).
             The first steps are slow while it compiles; worth it for long GPU runs.
+        freeze_backbone_epochs: fine-tuning: the backbone (``model.backbone``) takes no updates for the
+            first N epochs and keeps its BatchNorm statistics, then trains with the rest (Lightning's
+            ``BackboneFinetuning`` idea; see :meth:`on_train_epoch_start` for why not that callback).
+        backbone_lr_multiplier: fine-tuning: the backbone's learning rate is the optimizer's times this
+            (its own parameter groups, ``backbone`` and ``backbone_no_decay``; the schedule scales both).
+        freeze_bn_statistics: every BatchNorm keeps its running statistics (the pretrained ones) instead
+            of averaging the batches': for small batches, where batch statistics are noise. Their scale
+            and shift still train.
     """
 
     task: ClassVar[str]  # "classify" | "detect" | "segment", recorded in checkpoints (mbv3_dense.model_record)
@@ -94,12 +107,20 @@ class TaskModule(L.LightningModule):
     def __init__(self, *, model: nn.Module, optimizer: OptimizerCallable = torch.optim.SGD,
                  scheduler: LRSchedulerCallable | None = None, lr_batch_size: int | None = None,
                  weight_decay_norm_bias: bool = False, nonfinite_loss: NonFinitePolicy = "stop",
-                 channels_last: bool | None = None, compile: bool = False) -> None:  # noqa: A002 - the option's name
+                 channels_last: bool | None = None, compile: bool = False,  # noqa: A002 - the option's name
+                 freeze_backbone_epochs: int = 0, backbone_lr_multiplier: float = 1.0,
+                 freeze_bn_statistics: bool = False) -> None:
         super().__init__()
         if nonfinite_loss not in ("stop", "skip"):
             raise ValueError(f"nonfinite_loss must be 'stop' or 'skip', got {nonfinite_loss!r}")
         if lr_batch_size is not None and lr_batch_size <= 0:
             raise ValueError(f"lr_batch_size must be positive or None, got {lr_batch_size}")
+        if freeze_backbone_epochs < 0:
+            raise ValueError(f"freeze_backbone_epochs must be >= 0, got {freeze_backbone_epochs}")
+        if not backbone_lr_multiplier >= 0:
+            raise ValueError(f"backbone_lr_multiplier must be >= 0, got {backbone_lr_multiplier}")
+        if (freeze_backbone_epochs or backbone_lr_multiplier != 1.0) and not hasattr(model, "backbone"):
+            raise ValueError(f"{type(model).__name__} has no .backbone to freeze or to give its own learning rate")
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -108,8 +129,34 @@ class TaskModule(L.LightningModule):
         self.nonfinite_loss = nonfinite_loss
         self.channels_last = channels_last
         self.compile_network = compile
+        self.freeze_backbone_epochs = freeze_backbone_epochs
+        self.backbone_lr_multiplier = backbone_lr_multiplier
+        self.freeze_bn_statistics = freeze_bn_statistics
+        self._backbone_frozen = False
         self._memory_format = torch.contiguous_format
         self._compiled = False
+        self._class_info: ClassInfo | None = None
+
+    # ------------------------------------------------------------------ classes
+    @property
+    def class_info(self) -> ClassInfo | None:
+        """What the network's outputs mean (:mod:`mbv3_dense.classes`): from the checkpoint it was restored
+        from, else the training data, else the network's ``class_names``; recorded in every checkpoint."""
+        if self._class_info is not None:
+            return self._class_info
+        names = getattr(self.model, "class_names", None)
+        return {"names": list(names)} if names is not None else None
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self._class_info is None and hasattr(type(datamodule), "class_info"):
+            # Predicting on photos, the training data may be elsewhere: then the checkpoint says (restored next).
+            self._class_info = data_class_info(datamodule) if stage == "predict" else datamodule.class_info
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        record = checkpoint.get(RECORD_KEY)
+        if isinstance(record, dict) and record.get("classes"):
+            self._class_info = record["classes"]
 
     def configure_model(self) -> None:
         """Channels-last weights and ``torch.compile``, once, before the run moves the module to its device."""
@@ -123,6 +170,46 @@ class TaskModule(L.LightningModule):
             self.model.compile()
             self._compiled = True
             log.info("network compiled with torch.compile (the first steps include compilation)")
+
+    # ------------------------------------------------------------------ fine-tuning: frozen backbone, frozen BN
+    def on_train_epoch_start(self) -> None:
+        """Freeze or release the backbone for this epoch (a function of the epoch alone, so a resumed run
+        does what the uninterrupted one did).
+
+        Lightning's ``BackboneFinetuning`` is not used: it leaves frozen parameters out of the optimizer and
+        adds them as a new group when they thaw, and on resume it replaces the optimizer's groups with ones
+        saved at an earlier epoch (their learning rates included), so a resumed run would not equal an
+        uninterrupted one; and its ``train_bn=False`` makes BatchNorm use batch statistics even in eval mode.
+        Here every parameter is in the optimizer from the start (:meth:`parameter_groups`).
+        """
+        frozen = self.current_epoch < self.freeze_backbone_epochs
+        if frozen == self._backbone_frozen:
+            return
+        self._backbone_frozen = frozen
+        # Under DDP, parameters must keep requires_grad as they were when the model was wrapped (it hooks only
+        # those): there, frozen means the gradients are dropped before the step (on_before_optimizer_step).
+        if self.trainer.world_size == 1:
+            self.model.backbone.requires_grad_(not frozen)
+        self.train(self.training)
+        log.info("epoch %d: backbone %s", self.current_epoch,
+                 "frozen (no updates, BatchNorm statistics kept)" if frozen else "released: it trains with the rest")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._backbone_frozen:
+            for param in self.model.backbone.parameters():
+                param.grad = None
+
+    def train(self, mode: bool = True) -> TaskModule:
+        """As ``nn.Module.train``, but frozen parts stay in eval mode: the backbone while it is frozen and,
+        with ``freeze_bn_statistics``, every BatchNorm (their running statistics are kept as they are)."""
+        super().train(mode)
+        if mode and self._backbone_frozen:
+            self.model.backbone.eval()
+        if mode and self.freeze_bn_statistics:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
     # ------------------------------------------------------------------ batches: uint8 in, network input out
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:  # noqa: ANN401 - each task's batch
@@ -173,14 +260,34 @@ class TaskModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimization
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """The optimizer's groups: one, or decayed weights and (weight decay 0) norms and biases."""
-        if self.weight_decay_norm_bias:
-            return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
-        decay, no_decay = split_weight_decay(self.model)
-        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        """The optimizer's groups: decayed weights and (weight decay 0) norms and biases, or one group with
+        ``weight_decay_norm_bias``; split into backbone and the rest when the backbone has its own learning
+        rate or is frozen for a while. Every parameter is in a group from the start (a frozen one takes no
+        step while it has no gradient), so unfreezing changes no group and a resume finds the same ones."""
+        backbone = getattr(self.model, "backbone", None) if (
+            self.backbone_lr_multiplier != 1.0 or self.freeze_backbone_epochs) else None
+        parts = [("backbone", backbone), ("head", self.model)] if backbone is not None else [("", self.model)]
+        seen: set[int] = set()
+        groups: list[dict[str, Any]] = []
+        for part, module in parts:
+            decay, no_decay = split_weight_decay(module, trainable_only=False)
+            decay, no_decay = [p for p in decay if id(p) not in seen], [p for p in no_decay if id(p) not in seen]
+            seen |= {id(p) for p in decay + no_decay}
+            prefix = f"{part}_" if part else ""
+            if self.weight_decay_norm_bias:
+                groups.append({"params": decay + no_decay, "name": part or "all"})
+            else:
+                groups += [{"params": decay, "name": part or "decay"},
+                           {"params": no_decay, "weight_decay": 0.0, "name": f"{prefix}no_decay"}]
+        return [g for g in groups if g["params"]]
 
     def configure_optimizers(self):  # noqa: ANN201 - Lightning's union of return types
         optimizer = self.optimizer(self.parameter_groups())
+        for group in optimizer.param_groups:
+            if group.get("name", "").startswith("backbone"):
+                group["lr"] *= self.backbone_lr_multiplier
+        if self.backbone_lr_multiplier != 1.0:
+            log.info("backbone learning rate: %g x the optimizer's", self.backbone_lr_multiplier)
         if self.lr_batch_size is not None:
             self._scale_learning_rate(optimizer)
         if self.scheduler is None:

@@ -77,25 +77,59 @@ def extract_state_dict(obj: Any, path: str | Path = "<checkpoint>") -> tuple[Sta
     return dict(state), container
 
 
-def detect_layout(state: Mapping[str, Tensor]) -> str:
+def describe_checkpoint(state: Mapping[str, Tensor]) -> str | None:
+    """What network a state dict holds, by its keys (for messages about a file given to the wrong network)."""
+    keys = state.keys()
+    if "head.classification_head.module_list.0.1.weight" in keys:
+        return "torchvision's SSDLite detector"
+    if "classifier.low_classifier.weight" in keys:
+        return "torchvision's LR-ASPP segmenter"
+    if "head.low_classifier.weight" in keys:
+        return "an LR-ASPP segmenter (this project's layout)"
+    if any(k.startswith("cls_head.") for k in keys):
+        return "an SSDLite detector (this project's layout)"
+    if "classifier.3.weight" in keys and ("features.0.0.weight" in keys or "backbone.features.0.0.weight" in keys):
+        return "a MobileNetV3 classifier"
+    if "conv_stem.weight" in keys:
+        return "a timm MobileNetV3 classifier"
+    if "backbone.layer0.conv.weight" in keys:
+        return "an mmpretrain MobileNetV3 classifier"
+    return None
+
+
+def backbone_arch(state: Mapping[str, Tensor], prefix: str = "backbone.features.") -> str | None:
+    """``"large"`` or ``"small"`` by the number of stages under ``prefix`` (17 and 13), else None."""
+    stages = {key[len(prefix):].split(".", 1)[0] for key in state if key.startswith(prefix)}
+    return {17: "large", 13: "small"}.get(len({s for s in stages if s.isdigit()}))
+
+
+def detect_layout(state: Mapping[str, Tensor], source: str = "<checkpoint>") -> str:
     """Name the key layout of a classifier/backbone state dict.
 
     Returns one of ``"mbv3_dense"`` (``backbone.features.*``), ``"torchvision"`` (``features.*``),
     ``"mmpretrain"`` (``backbone.layer*``), ``"timm"`` (``conv_stem.*``).
+
+    Raises:
+        WeightsError: naming ``source``, what the file seems to hold, and the first keys.
     """
     keys = state.keys()
-    if "backbone.features.0.0.weight" in keys:
+    if "head.low_classifier.weight" in keys or any(k.startswith("cls_head.") for k in keys):
+        pass  # a dense model, even when its backbone keys look like a classifier's
+    elif "backbone.features.0.0.weight" in keys:
         return "mbv3_dense"
-    if "features.0.0.weight" in keys:
+    elif "features.0.0.weight" in keys:
         return "torchvision"
-    if "backbone.layer0.conv.weight" in keys:
+    elif "backbone.layer0.conv.weight" in keys:
         return "mmpretrain"
-    if "conv_stem.weight" in keys:
+    elif "conv_stem.weight" in keys:
         return "timm"
+    held = describe_checkpoint(state)
     sample = sorted(keys)[:5]
     raise WeightsError(
-        "unrecognised checkpoint layout: expected torchvision (features.*), mmpretrain "
-        f"(backbone.layer*), timm (conv_stem.*) or mbv3-dense (backbone.features.*) keys; first keys: {sample}"
+        f"{source}: not a MobileNetV3 classifier checkpoint"
+        + (f": it holds {held}" if held else "")
+        + "; expected torchvision (features.*), mmpretrain (backbone.layer*), timm (conv_stem.*) or mbv3-dense "
+        f"(backbone.features.*) keys; first keys: {sample}"
     )
 
 
@@ -215,9 +249,6 @@ def from_mmpretrain(state: Mapping[str, Tensor], features: nn.Sequential) -> Sta
     return out
 
 
-_TIMM_BN = {"bn1", "bn2", "bn3"}
-
-
 def from_timm(state: Mapping[str, Tensor], features: nn.Sequential) -> StateDict:
     """timm ``mobilenetv3_{large,small}_100`` -> ours.
 
@@ -284,7 +315,7 @@ def to_classifier_layout(state: Mapping[str, Tensor], container: str, features: 
     """Convert any supported classifier checkpoint to our layout; returns ``(state, layout)``."""
     if container == "lightning":
         state = lightning_model_state(state)
-    layout = detect_layout(state)
+    layout = detect_layout(state, source)
     if layout == "torchvision":
         state = from_torchvision_classifier(state)
     elif layout == "mmpretrain":
@@ -296,13 +327,19 @@ def to_classifier_layout(state: Mapping[str, Tensor], container: str, features: 
 
 
 def load_classifier_weights(model: nn.Module, path: str | Path) -> str:
-    """Load a classifier checkpoint of any supported layout into ``model``, strictly.
+    """Load a classifier checkpoint of any supported layout into ``model``.
 
-    Returns the detected layout. timm checkpoints switch every BN to timm's eps (1e-5).
+    Strict, except that a checkpoint with other classes (count or names) loads into a network with a new
+    last Linear (:func:`mbv3_dense.transfer.load_checkpoint_state`: rows of classes named alike kept,
+    logged). Returns the detected layout. timm checkpoints switch every BN to timm's eps (1e-5).
     """
-    state, container = extract_state_dict(read_checkpoint(path), path)
+    from mbv3_dense.transfer import check_task, load_checkpoint_state
+
+    checkpoint = read_checkpoint(path)
+    check_task(checkpoint, "classify", str(path))
+    state, container = extract_state_dict(checkpoint, path)
     state, layout = to_classifier_layout(state, container, model.backbone.features, str(path))
-    load_state_dict_strict(model, state, str(path))
+    load_checkpoint_state(model, state, str(path), task="classify", checkpoint=checkpoint)
     if layout == "timm":
         count = set_bn_eps(model, 1e-5)
         log.info("%s: timm checkpoint: BatchNorm eps set to 1e-5 on %d layers (timm's value)", path, count)

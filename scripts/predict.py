@@ -14,8 +14,10 @@ built from ``--arch`` (default large), ``--width-mult``, ``--reduced-tail`` and 
 count read from the file unless ``--num-classes`` is given (:mod:`mbv3_dense.resolve`). The writers are those of
 ``lightning predict`` (mbv3_dense/classification/predict.py, detection/predict.py,
 segmentation/predict.py): classify writes ``classifications.jsonl`` (top-5 names and probabilities;
-``--class-names``: a text file with one name a line, or an ImageFolder ``train/`` folder), detect writes
-``coco_results.json`` and ``detections/<name>.json`` (category ids and names from ``--annotations``),
+class names from the checkpoint's record, else ``--class-names``: a text file with one name a line, or an
+ImageFolder ``train/`` folder), detect writes ``coco_results.json`` and ``detections/<name>.json`` (category
+ids and names from the checkpoint's record, torchvision's COCO list for its 91-class files, or
+``--annotations``),
 segment writes ``labelIds/<name>.png`` (full size) and ``overlays/``; pictures unless ``--no-pictures``.
 Bad files are named, counted and skipped; the last line says how many were written and skipped.
 
@@ -90,14 +92,15 @@ def classify_setup(args: argparse.Namespace, model: torch.nn.Module) -> tuple[Pr
     from mbv3_dense.classification.predict import ClassificationWriter
     from mbv3_dense.classification.transforms import eval_transform
 
-    names = None
+    classes = args.classes
     if args.class_names is not None:
         names = find_classes(args.class_names) if args.class_names.is_dir() else \
             [line.strip() for line in args.class_names.read_text().splitlines() if line.strip()]
         if len(names) != model.num_classes:
             raise SystemExit(f"{args.class_names}: {len(names)} class names for a network of {model.num_classes} "
                              f"classes ({args.weights})")
-    writer = ClassificationWriter(args.out, overwrite=args.overwrite, pictures=args.pictures, class_names=names)
+        classes = {"names": names}
+    writer = ClassificationWriter(args.out, overwrite=args.overwrite, pictures=args.pictures, class_info=classes)
     resize = args.resize_size or round(args.image_size * 256 / 224)
     return writer, eval_transform(resize_size=resize, crop_size=args.image_size)
 
@@ -115,18 +118,16 @@ def classify_predict(model: torch.nn.Module, net: Callable[[Tensor], object]) ->
 
 
 def detect_setup(args: argparse.Namespace, model: torch.nn.Module) -> tuple[PredictionWriter, Callable | None]:
-    import json
-
-    from detection.annotations import CategoryMap
+    from detection.annotations import AnnotationError, read_categories
     from detection.predict import DetectionWriter
 
-    cmap = names = None
+    classes = args.classes
     if args.annotations is not None:
-        categories = json.loads(args.annotations.read_text())["categories"]
-        cmap = CategoryMap([int(c["id"]) for c in categories], model.num_classes, str(args.annotations))
-        names = {int(c["id"]): str(c.get("name", c["id"])) for c in categories}
-    writer = DetectionWriter(args.out, overwrite=args.overwrite, pictures=args.pictures, category_map=cmap,
-                             category_names=names)
+        try:
+            classes = read_categories(args.annotations, model.num_classes).class_info
+        except AnnotationError as err:
+            raise SystemExit(f"error: {err}") from err
+    writer = DetectionWriter(args.out, overwrite=args.overwrite, pictures=args.pictures, class_info=classes)
     return writer, None
 
 
@@ -321,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     note_ignored(images, args.images)
     resolved = model_from_arguments(args.task, args)
-    args.task = resolved.task
+    args.task, args.classes = resolved.task, resolved.classes
     log.info("model (%s): %s", args.task, resolved.description)
     model = resolved.model.eval()
     writer, transform = SETUP[args.task](args, model)

@@ -15,6 +15,7 @@ Which taps are read is part of the variant (see :data:`VARIANT_TAPS` and docs/se
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mbv3_dense.backbone import Arch, MobileNetV3
+from mbv3_dense.classes import network_class_names
 from mbv3_dense.classification.model import normalize_imagenet
 from mbv3_dense.layers import NormLayer, default_norm_layer
 
@@ -123,9 +125,12 @@ class LRASPP(nn.Module):
         head: the decoder.
         low_feature: name of the stride-8 tap.
         high_feature: name of the stride-16 tap.
+        class_names: the name of each class (output channel), kept as :attr:`class_names` and recorded
+            in checkpoints; ``None``: unknown.
     """
 
-    def __init__(self, *, backbone: MobileNetV3, head: LRASPPHead, low_feature: str, high_feature: str) -> None:
+    def __init__(self, *, backbone: MobileNetV3, head: LRASPPHead, low_feature: str, high_feature: str,
+                 class_names: Sequence[str] | None = None) -> None:
         super().__init__()
         if set(backbone.out_features) != {low_feature, high_feature}:
             raise ValueError(f"backbone must return ({low_feature!r}, {high_feature!r}), "
@@ -135,6 +140,7 @@ class LRASPP(nn.Module):
         self.low_feature = low_feature
         self.high_feature = high_feature
         self.num_classes = head.low_classifier.out_channels
+        self.class_names = network_class_names(class_names, self.num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         features = self.backbone(x)
@@ -145,10 +151,14 @@ class LRASPP(nn.Module):
         """``[N, 3, H, W]`` (or ``[3, H, W]``) in [0, 1] -> the network's input (ImageNet mean/std)."""
         return normalize_imagenet(x)
 
+    def class_layers(self) -> tuple[str, ...]:
+        """The layers whose outputs are the classes (re-initialised for another class list)."""
+        return ("head.low_classifier", "head.high_classifier")
+
 
 def _build(arch: Arch, *, num_classes: int, variant: Variant, reduced_tail: bool | None, output_stride: int,
            head_channels: int, width_mult: float, weights: str | Path | None,
-           weights_backbone: str | Path | None) -> LRASPP:
+           weights_backbone: str | Path | None, class_names: Sequence[str] | None) -> LRASPP:
     if variant not in VARIANT_TAPS:
         raise ValueError(f"variant must be 'paper' or 'torchvision', got {variant!r}")
     if reduced_tail is None:
@@ -168,7 +178,7 @@ def _build(arch: Arch, *, num_classes: int, variant: Variant, reduced_tail: bool
     head = LRASPPHead(low_channels=backbone.feature_info[low].channels,
                       high_channels=backbone.feature_info[high].channels,
                       num_classes=num_classes, head_channels=head_channels, **pool)
-    model = LRASPP(backbone=backbone, head=head, low_feature=low, high_feature=high)
+    model = LRASPP(backbone=backbone, head=head, low_feature=low, high_feature=high, class_names=class_names)
     if weights is not None:
         from segmentation.weights import load_lraspp_weights
 
@@ -179,7 +189,8 @@ def _build(arch: Arch, *, num_classes: int, variant: Variant, reduced_tail: bool
 def lraspp_mobilenet_v3_large(*, num_classes: int = 19, variant: Variant = "paper",
                               reduced_tail: bool | None = None, output_stride: int = 16,
                               head_channels: int = 128, width_mult: float = 1.0,
-                              weights: str | None = None, weights_backbone: str | None = None) -> LRASPP:
+                              weights: str | None = None, weights_backbone: str | None = None,
+                              class_names: list[str] | None = None) -> LRASPP:
     """LR-ASPP on MobileNetV3-Large.
 
     Args:
@@ -191,20 +202,24 @@ def lraspp_mobilenet_v3_large(*, num_classes: int = 19, variant: Variant = "pape
         head_channels: width of the decoder branches (128, Table 7 "head filters").
         width_mult: backbone width multiplier.
         weights: an LR-ASPP checkpoint (torchvision's ``lraspp_mobilenet_v3_large`` state dict or
-            one of our Lightning ``.ckpt``), loaded strictly.
+            one of our Lightning ``.ckpt``). One with other classes loads too: everything but the two
+            classifiers as it is, those afresh except the rows of classes named alike in ``class_names``
+            and the checkpoint (torchvision's files: the 21 Pascal VOC classes; :mod:`mbv3_dense.transfer`).
         weights_backbone: an ImageNet classifier checkpoint (any layout :mod:`mbv3_dense.weights`
             reads); its head is dropped. Ignored when ``weights`` is given.
+        class_names: the name of each class, in output order (Cityscapes: the 19 trainId names).
     """
     return _build("large", num_classes=num_classes, variant=variant, reduced_tail=reduced_tail,
                   output_stride=output_stride, head_channels=head_channels, width_mult=width_mult,
-                  weights=weights, weights_backbone=weights_backbone)
+                  weights=weights, weights_backbone=weights_backbone, class_names=class_names)
 
 
 def lraspp_mobilenet_v3_small(*, num_classes: int = 19, variant: Variant = "paper",
                               reduced_tail: bool | None = None, output_stride: int = 16,
                               head_channels: int = 128, width_mult: float = 1.0,
-                              weights: str | None = None, weights_backbone: str | None = None) -> LRASPP:
+                              weights: str | None = None, weights_backbone: str | None = None,
+                              class_names: list[str] | None = None) -> LRASPP:
     """LR-ASPP on MobileNetV3-Small; arguments as :func:`lraspp_mobilenet_v3_large`."""
     return _build("small", num_classes=num_classes, variant=variant, reduced_tail=reduced_tail,
                   output_stride=output_stride, head_channels=head_channels, width_mult=width_mult,
-                  weights=weights, weights_backbone=weights_backbone)
+                  weights=weights, weights_backbone=weights_backbone, class_names=class_names)

@@ -51,8 +51,8 @@ class SegmentationModule(TaskModule):
             logits ``[N, 19, H, W]`` at input size.
         optimizer, scheduler (stepped every iteration; poly LR:
             ``torch.optim.lr_scheduler.PolynomialLR(total_iters=<max_steps>, power=0.9)``), lr_batch_size,
-            weight_decay_norm_bias, nonfinite_loss, channels_last, compile: as
-            :class:`~mbv3_dense.task.TaskModule`.
+            weight_decay_norm_bias, nonfinite_loss, channels_last, compile, freeze_backbone_epochs,
+            backbone_lr_multiplier, freeze_bn_statistics: as :class:`~mbv3_dense.task.TaskModule`.
     """
 
     task = "segment"
@@ -61,10 +61,13 @@ class SegmentationModule(TaskModule):
     def __init__(self, *, model: nn.Module, optimizer: OptimizerCallable = torch.optim.SGD,
                  scheduler: LRSchedulerCallable | None = None, lr_batch_size: int | None = None,
                  weight_decay_norm_bias: bool = False, nonfinite_loss: NonFinitePolicy = "stop",
-                 channels_last: bool | None = None, compile: bool = False) -> None:  # noqa: A002 - the option's name
+                 channels_last: bool | None = None, compile: bool = False,  # noqa: A002 - the option's name
+                 freeze_backbone_epochs: int = 0, backbone_lr_multiplier: float = 1.0,
+                 freeze_bn_statistics: bool = False) -> None:
         super().__init__(model=model, optimizer=optimizer, scheduler=scheduler, lr_batch_size=lr_batch_size,
                          weight_decay_norm_bias=weight_decay_norm_bias, nonfinite_loss=nonfinite_loss,
-                         channels_last=channels_last, compile=compile)
+                         channels_last=channels_last, compile=compile, freeze_backbone_epochs=freeze_backbone_epochs,
+                         backbone_lr_multiplier=backbone_lr_multiplier, freeze_bn_statistics=freeze_bn_statistics)
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
         self.val_miou = miou_metric()
         self.val_iou = MulticlassJaccardIndex(num_classes=NUM_CLASSES, ignore_index=IGNORE_INDEX, average="none")

@@ -13,12 +13,13 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+from mbv3_dense.transfer import check_task, load_checkpoint_state
 from mbv3_dense.weights import (
     StateDict,
     WeightsError,
+    describe_checkpoint,
     extract_state_dict,
     lightning_model_state,
-    load_state_dict_strict,
     read_checkpoint,
 )
 
@@ -40,19 +41,30 @@ def to_lraspp_layout(state: Mapping[str, Tensor], container: str, source: str) -
     """Any supported LR-ASPP checkpoint -> our key layout."""
     if container == "lightning":
         state = lightning_model_state(state)
-    if "backbone.0.0.weight" in state:
+    if "backbone.0.0.weight" in state and "classifier.low_classifier.weight" in state:
         return from_torchvision_lraspp(state)
-    if "backbone.features.0.0.weight" in state:
+    if "backbone.features.0.0.weight" in state and "head.low_classifier.weight" in state:
         return dict(state)
-    raise WeightsError(f"{source}: not an LR-ASPP checkpoint (expected torchvision's backbone.0.* / "
-                       f"classifier.* keys or ours backbone.features.* / head.*); first keys: {sorted(state)[:5]}")
+    held = describe_checkpoint(state)
+    hint = "; an ImageNet classifier goes to LR-ASPP as weights_backbone, not weights" \
+        if held and "classifier" in held else ""
+    raise WeightsError(f"{source}: not an LR-ASPP checkpoint" + (f": it holds {held}" if held else "")
+                       + "; expected torchvision's backbone.0.* / classifier.* keys or ours backbone.features.* / "
+                       f"head.*; first keys: {sorted(state)[:5]}{hint}")
 
 
 def load_lraspp_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a torchvision LR-ASPP state dict or one of our ``.ckpt`` files into ``model``, strictly.
+    """Load a torchvision LR-ASPP state dict or one of our ``.ckpt`` files into ``model``.
+
+    Strict, except that a checkpoint with other classes loads into new classifiers that keep the rows of
+    classes named alike (:func:`mbv3_dense.transfer.load_checkpoint_state`; torchvision's files predict the
+    21 Pascal VOC classes).
 
     Raises:
         WeightsError: unreadable file, unknown layout, or keys/shapes that do not fit (listed).
     """
-    state, container = extract_state_dict(read_checkpoint(path), path)
-    load_state_dict_strict(model, to_lraspp_layout(state, container, str(path)), str(path))
+    checkpoint = read_checkpoint(path)
+    check_task(checkpoint, "segment", str(path))
+    state, container = extract_state_dict(checkpoint, path)
+    load_checkpoint_state(model, to_lraspp_layout(state, container, str(path)), str(path), task="segment",
+                          checkpoint=checkpoint)

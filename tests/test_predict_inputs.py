@@ -115,7 +115,7 @@ def test_writer_streams_each_batch_to_disk(tmp_path: Path):
     png(tmp_path / "in/b.png")
     files = list_images(tmp_path / "in").files
     dataset = PredictImageDataset(files)
-    writer = ClassificationWriter(tmp_path / "out", pictures=False, class_names=["x", "y"])
+    writer = ClassificationWriter(tmp_path / "out", pictures=False, class_info={"names": ["x", "y"]})
     writer.open()
     top = TopK(torch.tensor([0.75, 0.25]), torch.tensor([1, 0]))
     writer.write(collate_predict([dataset[0]]), [top])

@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from mbv3_dense.classes import ClassInfo, check_class_info
 from mbv3_dense.classification.transforms import eval_transform, train_transform
 from mbv3_dense.image_io import ImageReadError, read_image_rgb
 from mbv3_dense.predict import DEFAULT_MAX_PIXELS, ImageList, predict_images_for, predict_loader
@@ -207,9 +208,19 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     @property
     def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def class_names(self) -> list[str]:
+        """The class folders of ``root/train``, sorted: the name of each class index."""
         if not self.classes:
             self.classes = find_classes(self.root / "train")
-        return len(self.classes)
+        return list(self.classes)
+
+    @property
+    def class_info(self) -> ClassInfo:
+        """What checkpoints record of the classes (:mod:`mbv3_dense.classes`): their names."""
+        return check_class_info({"names": self.class_names}, str(self.root / "train"))
 
     def setup(self, stage: str | None = None) -> None:
         if stage == "predict":

@@ -62,7 +62,8 @@ class ClassificationModule(TaskModule):
         label_smoothing: cross-entropy label smoothing.
         ema_decay: per-step decay of the weight average; ``None`` disables it.
         optimizer, scheduler (stepped once per epoch), lr_batch_size, weight_decay_norm_bias,
-            nonfinite_loss, channels_last, compile: as :class:`~mbv3_dense.task.TaskModule`.
+            nonfinite_loss, channels_last, compile, freeze_backbone_epochs, backbone_lr_multiplier,
+            freeze_bn_statistics: as :class:`~mbv3_dense.task.TaskModule`.
     """
 
     task = "classify"
@@ -80,10 +81,14 @@ class ClassificationModule(TaskModule):
         nonfinite_loss: NonFinitePolicy = "stop",
         channels_last: bool | None = None,
         compile: bool = False,  # noqa: A002 - the option's name
+        freeze_backbone_epochs: int = 0,
+        backbone_lr_multiplier: float = 1.0,
+        freeze_bn_statistics: bool = False,
     ) -> None:
         super().__init__(model=model, optimizer=optimizer, scheduler=scheduler, lr_batch_size=lr_batch_size,
                          weight_decay_norm_bias=weight_decay_norm_bias, nonfinite_loss=nonfinite_loss,
-                         channels_last=channels_last, compile=compile)
+                         channels_last=channels_last, compile=compile, freeze_backbone_epochs=freeze_backbone_epochs,
+                         backbone_lr_multiplier=backbone_lr_multiplier, freeze_bn_statistics=freeze_bn_statistics)
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
         # The metrics need the class count: read it off the network's output once.
         self.num_classes = num_classes = count_outputs(model)
@@ -115,6 +120,7 @@ class ClassificationModule(TaskModule):
             self.model_ema(batch.images)
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if stage == "predict":
             names = getattr(datamodule, "predict_class_names", None)

@@ -6,15 +6,15 @@ Layout under the output folder::
     pictures/<name>.jpg      the image with its top-5 drawn in the top-left corner (unless pictures=False)
     skipped.jsonl, summary.json
 
-Class names are the training folder names (``<root>/train/<class>``, the order of the class
-indices) when the data root has them, otherwise the indices as text.
+Class names are the checkpoint's (its model record), else the training folder names
+(``<root>/train/<class>``, the order of the class indices) when the data root has them, otherwise the
+indices as text.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from PIL import ImageDraw
 from torch import Tensor
@@ -33,25 +33,14 @@ class ClassificationWriter(PredictionWriter):
     """Writes :class:`TopK` predictions (see the module docstring for the layout).
 
     Args:
-        output_dir / overwrite / pictures: as :class:`~mbv3_dense.predict.PredictionWriter`.
-        class_names: names by class index (``None``: taken from the data module, else indices).
+        output_dir / overwrite / pictures / class_info: as :class:`~mbv3_dense.predict.PredictionWriter`.
     """
 
     task = "classify"
     outputs = ("classifications.jsonl", "pictures")
 
-    def __init__(self, output_dir: str | Path | None = None, *, overwrite: bool = False, pictures: bool = True,
-                 class_names: list[str] | None = None) -> None:
-        super().__init__(output_dir, overwrite=overwrite, pictures=pictures)
-        self.class_names = class_names
-
-    def configure_from(self, datamodule: Any) -> None:  # noqa: ANN401
-        super().configure_from(datamodule)
-        if self.class_names is None:
-            self.class_names = getattr(datamodule, "predict_class_names", None)
-
     def _name(self, index: int) -> str:
-        names = self.class_names
+        names = (self.class_info or {}).get("names")
         return names[index] if names is not None and index < len(names) else str(index)
 
     def _open(self) -> None:
