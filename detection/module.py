@@ -6,6 +6,7 @@ import logging
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from PIL import Image
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -13,7 +14,7 @@ from detection.data import Batch
 from detection.loss import SSDLoss
 from detection.metric import GatheredMeanAveragePrecision
 from detection.model import SSDLite
-from detection.predict import DetectionWriter
+from detection.predict import DetectionWriter, draw_detections
 from mbv3_dense.guards import NonFinitePolicy, check_loss
 from mbv3_dense.predict import PredictBatch
 from mbv3_dense.task import TaskModule
@@ -149,6 +150,16 @@ class DetectionModule(TaskModule):
         images = [img.float().div(255) for img in batch.images]
         detections = self.model.predict(images)
         return [{k: v.cpu() for k, v in det.items()} for det in detections]
+
+    def draw_predictions(self, images: list[Tensor], threshold: float = 0.3) -> list[Image.Image]:
+        """Validation images (uint8 ``[3, H, W]``, own sizes) with their detections above ``threshold`` drawn
+        and named (:class:`~mbv3_dense.callbacks.ValidationPictures`)."""
+        names = (self.class_info or {}).get("names") or [str(i) for i in range(self.model.num_classes)]
+        detections = self.model.predict([image.to(self.device).float().div(255) for image in images])
+        return [draw_detections(image, [{"box_xyxy": box, "score": score, "class": names[label]} for box, score, label
+                                        in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist(),
+                                               strict=True)], threshold)
+                for image, det in zip(images, detections, strict=True)]
 
     def prediction_writer(self, **options) -> DetectionWriter:  # noqa: ANN003 - the writer's options
         """The writer ``lightning predict`` adds when the config names none."""

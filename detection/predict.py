@@ -22,12 +22,28 @@ import json
 from pathlib import Path
 
 import torch
-from PIL import ImageDraw
+from PIL import Image, ImageDraw
 from torch import Tensor
 
 from mbv3_dense.predict import ImageFile, PredictionWriter, draw_text_block, font_for, to_pil
 
 Detections = dict[str, Tensor]
+
+
+def draw_detections(image: Tensor, detections: list[dict], threshold: float) -> Image.Image:
+    """uint8 ``[3, H, W]`` -> a PIL image with the boxes scoring above ``threshold`` and their ``class`` and
+    ``score`` (``detections``: dicts with ``box_xyxy`` in the image's pixels, ``score``, ``class``)."""
+    pil = to_pil(image)
+    draw = ImageDraw.Draw(pil)
+    font = font_for(pil.size)
+    width = max(2, min(pil.size) // 200)
+    shown = [det for det in detections if det["score"] > threshold]
+    for det in shown:
+        draw.rectangle(det["box_xyxy"], outline=(255, 40, 40), width=width)
+    for det in shown:  # labels on top of every box
+        x0, y0 = det["box_xyxy"][:2]
+        draw_text_block(draw, (x0 + width + 1, y0 + width + 1), [f"{det['class']} {det['score']:.2f}"], font)
+    return pil
 
 
 class DetectionWriter(PredictionWriter):
@@ -88,19 +104,7 @@ class DetectionWriter(PredictionWriter):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record) + "\n")
         if self.pictures:
-            pil = to_pil(image)
-            draw = ImageDraw.Draw(pil)
-            font = font_for(pil.size)
-            width = max(2, min(pil.size) // 200)
-            for det in dets:
-                if det["score"] > self.picture_threshold:
-                    draw.rectangle(det["box_xyxy"], outline=(255, 40, 40), width=width)
-            for det in dets:  # labels on top of every box
-                if det["score"] > self.picture_threshold:
-                    x0, y0 = det["box_xyxy"][:2]
-                    draw_text_block(draw, (x0 + width + 1, y0 + width + 1), [f"{det['class']} {det['score']:.2f}"],
-                                    font)
-            pil.save(self._picture_path(file), quality=90)
+            draw_detections(image, dets, self.picture_threshold).save(self._picture_path(file), quality=90)
 
     def _flush(self) -> None:
         self._results.flush()

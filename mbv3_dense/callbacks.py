@@ -5,11 +5,13 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -172,3 +174,46 @@ class ResumeState(L.Callback):
 def _as_tuples(value: Any) -> Any:
     """``random.setstate`` wants tuples; a checkpoint round trip may hand back lists."""
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+class ValidationPictures(L.Callback):
+    """Predictions drawn on a few fixed validation images after every validation, to see a run learn.
+
+    The images are ``num_images`` of the validation set, evenly spaced and the same every time. The
+    module draws them (``draw_predictions(images) -> PIL images``: top-5 for the classifier, boxes with
+    class names for SSDLite, class-colour overlays for LR-ASPP). Each picture goes to TensorBoard
+    (``val_pictures/<i>``, a slider over the steps) and, the latest one, to
+    ``<log_dir>/val_pictures/<i>.png``. Rank 0 only; nothing is drawn during the sanity check.
+
+    Args:
+        num_images: pictures per validation (0 disables the callback).
+    """
+
+    def __init__(self, *, num_images: int = 4) -> None:
+        self.num_images = num_images
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        draw = getattr(pl_module, "draw_predictions", None)
+        dataset = getattr(trainer.val_dataloaders, "dataset", None)
+        if trainer.sanity_checking or not trainer.is_global_zero or self.num_images <= 0 or draw is None \
+                or dataset is None or not len(dataset):
+            return
+        count = min(self.num_images, len(dataset))
+        picks = sorted({round(i * (len(dataset) - 1) / max(1, count - 1)) for i in range(count)})
+        items = [dataset[i] for i in picks]
+        images = [item[0] for item in items if item is not None]  # an unreadable file skipped by policy: None
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad():
+                pictures = draw(images)
+        finally:
+            pl_module.train(was_training)
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / "val_pictures"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, picture in enumerate(pictures):
+            picture.save(folder / f"{i}.png")
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_image(f"val_pictures/{i}", np.asarray(picture), trainer.global_step,
+                                                dataformats="HWC")

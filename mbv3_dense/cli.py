@@ -19,8 +19,9 @@ from jsonargparse.typing import NonNegativeInt
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
-from mbv3_dense.callbacks import ResumeState
+from mbv3_dense.callbacks import ResumeState, ValidationPictures
 from mbv3_dense.checkpoint_io import AtomicCheckpointIO
 from mbv3_dense.guards import FiniteCheckpointGuard
 from mbv3_dense.model_record import ModelRecord, read_model_record
@@ -105,6 +106,9 @@ class MBV3CLI(LightningCLI):
                             help="fit: also write last.ckpt every N optimizer steps (0: epoch ends only)")
         parser.add_argument("--lr_monitor", type=bool, default=True,
                             help="fit: log the learning rate at the scheduler's interval")
+        parser.add_argument("--val_pictures", type=NonNegativeInt, default=4,
+                            help="fit: predictions drawn on this many fixed validation images at every validation "
+                                 "(TensorBoard and <log_dir>/val_pictures; 0: none)")
 
     def _run_config(self) -> Namespace:
         return self.config[self.subcommand] if self.subcommand else self.config
@@ -217,6 +221,10 @@ class MBV3CLI(LightningCLI):
         if self.subcommand == "fit":
             added += self._run_checkpoints(present)
             added += self._lr_monitor(config, present)
+            pictures = self._run_config().get("val_pictures", 4)
+            if pictures and hasattr(self.model, "draw_predictions") \
+                    and not any(isinstance(c, ValidationPictures) for c in present):
+                added.append(ValidationPictures(num_images=pictures))
         root = config.get("default_root_dir") or os.getcwd()
         for c in [*present, *added]:
             if isinstance(c, ModelCheckpoint) and c.dirpath is None:
@@ -299,6 +307,8 @@ class MBV3CLI(LightningCLI):
         if config.get("precision") is None:
             config["precision"], why = auto_precision(config.get("accelerator", "auto"))
             log.info("precision %s (trainer.precision null: %s)", config["precision"], why)
+        if config.get("logger") in (None, True):
+            config["logger"] = default_loggers(config.get("default_root_dir") or os.getcwd())
         callbacks = self._project_callbacks(config, callbacks)
         if self.subcommand == "predict":
             callbacks = self._default_writer(config, callbacks)
@@ -308,6 +318,13 @@ class MBV3CLI(LightningCLI):
             if bar is not None:
                 callbacks = [*callbacks, bar]
         return super()._instantiate_trainer(config, callbacks)
+
+
+def default_loggers(root: str | os.PathLike) -> list[Logger]:
+    """TensorBoard (what Lightning users open: scalars and the validation pictures) and CSV (for scripts),
+    writing into one folder, ``<root>/lightning_logs/version_N``."""
+    tensorboard = TensorBoardLogger(save_dir=root, name="lightning_logs", default_hp_metric=False)
+    return [tensorboard, CSVLogger(save_dir=root, name="lightning_logs", version=tensorboard.version)]
 
 
 def import_object(path: str) -> Any:  # noqa: ANN401 - a class or function named in the config

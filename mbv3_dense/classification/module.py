@@ -7,12 +7,13 @@ import logging
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from PIL import Image
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from mbv3_dense.classification.data import ClassificationBatch
-from mbv3_dense.classification.predict import ClassificationWriter, TopK
+from mbv3_dense.classification.predict import ClassificationWriter, TopK, draw_top5
 from mbv3_dense.guards import NonFinitePolicy, check_loss
 from mbv3_dense.predict import PredictBatch
 from mbv3_dense.task import TaskModule
@@ -182,6 +183,15 @@ class ClassificationModule(TaskModule):
         probabilities = self.eval_model(self.images_to_input(batch.inputs)).float().softmax(dim=1)
         top = probabilities.topk(min(5, self.num_classes), dim=1)
         return [TopK(p, i) for p, i in zip(top.values.cpu(), top.indices.cpu(), strict=True)]
+
+    def draw_predictions(self, images: list[Tensor]) -> list[Image.Image]:
+        """Validation crops (uint8 ``[3, H, W]``) with their top-5 drawn
+        (:class:`~mbv3_dense.callbacks.ValidationPictures`)."""
+        x = self.images_to_input(torch.stack(images).to(self.device))
+        top = self.eval_model(x).float().softmax(dim=1).topk(min(5, self.num_classes), dim=1)
+        names = (self.class_info or {}).get("names") or [str(i) for i in range(self.num_classes)]
+        return [draw_top5(image, [(names[i], p) for p, i in zip(probs.tolist(), idx.tolist(), strict=True)])
+                for image, probs, idx in zip(images, top.values.cpu(), top.indices.cpu(), strict=True)]
 
     def prediction_writer(self, **options) -> ClassificationWriter:  # noqa: ANN003 - the writer's options
         """The writer ``lightning predict`` adds when the config names none."""

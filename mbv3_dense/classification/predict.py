@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from typing import NamedTuple
 
-from PIL import ImageDraw
+from PIL import Image, ImageDraw
 from torch import Tensor
 
 from mbv3_dense.predict import ImageFile, PredictionWriter, draw_text_block, font_for, to_pil
@@ -27,6 +27,17 @@ class TopK(NamedTuple):
 
     probabilities: Tensor
     indices: Tensor
+
+
+def draw_top5(image: Tensor, top: list[tuple[str, float]], min_side: int = 192) -> Image.Image:
+    """uint8 ``[3, H, W]`` -> a PIL image with ``(class name, probability)`` lines in the top-left corner;
+    images with a side under ``min_side`` are enlarged (by a whole factor) so that the text fits."""
+    pil = to_pil(image)
+    if min(pil.size) < min_side:
+        factor = -(-min_side // min(pil.size))
+        pil = pil.resize((pil.width * factor, pil.height * factor), Image.Resampling.NEAREST)
+    draw_text_block(ImageDraw.Draw(pil), (6, 6), [f"{name} {p:.2f}" for name, p in top], font_for(pil.size))
+    return pil
 
 
 class ClassificationWriter(PredictionWriter):
@@ -53,10 +64,7 @@ class ClassificationWriter(PredictionWriter):
                "height": int(image.shape[-2]), "top5": top}
         self._rows.write(json.dumps(row) + "\n")
         if self.pictures:
-            pil = to_pil(image)
-            draw = ImageDraw.Draw(pil)
-            draw_text_block(draw, (6, 6), [f"{t['class']} {t['probability']:.2f}" for t in top], font_for(pil.size))
-            pil.save(self._picture_path(file), quality=90)
+            draw_top5(image, [(t["class"], t["probability"]) for t in top]).save(self._picture_path(file), quality=90)
 
     def _flush(self) -> None:
         self._rows.flush()
