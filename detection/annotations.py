@@ -20,11 +20,12 @@ from pycocotools.coco import COCO
 from torch import Tensor
 
 from mbv3_dense.classes import BACKGROUND, ClassInfo, check_class_info, check_unique_names
+from mbv3_dense.errors import InputError
 
 log = logging.getLogger(__name__)
 
 
-class AnnotationError(ValueError):
+class AnnotationError(InputError, ValueError):
     """An annotation file or entry that cannot be used; the message names the file and the entry."""
 
 

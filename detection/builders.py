@@ -15,7 +15,7 @@ from mbv3_dense.weights import load_backbone_weights
 def _build(arch: Arch, *, num_classes: int, reduced_tail: bool, width_mult: float, weights: str | Path | None,
            weights_backbone: str | Path | None, score_activation: ScoreActivation, score_thresh: float,
            topk_candidates: int, nms_thresh: float, detections_per_img: int,
-           class_names: Sequence[str] | None) -> SSDLite:
+           class_names: Sequence[str] | None, keep_class_rows: bool) -> SSDLite:
     backbone = MobileNetV3(arch=arch, width_mult=width_mult, reduced_tail=reduced_tail, norm_layer=ssd_norm_layer,
                            out_features=("c4_expand", "c5"))
     if weights_backbone is not None and weights is None:
@@ -32,7 +32,7 @@ def _build(arch: Arch, *, num_classes: int, reduced_tail: bool, width_mult: floa
     if weights is not None:
         from detection.weights import load_ssdlite_weights
 
-        load_ssdlite_weights(model, weights)
+        load_ssdlite_weights(model, weights, keep_class_rows=keep_class_rows)
     return model
 
 
@@ -56,6 +56,7 @@ def ssdlite_mobilenet_v3_large(
     nms_thresh: float = 0.55,
     detections_per_img: int = 300,
     class_names: list[str] | None = None,
+    keep_class_rows: bool = True,
 ) -> SSDLite:
     """SSDLite320 on MobileNetV3-Large (3.44M params, 0.58 GMAdds with 91 classes and the reduced tail).
 
@@ -75,11 +76,14 @@ def ssdlite_mobilenet_v3_large(
         nms_thresh: NMS IoU threshold.
         detections_per_img: detections kept per image.
         class_names: the name of each label, background first (or the ``num_classes - 1`` object names).
+        keep_class_rows: with ``weights`` of other classes, the pretrained rows of the classes named alike
+            are kept, and the background's (False: the whole class layer starts fresh).
     """
     return _build("large", num_classes=num_classes, reduced_tail=reduced_tail, width_mult=width_mult,
                   weights=weights, weights_backbone=weights_backbone, score_activation=score_activation,
                   score_thresh=score_thresh, topk_candidates=topk_candidates, nms_thresh=nms_thresh,
-                  detections_per_img=detections_per_img, class_names=class_names)
+                  detections_per_img=detections_per_img, class_names=class_names,
+                  keep_class_rows=keep_class_rows)
 
 
 def ssdlite_mobilenet_v3_small(
@@ -95,9 +99,11 @@ def ssdlite_mobilenet_v3_small(
     nms_thresh: float = 0.55,
     detections_per_img: int = 300,
     class_names: list[str] | None = None,
+    keep_class_rows: bool = True,
 ) -> SSDLite:
     """SSDLite320 on MobileNetV3-Small; arguments as :func:`ssdlite_mobilenet_v3_large`."""
     return _build("small", num_classes=num_classes, reduced_tail=reduced_tail, width_mult=width_mult,
                   weights=weights, weights_backbone=weights_backbone, score_activation=score_activation,
                   score_thresh=score_thresh, topk_candidates=topk_candidates, nms_thresh=nms_thresh,
-                  detections_per_img=detections_per_img, class_names=class_names)
+                  detections_per_img=detections_per_img, class_names=class_names,
+                  keep_class_rows=keep_class_rows)

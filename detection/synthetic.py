@@ -20,7 +20,8 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 # (COCO category id, name, shape): real ids, deliberately not contiguous.
-CATEGORIES: tuple[tuple[int, str, str], ...] = (
+Category = tuple[int, str, str]
+CATEGORIES: tuple[Category, ...] = (
     (1, "person", "circle"),
     (3, "car", "square"),
     (18, "dog", "triangle"),
@@ -41,6 +42,8 @@ class DetectionSpec:
         empty_fraction: share of images without any object.
         crowd_fraction: share of images with one ``iscrowd`` region.
         seed: base seed; the split and image index select independent streams.
+        categories: ``(category id, name, shape)`` of each category; shapes: ``circle``, ``square``,
+            ``triangle``, ``star``, ``hexagon``, ``cross``.
     """
 
     train_images: int = 400
@@ -53,6 +56,7 @@ class DetectionSpec:
     empty_fraction: float = 0.05
     crowd_fraction: float = 0.1
     seed: int = 0
+    categories: tuple[Category, ...] = CATEGORIES
 
 
 def _shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]] | None:
@@ -61,7 +65,13 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> 
     if shape == "star":
         return [(cx + (r if k % 2 == 0 else 0.45 * r) * math.cos(angle + math.pi * k / 5),
                  cy + (r if k % 2 == 0 else 0.45 * r) * math.sin(angle + math.pi * k / 5)) for k in range(10)]
-    sides = {"square": 4, "triangle": 3}[shape]
+    if shape == "cross":
+        w = 0.35 * r
+        arm = [(r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w), (-w, -r), (w, -r), (w, -w),
+               (r, -w)]
+        c, s = math.cos(angle), math.sin(angle)
+        return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in arm]
+    sides = {"square": 4, "triangle": 3, "hexagon": 6}[shape]
     return [(cx + r * math.cos(angle + 2 * math.pi * k / sides), cy + r * math.sin(angle + 2 * math.pi * k / sides))
             for k in range(sides)]
 
@@ -111,7 +121,7 @@ def _image(rng: np.random.Generator, spec: DetectionSpec, image_id: int) -> tupl
         else:
             continue
         placed.append(box)
-        cat_id, _, shape = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
+        cat_id, _, shape = spec.categories[int(rng.integers(len(spec.categories)))]
         colour = tuple(int(v) for v in rng.integers(0, 256, 3))
         x0, y0, x1, y1 = _draw(draw, shape, cx, cy, r, rng.uniform(0, 2 * math.pi), colour)
         x0, y0, x1, y1 = max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)
@@ -119,7 +129,7 @@ def _image(rng: np.random.Generator, spec: DetectionSpec, image_id: int) -> tupl
                      "area": (x1 - x0) * (y1 - y0), "iscrowd": 0,
                      "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]]})
     if rng.random() < spec.crowd_fraction:
-        cat_id, _, shape = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
+        cat_id, _, shape = spec.categories[int(rng.integers(len(spec.categories)))]
         gx, gy = rng.uniform(0, w - 80), rng.uniform(0, h - 80)
         for _ in range(5):  # a cluster of small shapes under one crowd box
             _draw(draw, shape, gx + rng.uniform(8, 72), gy + rng.uniform(8, 72), 8, rng.uniform(0, 6.3),
@@ -153,7 +163,7 @@ def write_coco_split(root: str | Path, split: str, spec: DetectionSpec) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     data = {"info": {"description": "mbv3-dense generated shapes (COCO format)"}, "licenses": [],
             "images": images, "annotations": annotations,
-            "categories": [{"id": i, "name": n, "supercategory": "shape"} for i, n, _ in CATEGORIES]}
+            "categories": [{"id": i, "name": n, "supercategory": "shape"} for i, n, _ in spec.categories]}
     out.write_text(json.dumps(data))
     return out
 

@@ -80,7 +80,7 @@ def to_ssdlite_layout(state: Mapping[str, Tensor], container: str, c4_index: int
 _BACKBONE_HINT = "; an ImageNet classifier goes to the detector as weights_backbone, not weights"
 
 
-def load_ssdlite_weights(model: nn.Module, path: str | Path) -> None:
+def load_ssdlite_weights(model: nn.Module, path: str | Path, *, keep_class_rows: bool = True) -> None:
     """Load an SSDLite checkpoint into ``model`` (an :class:`~detection.model.SSDLite`).
 
     Strict, except that a checkpoint with other classes loads into new class predictors that keep the
@@ -91,4 +91,4 @@ def load_ssdlite_weights(model: nn.Module, path: str | Path) -> None:
     state, container = extract_state_dict(checkpoint, path)
     c4_index = model.backbone.feature_info["c4_expand"].index
     load_checkpoint_state(model, to_ssdlite_layout(state, container, c4_index, str(path)), str(path),
-                          task="detect", checkpoint=checkpoint, always_kept=(0,))
+                          task="detect", checkpoint=checkpoint, always_kept=(0,), keep_class_rows=keep_class_rows)

@@ -29,6 +29,8 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from mbv3_dense.errors import InputError
+
 BACKGROUND = "__background__"
 # torchvision's placeholder for COCO category ids that are not used (12, 26, 29, ...): never matched.
 _PLACEHOLDERS = frozenset({"n/a", ""})
@@ -36,7 +38,7 @@ _PLACEHOLDERS = frozenset({"n/a", ""})
 ClassInfo = dict[str, Any]
 
 
-class ClassInfoError(ValueError):
+class ClassInfoError(InputError, ValueError):
     """A class list or class info that cannot be used (duplicated names, lengths that disagree); names the source."""
 
 

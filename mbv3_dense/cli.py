@@ -23,6 +23,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from mbv3_dense.callbacks import ResumeState, ValidationPictures
 from mbv3_dense.checkpoint_io import AtomicCheckpointIO
+from mbv3_dense.errors import InputError
 from mbv3_dense.guards import FiniteCheckpointGuard
 from mbv3_dense.model_record import ModelRecord, read_model_record
 from mbv3_dense.progress import progress_bar_for
@@ -118,6 +119,16 @@ class MBV3CLI(LightningCLI):
         if not self._classes_from_checkpoint(config):
             self._classes_from_data(config)
         self._schedule_length_from_trainer(config)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """A problem with the user's input (:class:`~mbv3_dense.errors.InputError`: a checkpoint that does not
+        fit, a bad annotation, mask or class list) ends the run with one line naming it, exit status 2."""
+        try:
+            super()._run_subcommand(subcommand)
+        except InputError as err:
+            log.debug("input error", exc_info=err)
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from err
 
     def instantiate_classes(self) -> None:
         """As LightningCLI's, but an error raised while building the network, the module or the data reaches

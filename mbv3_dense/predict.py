@@ -40,6 +40,7 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from mbv3_dense.errors import InputError
 from mbv3_dense.image_io import ImageReadError, read_image_rgb
 from mbv3_dense.sampling import worker_init
 
@@ -52,7 +53,7 @@ LIST_SUFFIXES = (".txt", ".lst")
 _GLOB_CHARS = set("*?[")
 
 
-class ImageListError(FileNotFoundError):
+class ImageListError(InputError, FileNotFoundError):
     """The images to predict on cannot be listed: a missing path, or nothing to predict on (names it)."""
 
 

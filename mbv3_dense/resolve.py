@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from torch import Tensor, nn
 
+from mbv3_dense.errors import InputError
 from mbv3_dense.model_record import RECORD_KEY, TASKS, build_from_record, read_model_record
 from mbv3_dense.weights import WeightsError, extract_state_dict, read_checkpoint
 
@@ -51,7 +52,7 @@ OPTIONS = {"arch": "--arch", "num_classes": "--num-classes", "width_mult": "--wi
 TASK_ONLY = {"variant": "segment", "score_activation": "detect"}
 
 
-class ResolveError(ValueError):
+class ResolveError(InputError, ValueError):
     """The weights and the arguments do not describe one network (the message names the file)."""
 
 

@@ -92,7 +92,8 @@ def _rows(tensor: Tensor, num_classes: int) -> Tensor:
 
 
 def load_checkpoint_state(model: nn.Module, state: Mapping[str, Tensor], source: str, *, task: str,
-                          checkpoint: Any, always_kept: Sequence[int] = ()) -> TransferReport:  # noqa: ANN401
+                          checkpoint: Any, always_kept: Sequence[int] = (),  # noqa: ANN401 - a loaded file
+                          keep_class_rows: bool = True) -> TransferReport:
     """Load ``state`` (already in the network's key layout) into ``model``.
 
     With the same classes as the network (count, and names where both are known) the load is strict.
@@ -106,6 +107,8 @@ def load_checkpoint_state(model: nn.Module, state: Mapping[str, Tensor], source:
         task: ``classify``, ``detect`` or ``segment`` (which public class list applies).
         checkpoint: the loaded file (for its model record and class names).
         always_kept: class indices that mean the same in every checkpoint of the task (SSD's background 0).
+        keep_class_rows: copy the rows of classes named alike (and ``always_kept``) into the new class layers;
+            False: they start entirely fresh.
 
     Returns:
         What was loaded, re-initialised and kept. The network's ``class_names`` are set to the
@@ -143,8 +146,8 @@ def load_checkpoint_state(model: nn.Module, state: Mapping[str, Tensor], source:
 
     # Another head: the class layers start from the network's own initialisation, with the rows of the
     # classes named alike copied in; every other tensor must fit exactly.
-    pairs = [(i, i) for i in always_kept if i < min(old_count, new_count)]
-    if old_names is not None and new_names is not None:
+    pairs = [(i, i) for i in always_kept if i < min(old_count, new_count)] if keep_class_rows else []
+    if keep_class_rows and old_names is not None and new_names is not None:
         pairs += [p for p in match_classes(old_names, new_names) if p[1] not in {d for _, d in pairs}]
     merged = dict(state)
     for key in head:

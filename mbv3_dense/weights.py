@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mbv3_dense.errors import InputError
 from mbv3_dense.layers import set_bn_eps
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 StateDict = dict[str, Tensor]
 
 
-class WeightsError(RuntimeError):
+class WeightsError(InputError, RuntimeError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 
@@ -326,7 +327,7 @@ def to_classifier_layout(state: Mapping[str, Tensor], container: str, features: 
     return dict(state), layout
 
 
-def load_classifier_weights(model: nn.Module, path: str | Path) -> str:
+def load_classifier_weights(model: nn.Module, path: str | Path, *, keep_class_rows: bool = True) -> str:
     """Load a classifier checkpoint of any supported layout into ``model``.
 
     Strict, except that a checkpoint with other classes (count or names) loads into a network with a new
@@ -339,7 +340,8 @@ def load_classifier_weights(model: nn.Module, path: str | Path) -> str:
     check_task(checkpoint, "classify", str(path))
     state, container = extract_state_dict(checkpoint, path)
     state, layout = to_classifier_layout(state, container, model.backbone.features, str(path))
-    load_checkpoint_state(model, state, str(path), task="classify", checkpoint=checkpoint)
+    load_checkpoint_state(model, state, str(path), task="classify", checkpoint=checkpoint,
+                          keep_class_rows=keep_class_rows)
     if layout == "timm":
         count = set_bn_eps(model, 1e-5)
         log.info("%s: timm checkpoint: BatchNorm eps set to 1e-5 on %d layers (timm's value)", path, count)

@@ -2,6 +2,7 @@
 real CLI and configs, evaluate with the real evaluation scripts, and report metric + latency.
 
     python scripts/demo.py [--out outputs/demo] [--tasks classify,detect,segment] [--seed S | --seeds 0,1,2] [--quick]
+    python scripts/demo.py --finetune [--tasks ...] [--seed S]   # fine-tuning vs from scratch (demo_finetune.py)
 
 Each training run is a function of its seed (``--seed_everything``): the same seed on the same
 machine prints the same metrics (latency is measured anew). ``--seeds`` trains each task once per
@@ -222,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     seeds.add_argument("--seed", type=int, default=0, help="the training seed (default 0)")
     seeds.add_argument("--seeds", type=parse_seeds, help="comma-separated seeds: each task is trained once per seed")
     parser.add_argument("--quick", action="store_true", help="smoke-test sizes (for tests): figures mean nothing")
+    parser.add_argument("--finetune", action="store_true",
+                        help="instead: pretrain on the demo's data, fine-tune on data with other classes, and compare "
+                             "with training from scratch (scripts/demo_finetune.py)")
     args = parser.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASK_SPECS]
@@ -232,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     seed_list = args.seeds or [args.seed]
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if args.finetune:
+        import demo_finetune
+
+        return demo_finetune.main(out, tasks, seed_list[0], args.quick)
     started = time.time()
     results: list[dict] = []
     runs: dict[str, list[tuple[int, Path]]] = {}

@@ -158,7 +158,8 @@ class LRASPP(nn.Module):
 
 def _build(arch: Arch, *, num_classes: int, variant: Variant, reduced_tail: bool | None, output_stride: int,
            head_channels: int, width_mult: float, weights: str | Path | None,
-           weights_backbone: str | Path | None, class_names: Sequence[str] | None) -> LRASPP:
+           weights_backbone: str | Path | None, class_names: Sequence[str] | None,
+           keep_class_rows: bool) -> LRASPP:
     if variant not in VARIANT_TAPS:
         raise ValueError(f"variant must be 'paper' or 'torchvision', got {variant!r}")
     if reduced_tail is None:
@@ -182,7 +183,7 @@ def _build(arch: Arch, *, num_classes: int, variant: Variant, reduced_tail: bool
     if weights is not None:
         from segmentation.weights import load_lraspp_weights
 
-        load_lraspp_weights(model, weights)
+        load_lraspp_weights(model, weights, keep_class_rows=keep_class_rows)
     return model
 
 
@@ -190,7 +191,7 @@ def lraspp_mobilenet_v3_large(*, num_classes: int = 19, variant: Variant = "pape
                               reduced_tail: bool | None = None, output_stride: int = 16,
                               head_channels: int = 128, width_mult: float = 1.0,
                               weights: str | None = None, weights_backbone: str | None = None,
-                              class_names: list[str] | None = None) -> LRASPP:
+                              class_names: list[str] | None = None, keep_class_rows: bool = True) -> LRASPP:
     """LR-ASPP on MobileNetV3-Large.
 
     Args:
@@ -208,18 +209,22 @@ def lraspp_mobilenet_v3_large(*, num_classes: int = 19, variant: Variant = "pape
         weights_backbone: an ImageNet classifier checkpoint (any layout :mod:`mbv3_dense.weights`
             reads); its head is dropped. Ignored when ``weights`` is given.
         class_names: the name of each class, in output order (Cityscapes: the 19 trainId names).
+        keep_class_rows: with ``weights`` of other classes, the pretrained rows of the classes named alike
+            are kept (False: the whole class layer starts fresh).
     """
     return _build("large", num_classes=num_classes, variant=variant, reduced_tail=reduced_tail,
                   output_stride=output_stride, head_channels=head_channels, width_mult=width_mult,
-                  weights=weights, weights_backbone=weights_backbone, class_names=class_names)
+                  weights=weights, weights_backbone=weights_backbone, class_names=class_names,
+                  keep_class_rows=keep_class_rows)
 
 
 def lraspp_mobilenet_v3_small(*, num_classes: int = 19, variant: Variant = "paper",
                               reduced_tail: bool | None = None, output_stride: int = 16,
                               head_channels: int = 128, width_mult: float = 1.0,
                               weights: str | None = None, weights_backbone: str | None = None,
-                              class_names: list[str] | None = None) -> LRASPP:
+                              class_names: list[str] | None = None, keep_class_rows: bool = True) -> LRASPP:
     """LR-ASPP on MobileNetV3-Small; arguments as :func:`lraspp_mobilenet_v3_large`."""
     return _build("small", num_classes=num_classes, variant=variant, reduced_tail=reduced_tail,
                   output_stride=output_stride, head_channels=head_channels, width_mult=width_mult,
-                  weights=weights, weights_backbone=weights_backbone, class_names=class_names)
+                  weights=weights, weights_backbone=weights_backbone, class_names=class_names,
+                  keep_class_rows=keep_class_rows)

@@ -53,7 +53,7 @@ def to_lraspp_layout(state: Mapping[str, Tensor], container: str, source: str) -
                        f"head.*; first keys: {sorted(state)[:5]}{hint}")
 
 
-def load_lraspp_weights(model: nn.Module, path: str | Path) -> None:
+def load_lraspp_weights(model: nn.Module, path: str | Path, *, keep_class_rows: bool = True) -> None:
     """Load a torchvision LR-ASPP state dict or one of our ``.ckpt`` files into ``model``.
 
     Strict, except that a checkpoint with other classes loads into new classifiers that keep the rows of
@@ -67,4 +67,4 @@ def load_lraspp_weights(model: nn.Module, path: str | Path) -> None:
     check_task(checkpoint, "segment", str(path))
     state, container = extract_state_dict(checkpoint, path)
     load_checkpoint_state(model, to_lraspp_layout(state, container, str(path)), str(path), task="segment",
-                          checkpoint=checkpoint)
+                          checkpoint=checkpoint, keep_class_rows=keep_class_rows)

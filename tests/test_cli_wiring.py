@@ -35,9 +35,11 @@ def test_imagenet_config_trains_on_a_3_class_folder_as_it_is(tiny_imagefolder: P
     # no weight decay on norms and biases: the second group
     assert [g["weight_decay"] for g in ckpt["optimizer_states"][0]["param_groups"]] == [1e-5, 0.0]
     record = read_model_record(ckpt)
+    names = ["circle", "square", "triangle"]  # the class folders: the network's names, recorded
     assert record == {"task": "classify", "builder": "mbv3_dense.mobilenet_v3_large",
                       "init_args": {"num_classes": 3, "width_mult": 1.0, "reduced_tail": False, "dropout": 0.2,
-                                    "weights": None}}
+                                    "weights": None, "class_names": names},
+                      "classes": {"names": names}}
     network = build_from_record(record)
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     network.load_state_dict(state)  # strict: the rebuilt network has exactly the trained shapes

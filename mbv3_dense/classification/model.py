@@ -79,6 +79,7 @@ def _build(
     dropout: float,
     weights: str | Path | None,
     class_names: Sequence[str] | None,
+    keep_class_rows: bool,
 ) -> MobileNetV3Classifier:
     backbone = MobileNetV3(arch=arch, width_mult=width_mult, reduced_tail=reduced_tail)
     hidden = make_divisible(HEAD_CHANNELS[arch] // (2 if reduced_tail else 1) * width_mult, 8)
@@ -87,7 +88,7 @@ def _build(
     if weights is not None:
         from mbv3_dense.weights import load_classifier_weights
 
-        load_classifier_weights(model, weights)
+        load_classifier_weights(model, weights, keep_class_rows=keep_class_rows)
     return model
 
 
@@ -99,6 +100,7 @@ def mobilenet_v3_large(
     dropout: float = 0.2,
     weights: str | Path | None = None,
     class_names: list[str] | None = None,
+    keep_class_rows: bool = True,
 ) -> MobileNetV3Classifier:
     """MobileNetV3-Large classifier (5.48M params, 0.217 GMAdds at 224 with 1000 classes).
 
@@ -109,9 +111,12 @@ def mobilenet_v3_large(
             except the rows of the classes named alike in ``class_names`` and the checkpoint's names
             (logged; :mod:`mbv3_dense.transfer`).
         class_names: the name of each class, in output order (an image folder's class folders).
+        keep_class_rows: with ``weights`` of other classes, the pretrained rows of the classes named alike
+            are kept (False: the whole class layer starts fresh).
     """
     return _build("large", num_classes=num_classes, width_mult=width_mult, reduced_tail=reduced_tail,
-                  dropout=dropout, weights=weights, class_names=class_names)
+                  dropout=dropout, weights=weights, class_names=class_names,
+                  keep_class_rows=keep_class_rows)
 
 
 def mobilenet_v3_small(
@@ -122,6 +127,7 @@ def mobilenet_v3_small(
     dropout: float = 0.2,
     weights: str | Path | None = None,
     class_names: list[str] | None = None,
+    keep_class_rows: bool = True,
 ) -> MobileNetV3Classifier:
     """MobileNetV3-Small classifier (2.54M params, 0.057 GMAdds at 224 with 1000 classes).
 
@@ -132,6 +138,9 @@ def mobilenet_v3_small(
             except the rows of the classes named alike in ``class_names`` and the checkpoint's names
             (logged; :mod:`mbv3_dense.transfer`).
         class_names: the name of each class, in output order (an image folder's class folders).
+        keep_class_rows: with ``weights`` of other classes, the pretrained rows of the classes named alike
+            are kept (False: the whole class layer starts fresh).
     """
     return _build("small", num_classes=num_classes, width_mult=width_mult, reduced_tail=reduced_tail,
-                  dropout=dropout, weights=weights, class_names=class_names)
+                  dropout=dropout, weights=weights, class_names=class_names,
+                  keep_class_rows=keep_class_rows)

@@ -134,7 +134,9 @@ class ImageFolderSpec:
     """What to generate.
 
     Attributes:
-        num_classes: how many of :data:`KINDS` to use (at most ``len(KINDS)``).
+        num_classes: how many of :data:`KINDS` to use (at most ``len(KINDS)``), the first ones.
+        classes: the kinds to use, by name (a dataset with other classes, e.g. to fine-tune on);
+            replaces ``num_classes`` when given.
         train_per_class: training images per class.
         val_per_class: validation images per class (drawn from other random streams).
         size: side of the square images in pixels.
@@ -142,6 +144,7 @@ class ImageFolderSpec:
     """
 
     num_classes: int = 6
+    classes: tuple[str, ...] | None = None
     train_per_class: int = 200
     val_per_class: int = 50
     size: int = 64
@@ -152,24 +155,26 @@ def generate_imagefolder(root: str | Path, spec: ImageFolderSpec = ImageFolderSp
     """Write ``root/{train,val}/<class>/<kind>_<index>.jpg``; returns ``{"train": images, "val": images}``
     (the call shape of :func:`detection.synthetic.generate_coco` and
     :func:`segmentation.synthetic.generate_cityscapes`; existing files with the same names are overwritten)."""
-    if not 1 <= spec.num_classes <= len(KINDS):
-        raise ValueError(f"num_classes must be between 1 and {len(KINDS)}, got {spec.num_classes}")
+    kinds = list(spec.classes) if spec.classes is not None else list(KINDS)[:spec.num_classes]
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not 1 <= len(kinds) <= len(KINDS) or len(set(kinds)) != len(kinds):
+        raise ValueError(f"classes must be 1 to {len(KINDS)} distinct kinds of {list(KINDS)}, got {kinds}")
     if spec.size < 16:
         raise ValueError(f"size must be at least 16 pixels, got {spec.size}")
     root = Path(root)
     counts = {}
     for split, count in (("train", spec.train_per_class), ("val", spec.val_per_class)):
-        for label, kind in enumerate(list(KINDS)[:spec.num_classes]):
+        for kind in kinds:
             folder = root / split / kind
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):
-                rng = np.random.default_rng([spec.seed, _SPLITS[split], label, i])
+                rng = np.random.default_rng([spec.seed, _SPLITS[split], list(KINDS).index(kind), i])
                 draw_image(kind, spec.size, rng).save(folder / f"{kind}_{i:05d}.jpg", quality=92)
-        counts[split] = count * spec.num_classes
+        counts[split] = count * len(kinds)
     return counts
 
 
-def write_imagefolder(root: str | Path, **spec: int) -> Path:
+def write_imagefolder(root: str | Path, **spec: object) -> Path:
     """:func:`generate_imagefolder` with the :class:`ImageFolderSpec` fields as keywords; returns ``root``."""
     generate_imagefolder(root, ImageFolderSpec(**spec))
     return Path(root)
