@@ -251,17 +251,18 @@ def distinct_palette(num_classes: int) -> np.ndarray:
     return palette.astype(np.uint8)
 
 
-def _header(path: Path, what: str) -> tuple[tuple[int, int], str, int | None]:
-    """``((width, height), mode, EXIF orientation or None)`` from the header, without decoding pixels."""
+def _header(path: Path, what: str, *, orientation: bool = False) -> tuple[tuple[int, int], str, int | None]:
+    """``((width, height), mode, EXIF orientation or None)`` from the header, without decoding pixels
+    (``orientation``: read the EXIF orientation too, which for some formats reads further into the file)."""
     try:
         with Image.open(path) as img:
-            return img.size, img.mode, img.getexif().get(ExifTags.Base.Orientation)
+            return img.size, img.mode, img.getexif().get(ExifTags.Base.Orientation) if orientation else None
     except FileNotFoundError as err:
         raise ImageReadError(f"{path}: {what} not found") from err
     except UnidentifiedImageError as err:
         raise ImageReadError(f"{path}: not a readable {what} (unknown or corrupt format)") from err
     except (OSError, SyntaxError, ValueError) as err:
-        raise ImageReadError(f"{path}: corrupt {what} header ({err})") from err
+        raise ImageReadError(f"{path}: corrupt or truncated {what} ({err})") from err
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -271,7 +272,7 @@ def image_size(path: Path) -> tuple[int, int]:
     Raises:
         ImageReadError: missing file or unreadable header.
     """
-    (width, height), _, orientation = _header(path, "image")
+    (width, height), _, orientation = _header(path, "image", orientation=True)
     return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
 
 
