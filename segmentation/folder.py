@@ -137,7 +137,7 @@ def list_folder_pairs(root: str | Path, split: str) -> list[Pair]:
     for name, paths in sorted(masks.items()):
         if name not in images:
             problems.append(f"{paths[0]}: mask without an image (expected {image_dir / name}.<jpg|png|...>)")
-    _raise_problems(f"{root} ({split})", problems, len(images) + len(masks))
+    _raise_problems(f"{root} ({split}): image and mask files", problems, len(images) + len(masks))
     return [Pair(images[name][0], masks[name][0], name) for name in sorted(images)]
 
 
@@ -200,7 +200,7 @@ def list_listed_pairs(root: str | Path, list_file: str) -> list[Pair]:
         pairs.append(Pair(found[0], mask, name))
     if not pairs and not problems:
         raise MaskFolderError(f"{list_path}: the list file names no image")
-    _raise_problems(str(list_path), problems, len(pairs) + len(problems))
+    _raise_problems(f"{list_path}: entries", problems, len(pairs) + len(problems))
     return pairs
 
 

@@ -348,7 +348,10 @@ def test_generator_is_deterministic_by_seed_and_holds_out_val(tmp_path: Path) ->
         return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
     spec = {"mask_format": "color", "layout": "lists", "image_format": "png"}
-    assert make(tmp_path / "a", **spec) and make(tmp_path / "b", **spec)
+    counts = generate_mask_folders(tmp_path / "a", MaskFolderSpec(height=32, width=64, train_images=3, val_images=2,
+                                                                  classes=CLASSES, seed=5, **spec))
+    assert counts == {"train": 3, "val": 2}  # generate_cityscapes' call shape: images per split
+    make(tmp_path / "b", **spec)
     a, b = files(tmp_path / "a"), files(tmp_path / "b")
     assert a == b
     make(tmp_path / "c", seed=6, **spec)
