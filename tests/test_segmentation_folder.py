@@ -263,6 +263,21 @@ def test_a_truncated_image_is_named_when_read(tmp_path: Path) -> None:
         dm.val_set[0]
 
 
+def test_size_check_sees_images_as_read_after_exif_rotation(tmp_path: Path) -> None:
+    """A phone JPEG stored 64x32 with EXIF "rotate 90" is a 32x64 image: its 32x64 mask pairs, a 64x32 one not."""
+    root = make(tmp_path / "data")
+    image, mask = sorted((root / "images/val").glob("*"))[0], sorted((root / "masks/val").glob("*"))[0]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(image, exif=exif.tobytes())
+    _write(mask, np.zeros((64, 32), np.uint8))
+    dm = set_up(root, "validate")
+    assert tuple(dm.val_set[0][0].shape) == (3, 64, 32) and tuple(dm.val_set[0][1].shape) == (64, 32)
+    _write(mask, np.zeros((32, 64), np.uint8))
+    with pytest.raises(MaskFolderError, match=f"{image} is 32x64 \\(WxH\\) but its mask {mask} is 64x32"):
+        set_up(root, "validate")
+
+
 def test_options_are_checked() -> None:
     for option, value in (("mask_format", "rgb"), ("on_unknown_value", "skip"), ("layout", "flat")):
         with pytest.raises(ValueError, match=option):
