@@ -3,13 +3,18 @@
     python scripts/check_dataset.py --task classify --root /data/imagenet [--decode]
     python scripts/check_dataset.py --task detect --root /data/coco [--num-classes 91] [--decode]
     python scripts/check_dataset.py --task segment --root /data/cityscapes [--split train val] [--decode]
+    python scripts/check_dataset.py --task segment --layout folders --root /data/mine [--classes-file F]
+        [--mask-format index|color] [--on-unknown-value error|ignore] [--decode]
 
 Runs exactly what ``lightning fit`` runs when it sets up the data (``ImageFolderDataModule``,
-``CocoDataModule``, ``CityscapesDataModule`` and their scanning/loading functions: the same errors,
-the same counts in the log lines), then with ``--decode`` reads every sample through the datasets'
-own reading code, which finds truncated or corrupt images, image/annotation size mismatches and
-Cityscapes labelIds outside the table. Prints counts and each problem with its file, and exits
-with 1 when something would stop training (under the default ``error`` policies), else 0.
+``CocoDataModule``, ``CityscapesDataModule``, ``MaskFolderDataModule`` and their scanning/loading
+functions: the same errors, the same counts in the log lines), then with ``--decode`` reads every
+sample through the datasets' own reading code, which finds truncated or corrupt images,
+image/annotation size mismatches and Cityscapes labelIds outside the table. For image and mask
+folders (``--layout folders``; both of its layouts, split folders or list files) the set-up already
+decodes every mask and checks its values against the classes file, as ``lightning fit`` does.
+Prints counts and each problem with its file, and exits with 1 when something would stop training
+(under the default ``error`` policies), else 0.
 """
 
 from __future__ import annotations
@@ -113,23 +118,59 @@ def check_segment(root: Path, splits: Iterable[str], decode: bool) -> tuple[dict
     return counts, problems
 
 
+def check_segment_folders(root: Path, splits: Iterable[str], decode: bool, *, classes_file: str | None,
+                          mask_format: str, on_unknown_value: str) -> tuple[dict[str, int], list[str]]:
+    from segmentation.folder import MaskFolderDataModule
+    from segmentation.transforms import eval_transform
+
+    dm = MaskFolderDataModule(root=str(root), classes_file=classes_file, mask_format=mask_format,
+                              on_unknown_value=on_unknown_value, num_workers=0)
+    counts: dict[str, int] = {"classes": dm.num_classes}
+    problems: list[str] = []
+    for split in splits:
+        # The set-up of lightning fit: pairing, header checks, every mask decoded against the classes file.
+        dataset = dm.split_dataset(split, eval_transform())
+        counts[f"{split} image/mask pairs"] = len(dataset)
+        if decode:
+            problems += _decode_all(split, len(dataset), dataset.__getitem__,
+                                    lambda i, d=dataset: f"pair {d.pairs[i].image}")
+        if on_unknown_value == "ignore":
+            counts[f"{split} masks with values outside the classes file (mapped to ignore)"] = len(
+                dataset.decoder.files_with_unknown_values)
+    return counts, problems
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", required=True, choices=("classify", "detect", "segment"))
     p.add_argument("--root", required=True, type=Path)
     p.add_argument("--split", nargs="+", default=["train", "val"], choices=("train", "val"))
     p.add_argument("--num-classes", type=int, default=91, help="detect: the model's classes incl. background")
+    p.add_argument("--layout", choices=("cityscapes", "folders"), default="cityscapes",
+                   help="segment: the Cityscapes layout, or image and mask folders (segmentation.folder)")
+    p.add_argument("--classes-file", default=None,
+                   help="segment folders: the classes file, relative to --root (default: root/classes.*)")
+    p.add_argument("--mask-format", choices=("index", "color"), default="index",
+                   help="segment folders: masks of class indices or of the classes' colours")
+    p.add_argument("--on-unknown-value", choices=("error", "ignore"), default="error",
+                   help="segment folders: mask values outside the classes file stop (error) or are ignored")
     p.add_argument("--decode", action="store_true", help="decode every image and label (slow on full datasets)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    print(f"checking {args.task} data in {args.root} (splits: {', '.join(args.split)}"
-          f"{', decoding every file' if args.decode else ', headers and file lists only'})")
+    folders = args.task == "segment" and args.layout == "folders"
+    extent = ("decoding every file" if args.decode else
+              "file lists, headers and every mask's values" if folders else "headers and file lists only")
+    print(f"checking {args.task} data in {args.root} (splits: {', '.join(args.split)}, {extent})")
     try:
         if args.task == "classify":
             counts, problems = check_classify(args.root, args.split, args.decode)
         elif args.task == "detect":
             counts, problems = check_detect(args.root, args.split, args.decode, args.num_classes)
+        elif args.layout == "folders":
+            counts, problems = check_segment_folders(args.root, args.split, args.decode,
+                                                     classes_file=args.classes_file, mask_format=args.mask_format,
+                                                     on_unknown_value=args.on_unknown_value)
         else:
             counts, problems = check_segment(args.root, args.split, args.decode)
     except (ValueError, OSError) as err:  # the error training would stop with, naming the file

@@ -15,8 +15,6 @@ ignored in training). Images travel as uint8 ``[3, H, W]``; the module normalise
 from __future__ import annotations
 
 import logging
-import random
-from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -26,11 +24,12 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from mbv3_dense.classes import ClassInfo
 from mbv3_dense.image_io import ImageReadError, read_image_rgb, read_label_png
 from mbv3_dense.predict import DEFAULT_MAX_PIXELS, ImageList, predict_images_for, predict_loader
 from mbv3_dense.sampling import SampleKey, as_sample_key, eval_loader, sample_randomness, train_loader
-from segmentation.labels import label_ids_to_train_ids
-from segmentation.transforms import eval_transform, train_transform
+from segmentation.labels import CLASS_NAMES, NUM_CLASSES, cityscapes_class_info, label_ids_to_train_ids
+from segmentation.transforms import Transform, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +37,6 @@ IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
 # What a training crop's padding holds in labelId space: "unlabeled", which maps to trainId 255 (ignore).
 PAD_LABEL_ID = 0
-# A transform: (image [H, W, 3] uint8, labelIds [H, W] uint8, the sample's Random) -> (uint8 [3, h, w], labelIds).
-Transform = Callable[[np.ndarray, np.ndarray, random.Random], tuple[Tensor, np.ndarray]]
 
 
 class CityscapesDataError(ValueError):
@@ -219,6 +216,22 @@ class CityscapesDataModule(L.LightningDataModule):
         self.predict_images = predict_images
         self.predict_max_pixels = predict_max_pixels
         self.predict_list: ImageList | None = None
+
+    @property
+    def num_classes(self) -> int:
+        """19: the trainIds."""
+        return NUM_CLASSES
+
+    @property
+    def class_names(self) -> list[str]:
+        """The 19 trainId names in trainId order."""
+        return list(CLASS_NAMES)
+
+    @property
+    def class_info(self) -> ClassInfo:
+        """trainId names, their labelIds, the Cityscapes palette, ignore 255
+        (:func:`segmentation.labels.cityscapes_class_info`)."""
+        return cityscapes_class_info()
 
     def setup(self, stage: str) -> None:
         if stage == "fit":

@@ -4,6 +4,9 @@ Everything comes from ``cityscapesscripts.helpers.labels`` (the official table).
 
 - **labelId** (0..33): what ``*_gtFine_labelIds.png`` files hold and what the official evaluator reads.
 - **trainId** (0..18, 255 = ignore): what the network predicts and the loss/metric use.
+
+:func:`cityscapes_class_info` is the same table as the *class info* that travels with the weights
+(:mod:`mbv3_dense.classes`): trainId names, the labelId of each trainId, the palette, ignore 255.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 from cityscapesscripts.helpers.labels import labels as _LABELS
+
+from mbv3_dense.classes import ClassInfo, check_class_info
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,20 @@ for _lab in _LABELS:
     if _lab.id >= 0:
         _LABEL_TO_TRAIN[_lab.id] = _lab.trainId if 0 <= _lab.trainId < IGNORE_INDEX else IGNORE_INDEX
 assert len(CLASS_NAMES) == NUM_CLASSES
+
+
+def cityscapes_class_info() -> ClassInfo:
+    """The class info of the 19 trainIds: ``names`` (trainId order), ``label_ids`` (:data:`TRAIN_TO_LABEL_ID`,
+    what ``*_gtFine_labelIds.png`` files hold), ``colors`` (:data:`PALETTE`) and ``ignore_index`` 255.
+    A new dict on every call (callers may change theirs)."""
+    return check_class_info({"names": list(CLASS_NAMES), "label_ids": TRAIN_TO_LABEL_ID.tolist(),
+                             "colors": PALETTE.tolist(), "ignore_index": IGNORE_INDEX}, "Cityscapes", NUM_CLASSES)
+
+
+def is_cityscapes_class_info(info: ClassInfo) -> bool:
+    """Whether ``info`` describes the 19 Cityscapes trainIds (same names and labelIds, in trainId order)."""
+    return (list(info.get("names", ())) == list(CLASS_NAMES)
+            and list(info.get("label_ids", ())) == TRAIN_TO_LABEL_ID.tolist())
 
 
 def label_ids_to_train_ids(label_ids: np.ndarray, source: str | Path = "<array>") -> np.ndarray:

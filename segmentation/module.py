@@ -1,13 +1,20 @@
-"""The LightningModule where Cityscapes data and the LR-ASPP model meet: loss, metrics, poly LR.
+"""The LightningModule where segmentation data and the LR-ASPP model meet: loss, metrics, poly LR.
 
-Logged: ``train/loss``, ``val/loss``, ``val/miou`` (mean IoU over the 19 trainIds that occur in
-the ground truth or the predictions, as the official evaluator averages), ``val/iou/<class>``
-(per class; 0 where a class is absent from both) and, from
-:class:`mbv3_dense.latency.LatencyCallback`, ``latency_ms`` at the configured size (1024x2048 in
-the paper's protocol).
+The class count is the network's (``model.num_classes``: 19 Cityscapes trainIds, or a classes file's
+count, which ``lightning fit`` gives the network from the data). Class names and the ignore value come
+from the data module's class info (:mod:`mbv3_dense.classes`; Cityscapes: the trainId names, 255),
+else the network's ``class_names``, else the indices.
+
+Logged: ``train/loss``, ``val/loss``, ``val/miou`` (mean IoU over the classes that occur in the ground
+truth or the predictions, as the official evaluator averages), ``val/iou/<class name>`` (per class; 0
+where a class is absent from both) and, from :class:`mbv3_dense.latency.LatencyCallback`,
+``latency_ms`` at the configured size (1024x2048 in the paper's protocol).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,39 +23,43 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassJaccardIndex
 
+from mbv3_dense.classes import ClassInfoError, check_class_info
 from mbv3_dense.guards import NonFinitePolicy, check_loss
 from mbv3_dense.predict import PredictBatch
 from mbv3_dense.task import TaskModule
-from segmentation.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
-from segmentation.predict import SegmentationWriter, preprocess
+from segmentation.labels import IGNORE_INDEX, NUM_CLASSES
+from segmentation.predict import SegmentationWriter
 
 
-def segmentation_loss(logits: Tensor, target: Tensor) -> Tensor:
-    """Pixel-wise cross-entropy; ``logits [N, C, H, W]``, ``target [N, H, W]`` trainIds, 255 ignored.
+def segmentation_loss(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Pixel-wise cross-entropy; ``logits [N, C, H, W]``, ``target [N, H, W]`` class indices (0..C-1),
+    ``ignore_index`` ignored.
 
     Returns 0 (with a gradient) when every pixel is ignored, instead of NaN.
     """
-    if not (target != IGNORE_INDEX).any():
+    if not (target != ignore_index).any():
         return logits.sum() * 0.0
-    # fp32 under mixed precision: a softmax over 19 classes averaged over millions of pixels.
-    return F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX)
+    # fp32 under mixed precision: a softmax over the classes averaged over millions of pixels.
+    return F.cross_entropy(logits.float(), target, ignore_index=ignore_index)
 
 
-def miou_metric() -> MulticlassJaccardIndex:
-    """mIoU over the 19 trainIds, 255 ignored; classes absent from ground truth and predictions are
-    left out of the mean (as the official evaluator's NaN-skipping average)."""
-    return MulticlassJaccardIndex(num_classes=NUM_CLASSES, ignore_index=IGNORE_INDEX, average="macro")
+def miou_metric(num_classes: int = NUM_CLASSES, ignore_index: int = IGNORE_INDEX) -> MulticlassJaccardIndex:
+    """mIoU over ``num_classes`` (default the 19 trainIds), ``ignore_index`` ignored; classes absent from ground
+    truth and predictions are left out of the mean (as the official evaluator's NaN-skipping average)."""
+    return MulticlassJaccardIndex(num_classes=num_classes, ignore_index=ignore_index, average="macro")
 
 
 class SegmentationModule(TaskModule):
-    """Trains and validates an LR-ASPP model on Cityscapes trainIds.
+    """Trains and validates an LR-ASPP model on class-index masks (Cityscapes trainIds or a classes file's indices).
 
-    Batches: ``(images [N, 3, H, W] uint8, masks [N, H, W] uint8 trainIds, 255 = ignore)``; on the device the
-    images are normalised with the network's ``normalize`` and the masks become int64 (:meth:`batch_to_input`).
+    Batches: ``(images [N, 3, H, W] uint8, masks [N, H, W] uint8 class indices, the ignore value where ignored)``;
+    on the device the images are normalised with the network's ``normalize`` and the masks become int64
+    (:meth:`batch_to_input`). At set-up the data module's ``class_info`` names the classes and gives the ignore
+    value (:meth:`use_class_info`).
 
     Args:
         model: the network (e.g. :func:`segmentation.lraspp_mobilenet_v3_large`); its forward returns
-            logits ``[N, 19, H, W]`` at input size.
+            logits ``[N, model.num_classes, H, W]`` at input size.
         optimizer, scheduler (stepped every iteration; poly LR:
             ``torch.optim.lr_scheduler.PolynomialLR(total_iters=<max_steps>, power=0.9)``), lr_batch_size,
             weight_decay_norm_bias, nonfinite_loss, channels_last, compile, freeze_backbone_epochs,
@@ -69,9 +80,47 @@ class SegmentationModule(TaskModule):
                          channels_last=channels_last, compile=compile, freeze_backbone_epochs=freeze_backbone_epochs,
                          backbone_lr_multiplier=backbone_lr_multiplier, freeze_bn_statistics=freeze_bn_statistics)
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
-        self.val_miou = miou_metric()
-        self.val_iou = MulticlassJaccardIndex(num_classes=NUM_CLASSES, ignore_index=IGNORE_INDEX, average="none")
+        self.num_classes = int(model.num_classes)
+        #: Class names by index for ``val/iou/<name>`` (``None``: the indices); set by :meth:`use_class_info`.
+        self.class_names: list[str] | None = self._network_class_names()
+        self.ignore_index = IGNORE_INDEX
+        self._make_metrics()
+
+    def _make_metrics(self) -> None:
+        self.val_miou = miou_metric(self.num_classes, self.ignore_index)
+        self.val_iou = MulticlassJaccardIndex(num_classes=self.num_classes, ignore_index=self.ignore_index,
+                                              average="none")
         self.val_loss = MeanMetric()
+
+    def _network_class_names(self) -> list[str] | None:
+        names = getattr(self.model, "class_names", None)
+        return list(names) if names is not None and len(names) == self.num_classes else None
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        info = getattr(datamodule, "class_info", None) if datamodule is not None else None
+        self.use_class_info(info, type(datamodule).__name__)
+
+    def use_class_info(self, info: Mapping[str, Any] | None, source: str = "the data") -> None:
+        """Name the classes and take the ignore value from the data's class info (:mod:`mbv3_dense.classes`);
+        ``None``: the network's ``class_names`` (else the indices) and 255.
+
+        Raises:
+            mbv3_dense.classes.ClassInfoError: the data has another class count than the network's outputs.
+        """
+        if info is None:
+            self.class_names, ignore_index = self._network_class_names(), IGNORE_INDEX
+        else:
+            info = check_class_info(info, source)
+            if len(info["names"]) != self.num_classes:
+                raise ClassInfoError(
+                    f"{source}: the data has {len(info['names'])} classes ({', '.join(info['names'][:10])}) but the "
+                    f"network outputs {self.num_classes}; set model.init_args.model.init_args.num_classes: "
+                    f"{len(info['names'])} (lightning fit does when the data module reports num_classes)")
+            self.class_names, ignore_index = info["names"], info.get("ignore_index", IGNORE_INDEX)
+        if ignore_index != self.ignore_index:
+            self.ignore_index = ignore_index
+            self._make_metrics()
 
     def batch_to_input(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """uint8 images -> the network's input; uint8 trainId masks -> int64 (an eighth of the bytes travel)."""
@@ -80,7 +129,7 @@ class SegmentationModule(TaskModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         images, masks = batch
-        loss = segmentation_loss(self.model(images), masks)
+        loss = segmentation_loss(self.model(images), masks, self.ignore_index)
         checked = check_loss(self, loss, {"cross_entropy": loss}, self.nonfinite_loss)
         if checked is not loss:
             return checked  # skipped (None; a zero loss under DDP)
@@ -90,7 +139,7 @@ class SegmentationModule(TaskModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, masks = batch
         logits = self.model(images)
-        self.val_loss.update(segmentation_loss(logits, masks), weight=images.shape[0])
+        self.val_loss.update(segmentation_loss(logits, masks, self.ignore_index), weight=images.shape[0])
         preds = logits.argmax(1)
         self.val_miou.update(preds, masks)
         self.val_iou.update(preds, masks)
@@ -100,16 +149,19 @@ class SegmentationModule(TaskModule):
         per_class = self.val_iou.compute()
         self.log("val/miou", self.val_miou.compute(), prog_bar=True)
         metrics = {"val/loss": self.val_loss.compute()}
-        metrics.update({f"val/iou/{name}": per_class[i] for i, name in enumerate(CLASS_NAMES)})
+        names = self.class_names or [str(i) for i in range(self.num_classes)]
+        metrics.update({f"val/iou/{name}": per_class[i] for i, name in enumerate(names)})
         self.log_dict(metrics)
         for metric in (self.val_miou, self.val_iou, self.val_loss):
             metric.reset()
 
     def predict_step(self, batch: PredictBatch, batch_idx: int) -> list[Tensor]:
         """Per image of ``batch`` (uint8, original sizes; one forward pass each, since sizes differ):
-        the argmax trainIds, uint8 ``[H, W]`` at the image's size, on the CPU."""
-        return [self.model(preprocess(image)).argmax(1)[0].to(torch.uint8).cpu() for image in batch.images]
+        the argmax class indices, uint8 ``[H, W]`` at the image's size, on the CPU (normalised by the
+        network's own ``normalize``, :meth:`~mbv3_dense.task.TaskModule.images_to_input`)."""
+        return [self.model(self.images_to_input(image[None])).argmax(1)[0].to(torch.uint8).cpu()
+                for image in batch.images]
 
     def prediction_writer(self, **options) -> SegmentationWriter:  # noqa: ANN003 - the writer's options
-        """The writer ``lightning predict`` adds when the config names none."""
+        """The writer ``lightning predict`` adds when the config names none (class info from the data module)."""
         return SegmentationWriter(**options)

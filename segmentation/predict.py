@@ -1,28 +1,46 @@
-"""What ``lightning predict`` writes for LR-ASPP: Cityscapes labelId PNGs and colour overlays.
+"""What ``lightning predict`` writes for LR-ASPP: label PNGs in the data's label values and colour overlays.
 
-Layout under the output folder::
+Layout under the output folder, for Cityscapes (the 19 trainIds; the default class info)::
 
     labelIds/<name>.png    8-bit labelIds at the image's full size (what cityscapesscripts reads;
                            predicted trainIds converted by segmentation.labels.train_ids_to_label_ids)
     overlays/<name>.jpg    the image blended half and half with the Cityscapes palette (unless pictures=False)
     skipped.jsonl, summary.json
 
-The network sees each image at its own size, normalised with ImageNet mean/std
-(:func:`preprocess`), one image at a time (sizes differ).
+and for any other class info (e.g. a mask folder's classes file, :mod:`segmentation.folder`)::
+
+    labels/<name>.png      palette PNG at the image's full size: each pixel the class's ``label_ids`` value
+                           (a mask folder's class index), the palette the class colours, so the file reads
+                           back as an index mask and shows as a colour mask
+    overlays/<name>.jpg    the image blended half and half with the class colours
+
+Class colours come from the class info; classes without colours get
+:func:`segmentation.mask_classes.distinct_palette` (Pascal VOC's colour map).
+
+The network sees each image at its own size, normalised with its own ``normalize`` (ImageNet mean/std:
+:func:`preprocess` for scripts), one image at a time (sizes differ).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
+from mbv3_dense.classes import ClassInfo, check_class_info
 from mbv3_dense.constants import IMAGENET_MEAN, IMAGENET_STD
 from mbv3_dense.predict import ImageFile, PredictionWriter
-from segmentation.labels import NUM_CLASSES, colorize, train_ids_to_label_ids
+from segmentation.labels import cityscapes_class_info, is_cityscapes_class_info
+from segmentation.mask_classes import distinct_palette
 
 OVERLAY_ALPHA = 0.5
+CITYSCAPES_FOLDER = "labelIds"
+LABELS_FOLDER = "labels"
 
 
 def preprocess(image: Tensor) -> Tensor:
@@ -34,24 +52,65 @@ def preprocess(image: Tensor) -> Tensor:
 
 
 class SegmentationWriter(PredictionWriter):
-    """Writes ``[H, W]`` uint8 trainId maps (layout in the module docstring)."""
+    """Writes ``[H, W]`` uint8 class-index maps (layout in the module docstring).
+
+    Args:
+        output_dir / overwrite / pictures: as :class:`~mbv3_dense.predict.PredictionWriter`.
+        class_info: what the class indices mean (:mod:`mbv3_dense.classes`): ``names``; ``label_ids``, the value
+            written per class (default the index); ``colors`` (default
+            :func:`~segmentation.mask_classes.distinct_palette`). ``None``: the data module's ``class_info``
+            under ``lightning predict``, else Cityscapes'.
+    """
 
     task = "segment"
-    outputs = ("labelIds", "overlays")
+    outputs = (CITYSCAPES_FOLDER, LABELS_FOLDER, "overlays")
+
+    def __init__(self, output_dir: str | Path | None = None, *, overwrite: bool = False, pictures: bool = True,
+                 class_info: Mapping[str, Any] | None = None) -> None:
+        super().__init__(output_dir, overwrite=overwrite, pictures=pictures)
+        self.class_info: ClassInfo | None = (check_class_info(class_info, "SegmentationWriter class_info")
+                                             if class_info is not None else None)
+
+    def configure_from(self, datamodule: Any) -> None:  # noqa: ANN401 - any data module
+        super().configure_from(datamodule)
+        if self.class_info is None:
+            info = getattr(datamodule, "class_info", None)
+            if info is not None:
+                self.class_info = check_class_info(info, type(datamodule).__name__)
 
     def _open(self) -> None:
-        (self.output_dir / "labelIds").mkdir(parents=True, exist_ok=True)
+        info = self.class_info if self.class_info is not None else cityscapes_class_info()
+        num_classes = len(info["names"])
+        self._num_classes = num_classes
+        self._cityscapes = is_cityscapes_class_info(info)
+        self._folder = CITYSCAPES_FOLDER if self._cityscapes else LABELS_FOLDER
+        label_ids = info.get("label_ids", list(range(num_classes)))
+        if min(label_ids) < 0 or max(label_ids) > 255:
+            raise ValueError(f"class info label_ids must lie in 0..255 for 8-bit label PNGs, got {label_ids}")
+        self._label_lookup = np.asarray(label_ids, dtype=np.uint8)
+        colors = info.get("colors")
+        self._colors = np.asarray(colors, dtype=np.uint8) if colors is not None else distinct_palette(num_classes)
+        # The label PNG's palette: entry label_ids[c] is class c's colour (other entries black).
+        palette = np.zeros((256, 3), dtype=np.uint8)
+        palette[self._label_lookup] = self._colors
+        self._png_palette = palette.ravel().tolist()
+        (self.output_dir / self._folder).mkdir(parents=True, exist_ok=True)
 
     def _write_image(self, file: ImageFile, image: Tensor, output: Tensor) -> None:
-        train_ids = output.cpu().numpy().astype(np.uint8)
-        if train_ids.max(initial=0) >= NUM_CLASSES:
-            raise ValueError(f"{file.path}: predicted trainIds must lie in 0..{NUM_CLASSES - 1}")
-        path = self.output_dir / "labelIds" / f"{file.name}.png"
+        classes = output.cpu().numpy().astype(np.uint8)
+        if classes.max(initial=0) >= self._num_classes:
+            raise ValueError(f"{file.path}: predicted class {int(classes.max())} but the class info names "
+                             f"{self._num_classes} classes (0..{self._num_classes - 1}); pass the class info of "
+                             "the data the network was trained on")
+        path = self.output_dir / self._folder / f"{file.name}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(train_ids_to_label_ids(train_ids)).save(path)
+        labels = Image.fromarray(self._label_lookup[classes])
+        if not self._cityscapes:  # Cityscapes' labelIds stay plain 8-bit greyscale, as the evaluator's ground truth
+            labels.putpalette(self._png_palette)  # L -> P, the values kept as palette indices
+        labels.save(path)
         if self.pictures:
             rgb = image.permute(1, 2, 0).cpu().numpy().astype(np.float32)
-            blend = (1 - OVERLAY_ALPHA) * rgb + OVERLAY_ALPHA * colorize(train_ids).astype(np.float32)
+            blend = (1 - OVERLAY_ALPHA) * rgb + OVERLAY_ALPHA * self._colors[classes].astype(np.float32)
             Image.fromarray(blend.round().astype(np.uint8)).save(self._picture_path(file, "overlays"), quality=90)
 
     def _close(self) -> None:

@@ -1,4 +1,6 @@
-"""A small generated Cityscapes tree: street-like scenes with real Cityscapes labelIds.
+"""Generated segmentation data: a small Cityscapes tree, and the same streets as image and mask folders.
+
+:func:`generate_cityscapes` writes street-like scenes with real Cityscapes labelIds.
 
 Each scene has a sky, a row of buildings with windows, a road in perspective with sidewalks on
 either side, trees (vegetation), cars on the road, people on the sidewalks, traffic signs on
@@ -8,14 +10,23 @@ noise are random; the validation split uses other cities and another seed, so it
 The files follow the official layout and naming (``<city>_<seq>_<frame>_leftImg8bit.png``,
 ``<city>_<seq>_<frame>_gtFine_labelIds.png``), so the data module and the official evaluator
 read them as they read Cityscapes.
+
+:func:`generate_mask_folders` writes the layout of :mod:`segmentation.folder` (images, masks, a classes
+file) with classes chosen by name: the street scene's (road, sky, car, ...) and two surfaces of its own,
+grass and water, which take the place of the sidewalks (each side of the road one of the chosen
+surfaces). Scene elements whose class is not chosen are ignore pixels. Masks are class-index PNGs or
+colour PNGs, images PNG or JPEG.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+import yaml
 from cityscapesscripts.helpers.labels import name2label
 from PIL import Image, ImageDraw
 
@@ -184,3 +195,148 @@ def generate_cityscapes(root: str | Path, spec: CityscapesSpec = CityscapesSpec(
 
 # The name before the three generators were named alike.
 SyntheticSpec = CityscapesSpec
+
+
+# ---------------------------------------------------------------------------------------------- mask folders
+#: Surfaces the folder generator paints in place of the sidewalks.
+SURFACES = ("sidewalk", "grass", "water")
+#: Class names :func:`generate_mask_folders` can draw.
+FOLDER_VOCABULARY = (*PRESENT_CLASSES, "grass", "water")
+#: The default classes: three Cityscapes names, two new surfaces, two more Cityscapes names.
+DEFAULT_FOLDER_CLASSES = ("road", "grass", "water", "building", "vegetation", "sky", "car")
+# Colours written to the classes file: Cityscapes' palette for its classes, our own for the new surfaces.
+_NEW_COLORS = {"grass": (90, 200, 60), "water": (30, 110, 220)}
+FOLDER_IGNORE = 255
+FOLDER_IGNORE_COLOR = (0, 0, 0)
+
+
+def folder_class_color(name: str) -> tuple[int, int, int]:
+    """The colour the generator gives a class of :data:`FOLDER_VOCABULARY`."""
+    return _NEW_COLORS[name] if name in _NEW_COLORS else tuple(name2label[name].color)
+
+
+@dataclass(frozen=True)
+class MaskFolderSpec:
+    """Size and form of a generated mask-folder dataset.
+
+    Attributes:
+        height: image height.
+        width: image width.
+        train_images: training images.
+        val_images: validation images (another seed: held out).
+        seed: seed of the training split; validation uses ``seed + 1000``.
+        classes: class names in index order, from :data:`FOLDER_VOCABULARY`.
+        image_format: ``"jpg"`` or ``"png"``.
+        mask_format: ``"index"`` (8-bit class indices, 255 = ignore) or ``"color"`` (RGB in the class colours,
+            black = ignore).
+        layout: ``"folders"`` (``images/{train,val}/``) or ``"lists"`` (flat, ``train.txt``/``val.txt``).
+        classes_file: the classes file's name (``.yaml``, ``.json`` or ``.txt``; a ``.txt`` has no colours,
+            so not with colour masks).
+    """
+
+    height: int = 256
+    width: int = 512
+    train_images: int = 120
+    val_images: int = 24
+    seed: int = 0
+    classes: tuple[str, ...] = DEFAULT_FOLDER_CLASSES
+    image_format: Literal["jpg", "png"] = "jpg"
+    mask_format: Literal["index", "color"] = "index"
+    layout: Literal["folders", "lists"] = "folders"
+    classes_file: str = "classes.yaml"
+
+
+def _check_spec(spec: MaskFolderSpec) -> None:
+    unknown = [c for c in spec.classes if c not in FOLDER_VOCABULARY]
+    if unknown or not spec.classes or len(set(spec.classes)) != len(spec.classes):
+        raise ValueError(f"MaskFolderSpec.classes: distinct names from {FOLDER_VOCABULARY}, got {spec.classes}")
+    if spec.image_format not in ("jpg", "png") or spec.mask_format not in ("index", "color") \
+            or spec.layout not in ("folders", "lists"):
+        raise ValueError(f"MaskFolderSpec: image_format jpg|png, mask_format index|color, layout folders|lists; "
+                         f"got {spec.image_format!r}, {spec.mask_format!r}, {spec.layout!r}")
+    suffix = Path(spec.classes_file).suffix
+    if suffix not in (".yaml", ".yml", ".json", ".txt") or (suffix == ".txt" and spec.mask_format == "color"):
+        raise ValueError(f"MaskFolderSpec.classes_file {spec.classes_file!r}: .yaml, .json or .txt (a .txt has no "
+                         "colours, so not with colour masks)")
+
+
+def render_folder_scene(rng: np.random.Generator, height: int, width: int,
+                        classes: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """A street scene (:func:`render_scene`) with the sidewalk on each side of the road replaced by one of the
+    chosen :data:`SURFACES`: ``(image [H, W, 3] uint8 RGB, class indices [H, W] uint8, 255 = ignore)``."""
+    image, label_ids = render_scene(rng, height, width)
+    image = image.astype(np.float32)
+    to_class = np.full(256, FOLDER_IGNORE, dtype=np.uint8)
+    for index, name in enumerate(classes):
+        if name in _ID:
+            to_class[_ID[name]] = index
+    out = to_class[label_ids]
+    # Left and right of the road's centre, row by row (the road spans the horizon to the bottom).
+    road = label_ids == _ID["road"]
+    columns = np.arange(width, dtype=np.float32)
+    counts = road.sum(1)
+    centre = np.where(counts > 0, (road * columns).sum(1) / np.maximum(counts, 1), width / 2)
+    left = columns[None, :] < centre[:, None]
+    surfaces = [s for s in SURFACES if s in classes] or ["sidewalk"]
+    yy = np.arange(height, dtype=np.float32)[:, None]
+    for side in (left, ~left):
+        surface = surfaces[int(rng.integers(len(surfaces)))]
+        where = side & (label_ids == _ID["sidewalk"])
+        if surface == "grass":
+            base = np.array(_jitter(rng, (70, 140, 50), 20), dtype=np.float32)
+            texture = rng.normal(0, 22, size=(height, width, 1)).astype(np.float32)
+            image[where] = (base + texture * np.array([0.6, 1.0, 0.4], dtype=np.float32))[where]
+        elif surface == "water":
+            base = np.array(_jitter(rng, (40, 90, 170), 20), dtype=np.float32)
+            waves = 1.0 + 0.18 * np.sin(yy * rng.uniform(0.6, 1.4) + rng.uniform(0, 6.3))
+            shade = (base * waves[..., None] + rng.normal(0, 5, size=(height, width, 1))).astype(np.float32)
+            image[where] = np.broadcast_to(shade, (height, width, 3))[where]
+        out[where] = classes.index(surface) if surface in classes else FOLDER_IGNORE
+    return image.clip(0, 255).astype(np.uint8), out
+
+
+def write_classes_file(path: Path, classes: tuple[str, ...], *, with_colors: bool, ignore_color: bool) -> None:
+    """A classes file (:mod:`segmentation.mask_classes`) for ``classes``; the format follows the suffix."""
+    if path.suffix == ".txt":
+        path.write_text("".join(f"{name}\n" for name in classes))
+        return
+    entries = [{"name": name, "color": list(folder_class_color(name))} if with_colors else name for name in classes]
+    data = {"classes": entries, "ignore_index": FOLDER_IGNORE}
+    if ignore_color:
+        data["ignore_colors"] = [list(FOLDER_IGNORE_COLOR)]
+    path.write_text(json.dumps(data, indent=2) + "\n" if path.suffix == ".json"
+                    else yaml.safe_dump(data, sort_keys=False, default_flow_style=None))
+
+
+def generate_mask_folders(root: str | Path, spec: MaskFolderSpec = MaskFolderSpec()) -> dict[str, int]:
+    """Write a generated mask-folder dataset (``train`` and ``val``, layout of :mod:`segmentation.folder`) under
+    ``root``; returns images per split. The same spec writes the same files."""
+    _check_spec(spec)
+    root = Path(root)
+    color = spec.mask_format == "color"
+    palette = np.array([*(folder_class_color(n) for n in spec.classes)], dtype=np.uint8)
+    root.mkdir(parents=True, exist_ok=True)
+    write_classes_file(root / spec.classes_file, spec.classes, with_colors=True, ignore_color=color)
+    counts = {}
+    for split, count, seed in (("train", spec.train_images, spec.seed), ("val", spec.val_images, spec.seed + 1000)):
+        rng = np.random.default_rng(seed)
+        names = []
+        for i in range(count):
+            name = f"{split}/scene_{i:04d}" if spec.layout == "folders" else f"{split}_{i:04d}"
+            image, classes = render_folder_scene(rng, spec.height, spec.width, spec.classes)
+            image_path, mask_path = root / "images" / f"{name}.{spec.image_format}", root / "masks" / f"{name}.png"
+            image_path.parent.mkdir(parents=True, exist_ok=True)
+            mask_path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(image_path, **({"quality": 95} if spec.image_format == "jpg" else {}))
+            if color:
+                rgb = np.zeros((*classes.shape, 3), dtype=np.uint8)  # FOLDER_IGNORE_COLOR where ignored
+                valid = classes != FOLDER_IGNORE
+                rgb[valid] = palette[classes[valid]]
+                Image.fromarray(rgb).save(mask_path)
+            else:
+                Image.fromarray(classes).save(mask_path)  # uint8 [H, W]: mode L
+            names.append(name)
+        if spec.layout == "lists":
+            (root / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
+        counts[split] = count
+    return counts

@@ -19,6 +19,7 @@ road, so padding with 0 would teach road).
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import NamedTuple
 
 import cv2
@@ -27,6 +28,9 @@ import torch
 from torch import Tensor
 
 from segmentation.labels import IGNORE_INDEX
+
+# A pipeline: (image [H, W, 3] uint8, mask [H, W] uint8 ids, the sample's Random) -> (uint8 [3, h, w], mask ids).
+Transform = Callable[[np.ndarray, np.ndarray, random.Random], tuple[Tensor, np.ndarray]]
 
 
 class CropDraw(NamedTuple):

@@ -1,0 +1,446 @@
+"""Your own segmentation data: image and mask folders, a classes file, and the LightningDataModule.
+
+Layout, one of two (``layout="auto"`` takes the first when ``root/images/<train_split>/`` exists)::
+
+    folders                                     lists
+    root/classes.yaml                           root/classes.yaml
+    root/images/train/<path>.jpg                root/images/<path>.jpg
+    root/masks/train/<path>.png                 root/masks/<path>.png
+    root/images/val/...  root/masks/val/...     root/train.txt  root/val.txt
+
+An image pairs with the mask of the same relative path without its extension
+(``images/train/a/x.jpg`` <-> ``masks/train/a/x.png``); images may be any format
+:data:`~mbv3_dense.classification.data.IMAGE_EXTENSIONS` names, masks are PNG (lossless: JPEG would
+change the class values). A list file names one image a line, relative to ``images/``, with or without
+its extension (``a/x`` or ``a/x.jpg``); blank lines and ``#`` comments are skipped.
+
+The classes file and the two mask formats (``index``: class indices; ``color``: RGB colours) are
+:mod:`segmentation.mask_classes`'. Batches are those of the Cityscapes module: images uint8
+``[N, 3, H, W]``, masks uint8 ``[N, H, W]`` class indices (0..num_classes-1) with the classes file's
+ignore value (255 by default); the augmentation (:mod:`segmentation.transforms`, padding with the
+ignore value) draws from ``(seed, epoch, index)`` (:mod:`mbv3_dense.sampling`).
+
+Bad input stops set-up with an error naming the file(s), before any training step: a missing
+folder or list file, an image without its mask or a mask without its image, a non-PNG mask, two images
+with one stem, a list entry twice, an unreadable image or mask header, a mask whose mode does not fit
+``mask_format``, a mask of another size than its image, and (``check_mask_values``, every mask
+decoded once) values or colours the classes file does not know (``on_unknown_value``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from functools import cached_property
+from pathlib import Path, PurePosixPath
+from typing import Literal, NamedTuple
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from mbv3_dense.classes import ClassInfo
+from mbv3_dense.classification.data import IMAGE_EXTENSIONS
+from mbv3_dense.image_io import ImageReadError, read_image_rgb
+from mbv3_dense.predict import DEFAULT_MAX_PIXELS, ImageList, predict_images_for, predict_loader
+from mbv3_dense.sampling import SampleKey, as_sample_key, eval_loader, sample_randomness, train_loader
+from segmentation.mask_classes import (
+    MaskClasses,
+    MaskDecoder,
+    MaskFormat,
+    MaskValueError,
+    UnknownValuePolicy,
+    find_classes_file,
+    image_size,
+    read_classes_file,
+)
+from segmentation.transforms import Transform, eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+Layout = Literal["auto", "folders", "lists"]
+MASK_SUFFIX = ".png"
+# Errors show this many problems (and the count of all).
+_SHOWN = 5
+
+
+class MaskFolderError(ValueError):
+    """The folders, list files or file pairs are not what the layout promises; names the file(s)."""
+
+
+class Pair(NamedTuple):
+    """An image and its mask; ``name`` is the relative path without extension that pairs them."""
+
+    image: Path
+    mask: Path
+    name: str
+
+
+def _raise_problems(what: str, problems: list[str], total: int) -> None:
+    if problems:
+        shown = "; ".join(problems[:_SHOWN])
+        more = f" (and {len(problems) - _SHOWN} more)" if len(problems) > _SHOWN else ""
+        raise MaskFolderError(f"{what}: {len(problems)} of {total} are unusable: {shown}{more}")
+
+
+def _walk(folder: Path) -> list[Path]:
+    """Every file under ``folder`` (symlinks followed, hidden files and folders left out), sorted."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
+    return files
+
+
+def _stem(path: Path, folder: Path) -> str:
+    return PurePosixPath(path.relative_to(folder).as_posix()).with_suffix("").as_posix()
+
+
+def list_folder_pairs(root: str | Path, split: str) -> list[Pair]:
+    """The pairs of ``root/images/<split>/`` and ``root/masks/<split>/``, sorted by name.
+
+    Raises:
+        MaskFolderError: a missing or imageless folder; an image without a mask or a mask without an image
+            (naming the file and the path it was looked for at); a mask that is not PNG; two images (or
+            masks) with one name.
+    """
+    root = Path(root)
+    image_dir, mask_dir = root / "images" / split, root / "masks" / split
+    for folder in (image_dir, mask_dir):
+        if not folder.is_dir():
+            raise MaskFolderError(f"{folder}: no such folder (expected root/images/{split}/ and root/masks/{split}/, "
+                                  f"or list files with layout: lists)")
+    images: dict[str, list[Path]] = defaultdict(list)
+    other = []
+    for path in _walk(image_dir):
+        (images[_stem(path, image_dir)].append(path) if path.suffix.lower() in IMAGE_EXTENSIONS
+         else other.append(path))
+    if not images:
+        raise MaskFolderError(f"{image_dir}: holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    if other:
+        log.warning("%s: %d files are not images by their extension and were left out: %s", image_dir, len(other),
+                    ", ".join(str(p) for p in other[:5]))
+    masks: dict[str, list[Path]] = defaultdict(list)
+    problems = []
+    for path in _walk(mask_dir):
+        if path.suffix.lower() == MASK_SUFFIX:
+            masks[_stem(path, mask_dir)].append(path)
+        elif path.suffix.lower() in IMAGE_EXTENSIONS:
+            problems.append(f"{path}: masks must be PNG (lossless; JPEG compression changes class values)")
+    for name, paths in sorted(images.items()):
+        if len(paths) > 1:
+            problems.append(f"{paths[0]} and {paths[1]}: two images named {name!r} (one mask cannot pair with both)")
+        if name not in masks:
+            problems.append(f"{paths[0]}: no mask (expected {mask_dir / name}{MASK_SUFFIX})")
+    for name, paths in sorted(masks.items()):
+        if name not in images:
+            problems.append(f"{paths[0]}: mask without an image (expected {image_dir / name}.<jpg|png|...>)")
+    _raise_problems(f"{root} ({split}): image and mask files", problems, len(images) + len(masks))
+    return [Pair(images[name][0], masks[name][0], name) for name in sorted(images)]
+
+
+def list_listed_pairs(root: str | Path, list_file: str) -> list[Pair]:
+    """The pairs named by ``root/<list_file>`` (entries relative to ``root/images/``; masks in ``root/masks/``).
+
+    Raises:
+        MaskFolderError: a missing or empty list file; an entry that is absolute or leaves ``images/``, names
+            no image, two images (``x.jpg`` and ``x.png`` for ``x``), or an image without a mask; an entry
+            listed twice (each naming the list file and line).
+    """
+    root = Path(root)
+    list_path = root / list_file
+    if not list_path.is_file():
+        raise MaskFolderError(f"{list_path}: no such list file (expected one image a line, relative to "
+                              f"{root / 'images'}; or root/images/<split>/ folders with layout: folders)")
+    image_dir, mask_dir = root / "images", root / "masks"
+    listings: dict[Path, dict[str, list[Path]]] = {}
+
+    def candidates(entry: PurePosixPath) -> list[Path]:
+        parent = image_dir / entry.parent
+        if parent not in listings:
+            found: dict[str, list[Path]] = defaultdict(list)
+            if parent.is_dir():
+                for child in sorted(parent.iterdir()):
+                    if child.suffix.lower() in IMAGE_EXTENSIONS and child.is_file():
+                        found[child.stem].append(child)
+                        found[child.name].append(child)
+            listings[parent] = found
+        return listings[parent].get(entry.name, [])
+
+    pairs, problems, seen = [], [], {}
+    lines = list_path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        where = f"{list_path}:{number}"
+        entry = PurePosixPath(text.replace("\\", "/"))
+        if entry.is_absolute() or ".." in entry.parts:
+            problems.append(f"{where}: {text!r} must be a path relative to {image_dir}")
+            continue
+        found = candidates(entry)
+        if not found:
+            problems.append(f"{where}: {text!r} names no image under {image_dir} ({', '.join(IMAGE_EXTENSIONS)})")
+            continue
+        if len(found) > 1:
+            problems.append(f"{where}: {text!r} names {len(found)} images ({', '.join(str(p) for p in found)}); "
+                            "list it with its extension")
+            continue
+        name = _stem(found[0], image_dir)
+        if name in seen:
+            problems.append(f"{where}: {text!r} is listed twice (first at line {seen[name]})")
+            continue
+        seen[name] = number
+        mask = mask_dir / f"{name}{MASK_SUFFIX}"
+        if not mask.is_file():
+            problems.append(f"{where}: {found[0]}: no mask (expected {mask})")
+            continue
+        pairs.append(Pair(found[0], mask, name))
+    if not pairs and not problems:
+        raise MaskFolderError(f"{list_path}: the list file names no image")
+    _raise_problems(f"{list_path}: entries", problems, len(pairs) + len(problems))
+    return pairs
+
+
+class MaskFolderSegmentation(Dataset):
+    """Images and class-index masks of one split.
+
+    ``dataset[i]`` is ``(image, mask)`` after ``transform``: a uint8 ``[3, H, W]`` RGB tensor and a uint8
+    ``[H, W]`` tensor of class indices (``decoder.classes.ignore_index`` where ignored).
+
+    Args:
+        pairs: the image/mask pairs (:func:`list_folder_pairs`, :func:`list_listed_pairs`).
+        decoder: reads masks into class indices.
+        transform: one of :mod:`segmentation.transforms`, called as ``transform(image, mask, rng)`` on the
+            class indices (pad with the ignore value).
+        source: what the messages call this split (e.g. ``"/data/x (train)"``).
+        check_files: read every image and mask header now (no decoding) and raise naming the files if a
+            header is unreadable, a mask's mode does not fit the format or a mask's size is not its image's.
+        check_mask_values: decode every mask now and raise (``on_unknown_value: error``) naming the files
+            and values the classes file does not know, or count them (``ignore``).
+    """
+
+    def __init__(self, pairs: list[Pair], decoder: MaskDecoder, transform: Transform, *, source: str,
+                 check_files: bool = False, check_mask_values: bool = False) -> None:
+        self.pairs = pairs
+        self.decoder = decoder
+        self.transform = transform
+        self.source = source
+        #: ``(width, height)`` of each image, when ``check_files`` read the headers.
+        self.sizes: list[tuple[int, int]] | None = None
+        if check_files:
+            self.check_headers()
+        if check_mask_values:
+            self.check_mask_values()
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def check_headers(self) -> None:
+        """Raise :class:`MaskFolderError` naming the pairs whose headers are unusable (see ``check_files``)."""
+        problems, sizes = [], []
+        for image, mask, _ in self.pairs:
+            try:
+                size = image_size(image)
+                mask_size, problem = self.decoder.header(mask)
+            except ImageReadError as err:
+                problems.append(str(err))
+                continue
+            if problem is None and size != mask_size:
+                problem = (f"{image} is {size[0]}x{size[1]} (WxH) but its mask {mask} is "
+                           f"{mask_size[0]}x{mask_size[1]}")
+            if problem is not None:
+                problems.append(problem)
+            sizes.append(size)
+        _raise_problems(f"{self.source}: image/mask pairs", problems, len(self.pairs))
+        self.sizes = sizes
+
+    def check_mask_values(self) -> None:
+        """Decode every mask; raise :class:`MaskFolderError` naming the masks that cannot be read or (under
+        ``on_unknown_value: error``) hold values the classes file does not know; under ``ignore``, log how
+        many masks had such values mapped to the ignore value."""
+        problems = []
+        for _, mask, _ in self.pairs:
+            try:
+                self.decoder.decode(mask)
+            except (ImageReadError, MaskValueError) as err:
+                problems.append(str(err))
+        _raise_problems(f"{self.source}: masks", problems, len(self.pairs))
+        mapped = self.decoder.files_with_unknown_values
+        if mapped:
+            log.warning("%s: %d of %d masks hold values outside the classes file, mapped to %d (ignore)",
+                        self.source, len(mapped), len(self.pairs), self.decoder.classes.ignore_index)
+
+    def __getitem__(self, key: int | SampleKey) -> tuple[Tensor, Tensor]:
+        """``key``: an index, or the :class:`~mbv3_dense.sampling.SampleKey` a training sampler yields;
+        the augmentation's draws are a function of it, never of a worker's or the OS's state."""
+        image_path, mask_path, _ = self.pairs[as_sample_key(key).index]
+        image = read_image_rgb(image_path)
+        mask = self.decoder.decode(mask_path)
+        if image.shape[:2] != mask.shape:
+            raise MaskFolderError(f"{image_path} is {image.shape[1]}x{image.shape[0]} (WxH) but its mask {mask_path} "
+                                  f"is {mask.shape[1]}x{mask.shape[0]}")
+        with sample_randomness(key) as generators:
+            image, mask = self.transform(image, mask, generators.python)
+        return image, torch.from_numpy(mask)  # uint8: long on the device
+
+
+class MaskFolderDataModule(L.LightningDataModule):
+    """Image and mask folders (layouts and formats in the module docstring) for LR-ASPP training and validation.
+
+    Batches are ``(images [N, 3, H, W] uint8, masks [N, H, W] uint8 class indices, ignore value where
+    ignored)``; the module makes them float input and int64 targets on the device. Validation runs on full
+    frames (``val_batch_size`` > 1 needs images of one size, checked at set-up). :attr:`num_classes`,
+    :attr:`class_names` and :attr:`class_info` read the classes file only (``lightning fit`` gives the
+    network the data's class count and logs ``val/iou/<class name>``).
+
+    Args:
+        root: the dataset root.
+        classes_file: the classes file, relative to ``root`` unless absolute; ``None``: the one of
+            ``classes.yaml``, ``classes.yml``, ``classes.json``, ``classes.txt`` in ``root``.
+        mask_format: ``"index"`` (single-channel class indices; L, P or 16-bit PNG) or ``"color"`` (RGB PNGs
+            in the classes file's colours). A mask of the other kind is an error naming it.
+        on_unknown_value: a mask value (colour) that is neither a class nor ignored: ``"error"`` stops naming
+            the file and values; ``"ignore"`` maps it to the ignore value with a warning naming them.
+        layout: ``"folders"`` (``images/<split>/``, ``masks/<split>/``), ``"lists"`` (``images/``, ``masks/``
+            and list files), ``"auto"``: folders when ``root/images/<train_split>/`` exists, else lists.
+        train_split, val_split: split folder names (layout folders).
+        train_list, val_list: list files, relative to ``root`` (layout lists).
+        batch_size: training batch size per process.
+        val_batch_size: validation batch size per process.
+        num_workers: data loader workers.
+        crop_size: training crop ``(height, width)`` (padded with the ignore value where the image is smaller).
+        scale_range: random scale factors for training.
+        hflip: random horizontal flips in training.
+        check_files: at set-up, read every image and mask header (no decoding) and stop naming the files
+            on an unreadable header, a mask of the wrong kind or of another size than its image.
+        check_mask_values: at set-up, decode every mask once and stop naming the files and values the
+            classes file does not know (``on_unknown_value: error``), or count them (``ignore``).
+        predict_images: what ``lightning predict`` runs on (as :class:`~segmentation.data.CityscapesDataModule`).
+        predict_max_pixels: images with more pixels are skipped with a warning naming them.
+    """
+
+    def __init__(self, *, root: str, classes_file: str | None = None, mask_format: MaskFormat = "index",
+                 on_unknown_value: UnknownValuePolicy = "error", layout: Layout = "auto", train_split: str = "train",
+                 val_split: str = "val", train_list: str = "train.txt", val_list: str = "val.txt",
+                 batch_size: int = 8, val_batch_size: int = 1, num_workers: int = 4,
+                 crop_size: tuple[int, int] = (512, 512), scale_range: tuple[float, float] = (0.5, 2.0),
+                 hflip: bool = True, check_files: bool = True, check_mask_values: bool = True,
+                 predict_images: str | None = None, predict_max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        super().__init__()
+        if mask_format not in ("index", "color"):
+            raise ValueError(f"mask_format must be 'index' or 'color', got {mask_format!r}")
+        if on_unknown_value not in ("error", "ignore"):
+            raise ValueError(f"on_unknown_value must be 'error' or 'ignore', got {on_unknown_value!r}")
+        if layout not in ("auto", "folders", "lists"):
+            raise ValueError(f"layout must be 'auto', 'folders' or 'lists', got {layout!r}")
+        self.root = Path(root)
+        self.classes_file = classes_file
+        self.mask_format = mask_format
+        self.on_unknown_value = on_unknown_value
+        self.layout = layout
+        self.splits = {"train": (train_split, train_list), "val": (val_split, val_list)}
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.num_workers = num_workers
+        self.crop_size = tuple(crop_size)
+        self.scale_range = tuple(scale_range)
+        self.hflip = hflip
+        self.check_files = check_files
+        self.check_mask_values = check_mask_values
+        self.train_set: MaskFolderSegmentation | None = None
+        self.val_set: MaskFolderSegmentation | None = None
+        self.predict_images = predict_images
+        self.predict_max_pixels = predict_max_pixels
+        self.predict_list: ImageList | None = None
+
+    # ------------------------------------------------------------------ classes (the classes file only)
+    @cached_property
+    def classes(self) -> MaskClasses:
+        """The classes file's content (read once)."""
+        return read_classes_file(find_classes_file(self.root, self.classes_file))
+
+    @property
+    def num_classes(self) -> int:
+        return self.classes.num_classes
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names in index order."""
+        return list(self.classes.names)
+
+    @property
+    def class_info(self) -> ClassInfo:
+        """Names, ``label_ids`` (each class's index: its value in index masks and in predicted label PNGs),
+        colours when the classes file has them, ``ignore_index`` (:mod:`mbv3_dense.classes`)."""
+        return self.classes.class_info()
+
+    # ------------------------------------------------------------------ splits
+    def resolved_layout(self) -> Literal["folders", "lists"]:
+        """``layout``, with ``"auto"`` decided: folders when ``root/images/<train_split>/`` exists, else lists."""
+        if self.layout != "auto":
+            return self.layout
+        return "folders" if (self.root / "images" / self.splits["train"][0]).is_dir() else "lists"
+
+    def pairs(self, which: Literal["train", "val"]) -> list[Pair]:
+        """The image/mask pairs of the training or validation split (errors as the listing functions)."""
+        folder, list_file = self.splits[which]
+        if self.resolved_layout() == "folders":
+            return list_folder_pairs(self.root, folder)
+        return list_listed_pairs(self.root, list_file)
+
+    def split_dataset(self, which: Literal["train", "val"], transform: Transform | None = None,
+                      ) -> MaskFolderSegmentation:
+        """The dataset of a split with the set-up checks (``check_files``, ``check_mask_values``); ``transform``
+        defaults to the split's own (training crops for ``"train"``, full frames for ``"val"``)."""
+        decoder = MaskDecoder(self.classes, mask_format=self.mask_format, on_unknown_value=self.on_unknown_value)
+        if transform is None:
+            transform = train_transform(crop_size=self.crop_size, scale_range=self.scale_range, hflip=self.hflip,
+                                        fill_mask=self.classes.ignore_index) if which == "train" else eval_transform()
+        pairs = self.pairs(which)
+        layout = self.resolved_layout()
+        name = self.splits[which][0] if layout == "folders" else self.splits[which][1]
+        dataset = MaskFolderSegmentation(pairs, decoder, transform, source=f"{self.root} ({name})",
+                                         check_files=self.check_files, check_mask_values=self.check_mask_values)
+        log.info("%s (%s, layout %s): %d image/mask pairs, %d classes from %s, %s masks", self.root, name, layout,
+                 len(dataset), self.num_classes, self.classes.source.name, self.mask_format)
+        return dataset
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.train_set = self.split_dataset("train")
+        if stage in ("fit", "validate"):
+            self.val_set = self.split_dataset("val")
+            self._check_val_sizes(self.val_set)
+        if stage == "predict":
+            self.predict_list = predict_images_for(self.predict_images)
+
+    def _check_val_sizes(self, dataset: MaskFolderSegmentation) -> None:
+        """Full-frame validation batches stack images: with ``val_batch_size`` > 1 they must share one size."""
+        if self.val_batch_size <= 1 or dataset.sizes is None:
+            return
+        first = dataset.sizes[0]
+        for (image, _, _), size in zip(dataset.pairs, dataset.sizes, strict=True):
+            if size != first:
+                raise MaskFolderError(
+                    f"{dataset.source}: validation runs on full frames, {self.val_batch_size} a batch, but "
+                    f"{dataset.pairs[0].image} is {first[0]}x{first[1]} and {image} is {size[0]}x{size[1]} (WxH); "
+                    "set val_batch_size: 1 for images of different sizes")
+
+    def train_dataloader(self) -> DataLoader:
+        return train_loader(self.train_set, trainer=self.trainer, batch_size=self.batch_size,
+                            num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return eval_loader(self.val_set, trainer=self.trainer, batch_size=self.val_batch_size,
+                           num_workers=self.num_workers)
+
+    def predict_dataloader(self) -> DataLoader:
+        return predict_loader(self.predict_list.files, batch_size=self.val_batch_size, num_workers=self.num_workers,
+                              max_pixels=self.predict_max_pixels)
+
+
+__all__ = ["MaskFolderDataModule", "MaskFolderError", "MaskFolderSegmentation", "Pair", "list_folder_pairs",
+           "list_listed_pairs"]

@@ -1,0 +1,408 @@
+"""Your own segmentation data: image and mask folders with a classes file (segmentation.folder).
+
+Through the data module a user configures (``MaskFolderDataModule(...).setup(...)``): both layouts, both
+mask formats, the three classes-file forms, and every bad input stopping set-up with an error that
+names the file and the value. Then the class info of both data modules, the module's metrics named by
+the data's classes, the writer's label PNGs and overlays for any class info, the generator, and
+``scripts/check_dataset.py --layout folders``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mbv3_dense.classes import ClassInfoError, check_class_info
+from mbv3_dense.image_io import ImageReadError
+from mbv3_dense.predict import ImageFile, PredictBatch
+from segmentation.folder import MaskFolderDataModule, MaskFolderError
+from segmentation.labels import CLASS_NAMES, PALETTE, TRAIN_TO_LABEL_ID
+from segmentation.mask_classes import ClassesFileError, MaskValueError, distinct_palette, read_classes_file
+from segmentation.synthetic import MaskFolderSpec, folder_class_color, generate_mask_folders
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ("road", "grass", "water", "sky", "car")
+
+
+def make(root: Path, **spec) -> Path:
+    """A tiny generated dataset (32x64, 3 train, 2 val) in the requested form."""
+    generate_mask_folders(root, MaskFolderSpec(**{"height": 32, "width": 64, "train_images": 3, "val_images": 2,
+                                                  "classes": CLASSES, "seed": 5, **spec}))
+    return root
+
+
+def module(root: Path, **options) -> MaskFolderDataModule:
+    return MaskFolderDataModule(root=str(root), num_workers=0, crop_size=(32, 32), **options)
+
+
+def set_up(root: Path, stage: str = "fit", **options) -> MaskFolderDataModule:
+    dm = module(root, **options)
+    dm.setup(stage)
+    return dm
+
+
+def first_mask(root: Path, split: str = "train") -> Path:
+    return sorted((root / "masks" / split).glob("*.png"))[0]
+
+
+# ---------------------------------------------------------------------------------------------- good data
+@pytest.mark.parametrize("form", [
+    {"mask_format": "index", "image_format": "jpg", "layout": "folders"},
+    {"mask_format": "color", "image_format": "png", "layout": "lists", "classes_file": "classes.json"},
+])
+def test_both_layouts_and_mask_formats_give_the_same_class_indices(tmp_path: Path, form: dict) -> None:
+    root = make(tmp_path / "data", **form)
+    dm = set_up(root, mask_format=form["mask_format"])
+    assert dm.num_classes == len(CLASSES) and dm.class_names == list(CLASSES)
+    assert len(dm.train_set) == 3 and len(dm.val_set) == 2
+    image, mask = dm.val_set[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, 32, 64)
+    assert mask.dtype == torch.uint8 and mask.shape == (32, 64)
+    # The same scene as an index mask: the colour decoding gives exactly the indices.
+    reference = make(tmp_path / "index", mask_format="index", layout="folders")
+    with Image.open(reference / "masks" / "val" / "scene_0000.png") as png:
+        expected = np.asarray(png)
+    assert np.array_equal(mask.numpy(), expected)
+    assert set(np.unique(expected)) - {255} <= set(range(len(CLASSES))) and len(np.unique(expected)) > 3
+    crop, target = dm.train_set[0]
+    assert crop.shape == (3, 32, 32) and target.shape == (32, 32)
+
+
+def test_palette_masks_read_as_indices_and_nested_paths_pair(tmp_path: Path) -> None:
+    """Pascal VOC's form: mode P, the value is the palette index (not the colour); subfolders pair by path."""
+    root = make(tmp_path / "data")
+    for split in ("train", "val"):
+        for kind, suffix in (("images", ".jpg"), ("masks", ".png")):
+            folder = root / kind / split
+            (folder / "street" / "a").mkdir(parents=True)
+            for f in sorted(folder.glob(f"*{suffix}")):
+                f.rename(folder / "street" / "a" / f.name)
+    mask_path = root / "masks" / "val" / "street" / "a" / "scene_0001.png"
+    with Image.open(mask_path) as png:
+        indices = np.asarray(png)
+    palette_mask = Image.fromarray(indices)
+    palette_mask.putpalette(distinct_palette(256).ravel().tolist())  # colours unrelated to the classes file
+    palette_mask.save(mask_path)
+    dm = set_up(root)
+    assert [p.name for p in dm.val_set.pairs] == ["street/a/scene_0000", "street/a/scene_0001"]
+    assert np.array_equal(dm.val_set[1][1].numpy(), indices)
+
+
+def test_list_files_take_stems_or_paths_and_configurable_names(tmp_path: Path) -> None:
+    root = make(tmp_path / "data", layout="lists", image_format="png")
+    (root / "train.txt").unlink()
+    (root / "val.txt").rename(root / "holdout.lst")
+    (root / "mine.txt").write_text("# comment\ntrain_0000\n\ntrain_0001.png\n")
+    dm = set_up(root, train_list="mine.txt", val_list="holdout.lst")
+    assert [p.name for p in dm.train_set.pairs] == ["train_0000", "train_0001"]
+    assert [p.name for p in dm.val_set.pairs] == ["val_0000", "val_0001"]
+    assert dm.resolved_layout() == "lists"
+
+
+def test_classes_file_forms(tmp_path: Path) -> None:
+    txt = tmp_path / "classes.txt"
+    txt.write_text("# index order\nroad\n\ntraffic light\n")
+    classes = read_classes_file(txt)
+    assert classes.names == ("road", "traffic light") and classes.colors is None and classes.ignore_index == 255
+    yml = tmp_path / "c.yaml"
+    yml.write_text("classes:\n  - name: road\n    color: [1, 2, 3]\n  - name: sea\n    color: [4, 5, 6]\n"
+                   "ignore_index: 7\nignore_colors: [[0, 0, 0]]\n")
+    classes = read_classes_file(yml)
+    assert classes.colors == ((1, 2, 3), (4, 5, 6)) and classes.ignore_index == 7
+    assert classes.ignore_colors == ((0, 0, 0),)
+    info = classes.class_info()
+    assert info == {"names": ["road", "sea"], "label_ids": [0, 1], "colors": [[1, 2, 3], [4, 5, 6]],
+                    "ignore_index": 7}
+    bare = tmp_path / "c.json"
+    bare.write_text(json.dumps({"classes": ["a", "b", "c"]}))
+    assert read_classes_file(bare).names == ("a", "b", "c")
+
+
+def test_class_info_of_both_data_modules_is_cheap_and_valid(tmp_path: Path) -> None:
+    from segmentation.data import CityscapesDataModule
+
+    city = CityscapesDataModule(root=str(tmp_path / "nowhere"))  # no files read
+    info = city.class_info
+    assert city.num_classes == 19 and city.class_names == list(CLASS_NAMES)
+    assert info["label_ids"] == TRAIN_TO_LABEL_ID.tolist() and info["colors"] == PALETTE.tolist()
+    assert info["ignore_index"] == 255 and check_class_info(info, "x", 19) == info
+
+    root = make(tmp_path / "data")
+    for path in (root / "images").rglob("*.jpg"):
+        path.unlink()  # the properties read the classes file only
+    dm = module(root)
+    assert dm.num_classes == 5 and dm.class_names == list(CLASSES)
+    assert dm.class_info == {"names": list(CLASSES), "label_ids": [0, 1, 2, 3, 4], "ignore_index": 255,
+                             "colors": [list(folder_class_color(n)) for n in CLASSES]}
+
+
+def test_unknown_values_policy_ignore_maps_counts_and_names_them(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    root = make(tmp_path / "data")
+    mask = first_mask(root)
+    values = np.asarray(Image.open(mask)).copy()
+    values[0, :3] = 9  # 5 classes: 9 is neither a class nor 255
+    Image.fromarray(values).save(mask)
+    with caplog.at_level(logging.WARNING):
+        dm = set_up(root, on_unknown_value="ignore")
+    assert f"{mask}: mask values 9 (3 pixels) are not in the classes file" in caplog.text
+    assert "1 of 3 masks hold values outside the classes file, mapped to 255" in caplog.text
+    index = [p.mask for p in dm.train_set.pairs].index(mask)
+    full = dm.split_dataset("train", transform=lambda image, m, rng: (torch.from_numpy(image), m))
+    assert (full[index][1][0, :3] == 255).all()
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def _write(path: Path, array: np.ndarray) -> None:
+    Image.fromarray(array).save(path)
+
+
+def _edit_mask(root: Path, change) -> Path:  # noqa: ANN001
+    mask = first_mask(root)
+    with Image.open(mask) as png:
+        values = np.asarray(png).copy()  # [H, W] indices or [H, W, 3] colours
+    _write(mask, change(values))
+    return mask
+
+
+def _set(values: np.ndarray, value) -> np.ndarray:  # noqa: ANN001
+    values[:2, :2] = value
+    return values
+
+
+BAD_DATA = {
+    # name: (dataset form, change -> the path the error names, the text it must contain, error type)
+    "index value beyond the classes": ({}, lambda r: _edit_mask(r, lambda v: _set(v, 7)),
+                                       "mask values 7 (4 pixels) are not in the classes file", MaskFolderError),
+    "colour not in the classes file": ({"mask_format": "color"},
+                                       lambda r: _edit_mask(r, lambda v: _set(v, (1, 2, 3))),
+                                       "mask colours [1, 2, 3] (4 pixels) are not in the classes file",
+                                       MaskFolderError),
+    "colour mask read as index": ({"mask_format": "color", "_read_as": "index"}, first_mask,
+                                  "mask has mode RGB; index masks are single-channel PNGs", MaskFolderError),
+    "index mask read as colour": ({"_read_as": "color"}, first_mask,
+                                  "mask has mode L; colour masks are RGB PNGs", MaskFolderError),
+    "size mismatch": ({}, lambda r: _edit_mask(r, lambda v: v[:, :40]), "is 64x32 (WxH) but its mask",
+                      MaskFolderError),
+    "image without mask": ({}, lambda r: (first_mask(r).unlink(), sorted((r / "images/train").glob("*"))[0])[1],
+                           ": no mask (expected", MaskFolderError),
+    "mask without image": ({}, lambda r: (sorted((r / "images/train").glob("*"))[0].unlink(), first_mask(r))[1],
+                           ": mask without an image", MaskFolderError),
+    "JPEG mask": ({}, lambda r: (Image.open(first_mask(r)).save(first_mask(r).with_suffix(".jpg")),
+                                 first_mask(r).with_suffix(".jpg"))[1], "masks must be PNG", MaskFolderError),
+    "corrupt mask": ({}, lambda r: (first_mask(r).write_bytes(b"not a png"), first_mask(r))[1],
+                     "not a readable mask", MaskFolderError),
+    "truncated mask": ({}, lambda r: (first_mask(r).write_bytes(first_mask(r).read_bytes()[:-30]),
+                                      first_mask(r))[1], "corrupt or truncated label image", MaskFolderError),
+    "corrupt image": ({}, lambda r: (sorted((r / "images/train").glob("*"))[0].write_bytes(b"junk"),
+                                     sorted((r / "images/train").glob("*"))[0])[1],
+                      "not a readable image", MaskFolderError),
+    "list entry without image": ({"layout": "lists"}, lambda r: (r / "train.txt").write_text("train_0000\nnope\n")
+                                 and r / "train.txt", ":2: 'nope' names no image", MaskFolderError),
+    "list entry twice": ({"layout": "lists"}, lambda r: (r / "train.txt").write_text("train_0000\ntrain_0000.jpg\n")
+                         and r / "train.txt", ":2: 'train_0000.jpg' is listed twice (first at line 1)",
+                         MaskFolderError),
+    "no classes file": ({}, lambda r: (r / "classes.yaml").unlink() or r, "no classes file", ClassesFileError),
+    "duplicated class names": ({}, lambda r: (r / "classes.yaml").write_text("classes: [road, Road, sky]\n")
+                               and r / "classes.yaml", "class names occur more than once: 'road'", ClassInfoError),
+    "colour masks without colours": ({"mask_format": "color"},
+                                     lambda r: (r / "classes.yaml").write_text(
+                                         "classes: [road, grass, water, sky, car]\n") and r / "classes.yaml",
+                                     "mask_format is 'color' but the classes file gives no colours", MaskValueError),
+    "unknown key": ({}, lambda r: (r / "classes.yaml").write_text("classes: [a]\nignore_value: 0\n")
+                    and r / "classes.yaml", "unknown keys ['ignore_value']", ClassesFileError),
+    "ignore value is a class": ({}, lambda r: (r / "classes.yaml").write_text("classes: [a, b]\nignore_index: 1\n")
+                                and r / "classes.yaml", "ignore_index 1 is the index of class 'b'",
+                                ClassesFileError),
+    "malformed colour": ({}, lambda r: (r / "classes.yaml").write_text(
+        "classes:\n  - {name: a, color: [1, 2]}\n") and r / "classes.yaml", "class 0 ('a'): a colour is [r, g, b]",
+                         ClassesFileError),
+    "one colour for two classes": ({}, lambda r: (r / "classes.yaml").write_text(
+        "classes:\n  - {name: a, color: [1, 2, 3]}\n  - {name: b, color: [1, 2, 3]}\n") and r / "classes.yaml",
+                                   "classes 'a' and 'b' have the same colour", ClassesFileError),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_bad_input_stops_set_up_naming_the_file_and_value(tmp_path: Path, case: str) -> None:
+    form, change, text, error = BAD_DATA[case]
+    form = dict(form)
+    read_as = form.pop("_read_as", form.get("mask_format", "index"))
+    root = make(tmp_path / "data", **form)
+    named = change(root)
+    with pytest.raises(error) as info:
+        set_up(root, mask_format=read_as)
+    message = str(info.value)
+    assert str(named) in message and text in message, message
+
+
+def test_val_batches_of_different_sizes_stop_set_up_naming_two_files(tmp_path: Path) -> None:
+    root = make(tmp_path / "data")
+    image, mask = sorted((root / "images/val").glob("*"))[1], sorted((root / "masks/val").glob("*"))[1]
+    _write(image, np.zeros((30, 60, 3), np.uint8))
+    _write(mask, np.zeros((30, 60), np.uint8))
+    set_up(root, "validate")  # one image a batch: any sizes
+    with pytest.raises(MaskFolderError, match=f"{image} is 60x30.*set val_batch_size: 1"):
+        set_up(root, "validate", val_batch_size=2)
+
+
+def test_a_truncated_image_is_named_when_read(tmp_path: Path) -> None:
+    """Pixel data is decoded when a sample is read (as for Cityscapes): the error names the image."""
+    root = make(tmp_path / "data")
+    image = sorted((root / "images/val").glob("*"))[0]
+    image.write_bytes(image.read_bytes()[:-200])
+    dm = set_up(root, "validate")
+    with pytest.raises(ImageReadError, match=str(image)):
+        dm.val_set[0]
+
+
+def test_size_check_sees_images_as_read_after_exif_rotation(tmp_path: Path) -> None:
+    """A phone JPEG stored 64x32 with EXIF "rotate 90" is a 32x64 image: its 32x64 mask pairs, a 64x32 one not."""
+    root = make(tmp_path / "data")
+    image, mask = sorted((root / "images/val").glob("*"))[0], sorted((root / "masks/val").glob("*"))[0]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(image, exif=exif.tobytes())
+    _write(mask, np.zeros((64, 32), np.uint8))
+    dm = set_up(root, "validate")
+    assert tuple(dm.val_set[0][0].shape) == (3, 64, 32) and tuple(dm.val_set[0][1].shape) == (64, 32)
+    _write(mask, np.zeros((32, 64), np.uint8))
+    with pytest.raises(MaskFolderError, match=f"{image} is 32x64 \\(WxH\\) but its mask {mask} is 64x32"):
+        set_up(root, "validate")
+
+
+def test_options_are_checked() -> None:
+    for option, value in (("mask_format", "rgb"), ("on_unknown_value", "skip"), ("layout", "flat")):
+        with pytest.raises(ValueError, match=option):
+            MaskFolderDataModule(root="x", **{option: value})
+
+
+# ---------------------------------------------------------------------------------------------- module and writer
+def test_module_names_ious_by_the_data_and_takes_its_ignore_value() -> None:
+    from segmentation import lraspp_mobilenet_v3_small
+    from segmentation.module import SegmentationModule
+
+    torch.manual_seed(0)
+    module_ = SegmentationModule(model=lraspp_mobilenet_v3_small(num_classes=3, width_mult=0.5))
+    with pytest.raises(ClassInfoError, match="MyData: the data has 2 classes .* the network outputs 3"):
+        module_.use_class_info({"names": ["a", "b"]}, "MyData")
+    module_.use_class_info({"names": ["sea", "sand", "sky"], "ignore_index": 9}, "MyData")
+    masks = torch.randint(0, 3, (2, 32, 32))
+    masks[:, :4] = 9
+    images = torch.randn(2, 3, 32, 32)
+    logged = {}
+    module_.log = lambda *a, **k: None
+    module_.log_dict = lambda d, **k: logged.update(d)
+    loss = module_.training_step((images, masks), 0)  # 9 is ignored: no out-of-range target
+    assert torch.isfinite(loss)
+    module_.eval()
+    with torch.no_grad():
+        module_.validation_step((images, masks), 0)
+    module_.on_validation_epoch_end()
+    assert {k for k in logged if k.startswith("val/iou/")} == {"val/iou/sea", "val/iou/sand", "val/iou/sky"}
+
+    bare = SegmentationModule(model=lraspp_mobilenet_v3_small(num_classes=2, width_mult=0.5))
+    bare.use_class_info(None)
+    assert bare.class_names is None and bare.ignore_index == 255  # -> val/iou/0, val/iou/1
+
+
+def _write_predictions(out: Path, class_info: dict | None, classes: np.ndarray) -> None:
+    from segmentation.predict import SegmentationWriter
+
+    image = torch.full((3, *classes.shape), 200, dtype=torch.uint8)
+    writer = SegmentationWriter(out, class_info=class_info)
+    writer.open()
+    writer.write(PredictBatch(images=[image], inputs=None, files=[ImageFile(out / "x.png", "sub/x", 1)],
+                              notes=[None], skipped=[]), [torch.from_numpy(classes)])
+    writer.close()
+
+
+def test_writer_label_pngs_and_overlays_for_any_class_info(tmp_path: Path) -> None:
+    classes = np.zeros((16, 24), dtype=np.uint8)
+    classes[:, 8:16], classes[:, 16:] = 1, 2
+    # A classes file with colours: palette PNG of the label values, overlays in the file's colours.
+    info = {"names": ["road", "grass", "water"], "label_ids": [0, 1, 2], "colors": [[10, 20, 30], [40, 50, 60],
+                                                                                    [70, 80, 90]]}
+    _write_predictions(tmp_path / "a", info, classes)
+    with Image.open(tmp_path / "a/labels/sub/x.png") as png:
+        assert png.mode == "P" and np.array_equal(np.asarray(png), classes)
+        assert png.getpalette()[:9] == [10, 20, 30, 40, 50, 60, 70, 80, 90]
+    overlay = np.asarray(Image.open(tmp_path / "a/overlays/sub/x.jpg")).astype(int)
+    assert abs(overlay[8, 3] - (np.array([200, 200, 200]) + [10, 20, 30]) / 2).max() <= 4  # JPEG rounding
+    assert not (tmp_path / "a/labelIds").exists()
+    # No colours: a generated palette, all classes distinct.
+    _write_predictions(tmp_path / "b", {"names": ["a", "b", "c"]}, classes)
+    with Image.open(tmp_path / "b/labels/sub/x.png") as png:
+        assert png.getpalette()[:9] == distinct_palette(3).ravel().tolist()
+    # Cityscapes (the default): labelIds in labelIds/, 8-bit greyscale, as before.
+    _write_predictions(tmp_path / "c", None, classes)
+    with Image.open(tmp_path / "c/labelIds/sub/x.png") as png:
+        assert png.mode == "L" and np.array_equal(np.asarray(png), TRAIN_TO_LABEL_ID[classes])
+    # A prediction the class info cannot name.
+    with pytest.raises(ValueError, match="predicted class 2 but the class info names 2 classes"):
+        _write_predictions(tmp_path / "d", {"names": ["a", "b"]}, classes)
+
+
+def test_distinct_palette_is_pascal_voc_and_all_different() -> None:
+    palette = distinct_palette(256)
+    assert palette[:4].tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0]]
+    assert palette[15].tolist() == [192, 128, 128]  # VOC's "person"
+    assert len({tuple(c) for c in palette.tolist()}) == 256
+
+
+# ---------------------------------------------------------------------------------------------- generator, checker
+def test_generator_is_deterministic_by_seed_and_holds_out_val(tmp_path: Path) -> None:
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    spec = {"mask_format": "color", "layout": "lists", "image_format": "png"}
+    counts = generate_mask_folders(tmp_path / "a", MaskFolderSpec(height=32, width=64, train_images=3, val_images=2,
+                                                                  classes=CLASSES, seed=5, **spec))
+    assert counts == {"train": 3, "val": 2}  # generate_cityscapes' call shape: images per split
+    make(tmp_path / "b", **spec)
+    a, b = files(tmp_path / "a"), files(tmp_path / "b")
+    assert a == b
+    make(tmp_path / "c", seed=6, **spec)
+    assert files(tmp_path / "c") != a
+    images = [v for k, v in a.items() if k.startswith("images")]
+    assert len(set(images)) == len(images) == 5  # val is not a copy of train
+    with pytest.raises(ValueError, match="classes_file"):
+        make(tmp_path / "d", mask_format="color", classes_file="classes.txt")
+    with pytest.raises(ValueError, match="distinct names from"):
+        make(tmp_path / "e", classes=("road", "lava"))
+
+
+def check_dataset():  # noqa: ANN201
+    spec = importlib.util.spec_from_file_location("check_dataset", ROOT / "scripts" / "check_dataset.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script.main
+
+
+def test_check_dataset_folders(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    main = check_dataset()
+    root = make(tmp_path / "data", mask_format="color")
+    args = ["--task", "segment", "--layout", "folders", "--root", str(root), "--mask-format", "color"]
+    assert main([*args, "--decode"]) == 0
+    out = capsys.readouterr().out
+    assert "classes: 5" in out and "train image/mask pairs: 3" in out and "OK" in out
+    mask = _edit_mask(root, lambda v: _set(v, (9, 9, 9)))
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert f"{mask}: mask colours [9, 9, 9]" in out and "FAILED" in out
+    assert main([*args, "--on-unknown-value", "ignore"]) == 0
+    assert "train masks with values outside the classes file (mapped to ignore): 1" in capsys.readouterr().out
+    image = sorted((root / "images/val").glob("*"))[0]
+    image.write_bytes(image.read_bytes()[:-300])
+    assert main([*args, "--on-unknown-value", "ignore", "--decode"]) == 1
+    assert f"ERROR val: pair {image}" in capsys.readouterr().out
+    shutil.rmtree(root / "masks" / "val")
+    assert main([*args, "--on-unknown-value", "ignore"]) == 1
+    assert "no such folder" in capsys.readouterr().out
