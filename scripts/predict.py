@@ -144,7 +144,7 @@ def detect_predict(model: torch.nn.Module, net: Callable[[Tensor], object]) -> P
 def segment_setup(args: argparse.Namespace, model: torch.nn.Module) -> tuple[PredictionWriter, Callable | None]:
     from segmentation.predict import SegmentationWriter
 
-    return SegmentationWriter(args.out, overwrite=args.overwrite, pictures=args.pictures), None
+    return SegmentationWriter(args.out, overwrite=args.overwrite, pictures=args.pictures, class_info=args.classes), None
 
 
 def segment_predict(model: torch.nn.Module, make_net: Callable[[Tensor], Callable[[Tensor], object]]) -> Predict:

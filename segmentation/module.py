@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from PIL import Image
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassJaccardIndex
@@ -27,8 +28,8 @@ from mbv3_dense.classes import ClassInfoError, check_class_info
 from mbv3_dense.guards import NonFinitePolicy, check_loss
 from mbv3_dense.predict import PredictBatch
 from mbv3_dense.task import TaskModule
-from segmentation.labels import IGNORE_INDEX, NUM_CLASSES
-from segmentation.predict import SegmentationWriter
+from segmentation.labels import IGNORE_INDEX, NUM_CLASSES, cityscapes_class_info
+from segmentation.predict import SegmentationWriter, class_colors, overlay
 
 
 def segmentation_loss(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
@@ -97,9 +98,22 @@ class SegmentationModule(TaskModule):
         return list(names) if names is not None and len(names) == self.num_classes else None
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)  # the data's class info, where the data module has one
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        info = getattr(datamodule, "class_info", None) if datamodule is not None else None
-        self.use_class_info(info, type(datamodule).__name__)
+        self.use_class_info(self._class_info, type(datamodule).__name__)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)  # the classes the checkpoint records
+        if self._class_info is not None and len(self._class_info["names"]) == self.num_classes:
+            self.use_class_info(self._class_info, "the checkpoint")
+
+    def draw_predictions(self, images: list[Tensor]) -> list[Image.Image]:
+        """Validation images (uint8 ``[3, H, W]``) blended with their predicted classes' colours
+        (:class:`~mbv3_dense.callbacks.ValidationPictures`)."""
+        colors = class_colors(self.class_info or cityscapes_class_info())
+        on_device = [image.to(self.device) for image in images]
+        return [overlay(image, classes.numpy(), colors) for image, classes in
+                zip(images, self.predict_step(PredictBatch(on_device, None, [], [], []), 0), strict=True)]
 
     def use_class_info(self, info: Mapping[str, Any] | None, source: str = "the data") -> None:
         """Name the classes and take the ignore value from the data's class info (:mod:`mbv3_dense.classes`);

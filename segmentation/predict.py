@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from mbv3_dense.classes import ClassInfo, check_class_info
+from mbv3_dense.classes import check_class_info
 from mbv3_dense.constants import IMAGENET_MEAN, IMAGENET_STD
 from mbv3_dense.predict import ImageFile, PredictionWriter
 from segmentation.labels import cityscapes_class_info, is_cityscapes_class_info
@@ -51,6 +51,19 @@ def preprocess(image: Tensor) -> Tensor:
     return ((image.float() / 255.0 - mean) / std)[None]
 
 
+def class_colors(info: Mapping[str, Any]) -> np.ndarray:
+    """``[C, 3]`` uint8 colours of a class info's classes (its own, else a distinct palette)."""
+    colors = info.get("colors")
+    return np.asarray(colors, dtype=np.uint8) if colors is not None else distinct_palette(len(info["names"]))
+
+
+def overlay(image: Tensor, classes: np.ndarray, colors: np.ndarray) -> Image.Image:
+    """uint8 ``[3, H, W]`` blended half and half with ``colors[classes]`` (``classes``: ``[H, W]`` indices)."""
+    rgb = image.permute(1, 2, 0).cpu().numpy().astype(np.float32)
+    blend = (1 - OVERLAY_ALPHA) * rgb + OVERLAY_ALPHA * colors[classes].astype(np.float32)
+    return Image.fromarray(blend.round().astype(np.uint8))
+
+
 class SegmentationWriter(PredictionWriter):
     """Writes ``[H, W]`` uint8 class-index maps (layout in the module docstring).
 
@@ -58,8 +71,8 @@ class SegmentationWriter(PredictionWriter):
         output_dir / overwrite / pictures: as :class:`~mbv3_dense.predict.PredictionWriter`.
         class_info: what the class indices mean (:mod:`mbv3_dense.classes`): ``names``; ``label_ids``, the value
             written per class (default the index); ``colors`` (default
-            :func:`~segmentation.mask_classes.distinct_palette`). ``None``: the data module's ``class_info``
-            under ``lightning predict``, else Cityscapes'.
+            :func:`~segmentation.mask_classes.distinct_palette`). ``None``: under ``lightning predict`` the
+            module's (the checkpoint's record, else the data's), else Cityscapes'.
     """
 
     task = "segment"
@@ -67,18 +80,10 @@ class SegmentationWriter(PredictionWriter):
 
     def __init__(self, output_dir: str | Path | None = None, *, overwrite: bool = False, pictures: bool = True,
                  class_info: Mapping[str, Any] | None = None) -> None:
-        super().__init__(output_dir, overwrite=overwrite, pictures=pictures)
-        self.class_info: ClassInfo | None = (check_class_info(class_info, "SegmentationWriter class_info")
-                                             if class_info is not None else None)
+        super().__init__(output_dir, overwrite=overwrite, pictures=pictures, class_info=(
+            check_class_info(class_info, "SegmentationWriter class_info") if class_info is not None else None))
 
-    def configure_from(self, datamodule: Any) -> None:  # noqa: ANN401 - any data module
-        super().configure_from(datamodule)
-        if self.class_info is None:
-            info = getattr(datamodule, "class_info", None)
-            if info is not None:
-                self.class_info = check_class_info(info, type(datamodule).__name__)
-
-    def _open(self) -> None:
+    def _configure_classes(self) -> None:
         info = self.class_info if self.class_info is not None else cityscapes_class_info()
         num_classes = len(info["names"])
         self._num_classes = num_classes
@@ -88,13 +93,14 @@ class SegmentationWriter(PredictionWriter):
         if min(label_ids) < 0 or max(label_ids) > 255:
             raise ValueError(f"class info label_ids must lie in 0..255 for 8-bit label PNGs, got {label_ids}")
         self._label_lookup = np.asarray(label_ids, dtype=np.uint8)
-        colors = info.get("colors")
-        self._colors = np.asarray(colors, dtype=np.uint8) if colors is not None else distinct_palette(num_classes)
+        self._colors = class_colors(info)
         # The label PNG's palette: entry label_ids[c] is class c's colour (other entries black).
         palette = np.zeros((256, 3), dtype=np.uint8)
         palette[self._label_lookup] = self._colors
         self._png_palette = palette.ravel().tolist()
-        (self.output_dir / self._folder).mkdir(parents=True, exist_ok=True)
+
+    def _open(self) -> None:
+        self._configure_classes()  # again once lightning predict knows the classes (on_predict_start)
 
     def _write_image(self, file: ImageFile, image: Tensor, output: Tensor) -> None:
         classes = output.cpu().numpy().astype(np.uint8)
@@ -109,9 +115,7 @@ class SegmentationWriter(PredictionWriter):
             labels.putpalette(self._png_palette)  # L -> P, the values kept as palette indices
         labels.save(path)
         if self.pictures:
-            rgb = image.permute(1, 2, 0).cpu().numpy().astype(np.float32)
-            blend = (1 - OVERLAY_ALPHA) * rgb + OVERLAY_ALPHA * self._colors[classes].astype(np.float32)
-            Image.fromarray(blend.round().astype(np.uint8)).save(self._picture_path(file, "overlays"), quality=90)
+            overlay(image, classes, self._colors).save(self._picture_path(file, "overlays"), quality=90)
 
     def _close(self) -> None:
         pass

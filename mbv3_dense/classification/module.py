@@ -190,7 +190,7 @@ class ClassificationModule(TaskModule):
         x = self.images_to_input(torch.stack(images).to(self.device))
         top = self.eval_model(x).float().softmax(dim=1).topk(min(5, self.num_classes), dim=1)
         names = (self.class_info or {}).get("names") or [str(i) for i in range(self.num_classes)]
-        return [draw_top5(image, [(names[i], p) for p, i in zip(probs.tolist(), idx.tolist(), strict=True)])
+        return [draw_top5(image, [(names[i], p) for p, i in zip(probs.tolist(), idx.tolist(), strict=True)], 192)
                 for image, probs, idx in zip(images, top.values.cpu(), top.indices.cpu(), strict=True)]
 
     def prediction_writer(self, **options) -> ClassificationWriter:  # noqa: ANN003 - the writer's options

@@ -29,7 +29,7 @@ class TopK(NamedTuple):
     indices: Tensor
 
 
-def draw_top5(image: Tensor, top: list[tuple[str, float]], min_side: int = 192) -> Image.Image:
+def draw_top5(image: Tensor, top: list[tuple[str, float]], min_side: int = 0) -> Image.Image:
     """uint8 ``[3, H, W]`` -> a PIL image with ``(class name, probability)`` lines in the top-left corner;
     images with a side under ``min_side`` are enlarged (by a whole factor) so that the text fits."""
     pil = to_pil(image)
