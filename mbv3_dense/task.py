@@ -90,7 +90,7 @@ class TaskModule(L.LightningModule):
             The first steps are slow while it compiles; worth it for long GPU runs.
         freeze_backbone_epochs: fine-tuning: the backbone (``model.backbone``) takes no updates for the
             first N epochs and keeps its BatchNorm statistics, then trains with the rest (Lightning's
-            ``BackboneFinetuning`` idea; see :meth:`on_train_epoch_start` for why not that callback).
+            ``BackboneFinetuning`` idea; see :meth:`_freeze_backbone_for_epoch` for why not that callback).
         backbone_lr_multiplier: fine-tuning: the backbone's learning rate is the optimizer's times this
             (its own parameter groups, ``backbone`` and ``backbone_no_decay``; the schedule scales both).
         freeze_bn_statistics: every BatchNorm keeps its running statistics (the pretrained ones) instead
@@ -172,7 +172,14 @@ class TaskModule(L.LightningModule):
             log.info("network compiled with torch.compile (the first steps include compilation)")
 
     # ------------------------------------------------------------------ fine-tuning: frozen backbone, frozen BN
+    def on_train_start(self) -> None:
+        # A run resumed mid-epoch gets no on_train_epoch_start for that epoch: the state is set here too.
+        self._freeze_backbone_for_epoch()
+
     def on_train_epoch_start(self) -> None:
+        self._freeze_backbone_for_epoch()
+
+    def _freeze_backbone_for_epoch(self) -> None:
         """Freeze or release the backbone for this epoch (a function of the epoch alone, so a resumed run
         does what the uninterrupted one did).
 

@@ -2,17 +2,20 @@
 
 For each task, through the real CLI and configs:
 
-1. pretrain on the demo's data A (the demo's configs, a shorter schedule);
-2. generate a dataset B whose classes differ from A's, some sharing A's names (classify: circle, triangle
+1. pretrain on data A, the demo's generators and classes with fewer images (the demo's configs, a shorter
+   schedule; segment: LR-ASPP on MobileNetV3-Small, on the generated Cityscapes tree);
+2. generate a dataset B whose classes differ from A's, some sharing A's names (classify: circle and triangle
    from A, stripes and checker new; detect: person and dog from A under other category ids, kite new;
-   segment: an image + mask folder with road, sky and car from Cityscapes, water and grass new);
+   segment: image + mask folders with road, building, vegetation, sky and car from Cityscapes, grass and
+   water new);
 3. train on B at one budget of steps: from scratch (the demo's from-scratch recipe), from A's weights with
    the class rows of names both know (``configs/finetune/<task>.yaml``), and, for classify and detect, from A's
    weights with a fresh class head (``keep_class_rows: false``).
 
 Validation after every epoch (segment: every few steps) gives the curves; the table gives each run's metric
-at a quarter, half and all of the budget, and the step at which it first reaches the from-scratch run's final
-metric. Outputs in ``<out>/finetune/``: ``finetune_results.json``, ``finetune_curves.png``, runs and data.
+after its first epoch, at half and at all of the budget, and the step at which it first reaches the
+from-scratch run's final metric. Outputs in ``<out>/finetune/``: ``finetune_results.json``,
+``finetune_curves.png``, runs and data.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from demo import checkpoint, make_data, python, read_metrics, run
+from demo import checkpoint, python, read_metrics, run
 
 
 @dataclass
@@ -34,8 +37,8 @@ class FinetuneSpec:
         model: shown in the plot.
         configs: the model config and the demo's overlay (the from-scratch recipe).
         metric: the validation metric logged (``val/top1``, ...); ``metric_name`` its name in the table.
-        pretrain: overrides that shorten the demo's schedule for pretraining on A.
-        budget: overrides of every run on B (the same steps for all).
+        pretrain: overrides of the pretraining run on A.
+        budget: overrides of every run on B (the same steps and sizes for all).
         fresh_head: also run from A's weights with a fresh class head.
     """
 
@@ -52,32 +55,58 @@ SPECS = {
     "classify": FinetuneSpec(
         model="MobileNetV3-Small classifier", metric="val/top1", metric_name="top-1",
         configs=["configs/mobilenet_v3_small_imagenet.yaml", "configs/demo/classify.yaml"],
-        pretrain=["--trainer.max_epochs", "3"],
-        budget=["--trainer.max_epochs", "12", "--data.batch_size", "32"]),
+        pretrain=["--trainer.max_epochs", "6"],
+        budget=["--trainer.max_epochs", "8", "--data.batch_size", "32"]),
     "detect": FinetuneSpec(
         model="SSDLite MobileNetV3-Small", metric="val/map_50", metric_name="mAP@0.5",
         configs=["configs/ssdlite_mobilenet_v3_small_coco.yaml", "configs/demo/detect.yaml"],
-        pretrain=["--trainer.max_epochs", "6", "--trainer.check_val_every_n_epoch", "6"],
-        budget=["--trainer.max_epochs", "8", "--trainer.check_val_every_n_epoch", "2", "--data.batch_size", "16",
+        pretrain=["--trainer.max_epochs", "8", "--trainer.check_val_every_n_epoch", "8"],
+        budget=["--trainer.max_epochs", "8", "--trainer.check_val_every_n_epoch", "1", "--data.batch_size", "16",
                 "--data.num_classes", "null"]),
+    "segment": FinetuneSpec(
+        model="LR-ASPP MobileNetV3-Small", metric="val/miou", metric_name="mIoU",
+        configs=["configs/lraspp_mobilenet_v3_small_cityscapes.yaml", "configs/demo/segment.yaml"],
+        pretrain=["--trainer.max_steps", "80", "--trainer.val_check_interval", "80"],
+        budget=["--data", "segmentation.folder.MaskFolderDataModule", "--data.crop_size", "[256, 256]",
+                "--data.batch_size", "8", "--data.val_batch_size", "4", "--data.num_workers", "1",
+                "--trainer.max_steps", "48", "--trainer.val_check_interval", "8"],
+        fresh_head=False),
 }
 
 
-def generate_b(task: str, root: Path) -> Path:
-    """Dataset B of ``task`` under ``root`` (generated once, reused)."""
+def generate(task: str, split: str, root: Path, tiny: bool = False) -> Path:
+    """Data A (the demo's generators and classes, fewer images) or B (other classes, some of A's names) of
+    ``task`` under ``root``, generated once and reused; ``tiny``: a few images (smoke tests)."""
     if (root / ".complete").exists():
         return root
+    n = (lambda count, small: small if tiny else count)  # noqa: E731 - the image counts, or the tiny ones
     if task == "classify":
         from mbv3_dense.classification.synthetic import ImageFolderSpec, generate_imagefolder
 
-        generate_imagefolder(root, ImageFolderSpec(classes=("circle", "triangle", "stripes", "checker"),
-                                                   train_per_class=60, val_per_class=40, seed=11))
+        size = 32 if tiny else 64
+        generate_imagefolder(root, ImageFolderSpec(train_per_class=n(200, 4), val_per_class=n(30, 2), size=size,
+                                                   seed=0) if split == "a" else
+                             ImageFolderSpec(classes=("circle", "triangle", "stripes", "checker"), size=size,
+                                             train_per_class=n(60, 4), val_per_class=n(40, 2), seed=11))
     elif task == "detect":
         from detection.synthetic import DetectionSpec, generate_coco
 
-        generate_coco(root, DetectionSpec(train_images=112, val_images=40, seed=11,
-                                          categories=((11, "person", "circle"), (250, "dog", "triangle"),
-                                                      (7, "kite", "hexagon"))))
+        sizes = {"min_side": 96, "max_side": 128, "min_object": 24, "max_object": 60} if tiny else {}
+        generate_coco(root, DetectionSpec(train_images=n(240, 4), val_images=n(20, 2), seed=0, **sizes)
+                      if split == "a" else
+                      DetectionSpec(train_images=n(112, 4), val_images=n(40, 2), seed=11, **sizes,
+                                    categories=((11, "person", "circle"), (250, "dog", "triangle"),
+                                                (7, "kite", "hexagon"))))
+    elif split == "a":
+        from segmentation.synthetic import CityscapesSpec, generate_cityscapes
+
+        generate_cityscapes(root, CityscapesSpec(height=n(256, 64), width=n(512, 128), train_per_city=n(24, 1),
+                                                 val_per_city=n(2, 1), seed=0))
+    else:
+        from segmentation.synthetic import MaskFolderSpec, generate_mask_folders
+
+        generate_mask_folders(root, MaskFolderSpec(height=n(256, 64), width=n(512, 128), train_images=n(64, 4),
+                                                   val_images=n(16, 2), seed=11))
     (root / ".complete").write_text("generated\n")
     return root
 
@@ -88,8 +117,9 @@ def fit(configs: list[str], data: Path, run_dir: Path, seed: int, extra: list[st
     cmd = [python(), "-m", "mbv3_dense", "fit"]
     for config in configs:
         cmd += ["-c", config]
-    cmd += ["--seed_everything", str(seed), "--data.root", str(data), "--trainer.default_root_dir", str(run_dir),
-            "--checkpoints.best", "false", "--val_pictures", "0", *extra]
+    # The extra options first: one may choose another data module, whose root follows.
+    cmd += [*extra, "--seed_everything", str(seed), "--data.root", str(data), "--trainer.default_root_dir",
+            str(run_dir), "--checkpoints.best", "false", "--val_pictures", "0"]
     run(cmd)
 
 
@@ -104,12 +134,21 @@ def at_fraction(points: list[tuple[int, float]], total: int, fraction: float) ->
     return seen[-1] if seen else None
 
 
-def compare(task: str, out: Path, data_a: Path, seed: int) -> dict:
+# --quick (tests): two steps a run, validation after each, tiny inputs; the figures mean nothing.
+QUICK = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "1",
+         "--trainer.check_val_every_n_epoch", "null", "--data.num_workers", "0"]
+QUICK_TASK = {"classify": ["--data.crop_size", "32", "--data.val_resize_size", "36", "--data.batch_size", "4"],
+              "detect": ["--data.batch_size", "2", "--data.val_batch_size", "2"],
+              "segment": ["--data.batch_size", "2", "--data.crop_size", "[64, 64]", "--data.val_batch_size", "1"]}
+
+
+def compare(task: str, out: Path, seed: int, quick: bool = False) -> dict:
     """Pretrain on A, then the runs on B; returns the task's rows and curves."""
     spec = SPECS[task]
-    data_b = generate_b(task, out / "data" / f"{task}_b")
+    data_a, data_b = (generate(task, split, out / "data" / f"{task}_{split}", quick) for split in ("a", "b"))
+    small = [*QUICK, *QUICK_TASK[task]] if quick else []
     pretrained = out / "runs" / task / "pretrain_a"
-    fit(spec.configs, data_a, pretrained, seed, spec.pretrain)
+    fit(spec.configs, data_a, pretrained, seed, [*spec.pretrain, *small])
     weights = ["--model.init_args.model.init_args.weights", str(checkpoint(pretrained))]
     overlay = [f"configs/finetune/{task}.yaml"]
     variants = [("scratch", "scratch", [], []), ("A, class rows matched by name", "from_a", overlay, weights)]
@@ -119,7 +158,7 @@ def compare(task: str, out: Path, data_a: Path, seed: int) -> dict:
     curves = {}
     for name, folder, overlays, options in variants:
         run_dir = out / "runs" / task / folder
-        fit(spec.configs + overlays, data_b, run_dir, seed, [*options, *spec.budget])
+        fit(spec.configs + overlays, data_b, run_dir, seed, [*options, *spec.budget, *small])
         curves[name] = curve(run_dir, spec.metric)
     total = max(s for points in curves.values() for s, _ in points)
     target = curves["scratch"][-1][1]
@@ -179,8 +218,7 @@ def main(out: Path, tasks: list[str], seed: int, quick: bool = False) -> int:
     results = {}
     for task in [t for t in tasks if t in SPECS]:
         print(f"\n===== fine-tuning {task}: pretrain on A, then B from scratch and from A =====", flush=True)
-        data_a = make_data(task, out.parent / "data", quick)
-        results[task] = compare(task, out, data_a, seed)
+        results[task] = compare(task, out, seed, quick)
     rows = [r for result in results.values() for r in result["rows"]]
     curves = plot(results, out / "finetune_curves.png")
     (out / "finetune_results.json").write_text(json.dumps({"rows": rows, "seed": seed, "seconds": round(

@@ -36,6 +36,20 @@ def segment(args: argparse.Namespace) -> Path:
     return args.out
 
 
+def segment_folders(args: argparse.Namespace) -> Path:
+    from segmentation.synthetic import MaskFolderSpec, generate_mask_folders
+
+    spec = MaskFolderSpec(height=args.height, width=args.width, train_images=args.train_images,
+                          val_images=args.val_images, seed=args.seed, mask_format=args.mask_format)
+    if args.tiny:
+        spec = MaskFolderSpec(height=64, width=128, train_images=4, val_images=2, seed=args.seed,
+                              mask_format=args.mask_format)
+    counts = generate_mask_folders(args.out, spec)
+    print(f"segment-folders: {counts['train']} train / {counts['val']} val images of {spec.height}x{spec.width}, "
+          f"{args.mask_format} masks, classes {', '.join(spec.classes)} ({spec.classes_file})")
+    return args.out
+
+
 def detect(args: argparse.Namespace) -> Path:
     from detection.synthetic import DetectionSpec, generate_coco
 
@@ -71,6 +85,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="64x128, 6 train / 3 val images (smoke tests)")
     p.set_defaults(run=segment)
+
+    p = tasks.add_parser("segment-folders", help="image + mask folders with a classes file (your own data's layout)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--height", type=int, default=256)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--train-images", type=int, default=120)
+    p.add_argument("--val-images", type=int, default=24)
+    p.add_argument("--mask-format", choices=("index", "color"), default="index")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="64x128, 4 train / 2 val images (smoke tests)")
+    p.set_defaults(run=segment_folders)
 
     p = tasks.add_parser("detect", help="COCO tree of shapes (train2017/, val2017/, annotations/instances_*.json)")
     p.add_argument("--out", type=Path, required=True)

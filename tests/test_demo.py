@@ -112,3 +112,20 @@ def test_quick_demo_runs_every_task_per_seed_and_a_seed_repeats_exactly(tmp_path
         a = torch.load(row["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
         b = torch.load(zero[task]["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
         assert not all(torch.equal(a[k], b[k]) for k in b), f"{task}: seeds 0 and 1 trained the same weights"
+
+
+def test_quick_finetune_demo_compares_fine_tuning_with_scratch(tmp_path):
+    """`scripts/demo.py --finetune`: pretrain on A, then B from scratch and from A, for every task (smoke sizes)."""
+    result = quick_demo(tmp_path / "demo", "--finetune")
+    report = json.loads((tmp_path / "demo" / "finetune" / "finetune_results.json").read_text())
+    starts = [(r["task"], r["start"]) for r in report["rows"]]
+    assert starts == [("classify", "scratch"), ("classify", "A, class rows matched by name"),
+                      ("classify", "A, fresh class head"), ("detect", "scratch"),
+                      ("detect", "A, class rows matched by name"), ("detect", "A, fresh class head"),
+                      ("segment", "scratch"), ("segment", "A, class rows matched by name")]
+    assert all(0.0 <= r["final"] <= 1.0 and r["steps"] == 2 for r in report["rows"])
+    assert (tmp_path / "demo" / "finetune" / "finetune_curves.png").is_file()
+    assert "reaches scratch final at" in result.stdout and "wall time" in result.stdout
+    # The fine-tuned run of each task started from A's checkpoint, with the rows of the names A and B share.
+    assert "class rows kept from the checkpoint (2): circle" in result.stderr
+    assert "person (2 -> 2), dog (3 -> 3)" in result.stderr or "person" in result.stderr
