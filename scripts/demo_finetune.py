@@ -2,8 +2,8 @@
 
 For each task, through the real CLI and configs:
 
-1. pretrain on data A, the demo's generators and classes with fewer images (the demo's configs, a shorter
-   schedule; segment: LR-ASPP on MobileNetV3-Small, on the generated Cityscapes tree);
+1. pretrain on the demo's data A: the main demo's own run of the task and seed (``<out>/runs/<task>/seed<S>``),
+   reused when ``bash scripts/demo.sh`` made it, else trained now exactly as the demo trains it;
 2. generate a dataset B whose classes differ from A's, some sharing A's names (classify: circle and triangle
    from A, stripes and checker new; detect: person and dog from A under other category ids, kite new;
    segment: image + mask folders with road, building, vegetation, sky and car from Cityscapes, grass and
@@ -15,7 +15,7 @@ For each task, through the real CLI and configs:
 Validation after every epoch (segment: every few steps) gives the curves; the table gives each run's metric
 after its first epoch, at half and at all of the budget, and the step at which it first reaches the
 from-scratch run's final metric. Outputs in ``<out>/finetune/``: ``finetune_results.json``,
-``finetune_curves.png``, runs and data.
+``finetune_curves.png``, runs and data B.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import demo
 from demo import checkpoint, python, read_metrics, run
 
 
@@ -35,9 +36,8 @@ class FinetuneSpec:
 
     Attributes:
         model: shown in the plot.
-        configs: the model config and the demo's overlay (the from-scratch recipe).
+        configs: the model config and the demo's overlay (the from-scratch recipe; the main demo's).
         metric: the validation metric logged (``val/top1``, ...); ``metric_name`` its name in the table.
-        pretrain: overrides of the pretraining run on A.
         budget: overrides of every run on B (the same steps and sizes for all).
         fresh_head: also run from A's weights with a fresh class head.
     """
@@ -46,7 +46,6 @@ class FinetuneSpec:
     configs: list[str]
     metric: str
     metric_name: str
-    pretrain: list[str]
     budget: list[str]
     fresh_head: bool = True
 
@@ -55,18 +54,15 @@ SPECS = {
     "classify": FinetuneSpec(
         model="MobileNetV3-Small classifier", metric="val/top1", metric_name="top-1",
         configs=["configs/mobilenet_v3_small_imagenet.yaml", "configs/demo/classify.yaml"],
-        pretrain=["--trainer.max_epochs", "6"],
         budget=["--trainer.max_epochs", "8", "--data.batch_size", "32"]),
     "detect": FinetuneSpec(
         model="SSDLite MobileNetV3-Small", metric="val/map_50", metric_name="mAP@0.5",
         configs=["configs/ssdlite_mobilenet_v3_small_coco.yaml", "configs/demo/detect.yaml"],
-        pretrain=["--trainer.max_epochs", "8", "--trainer.check_val_every_n_epoch", "8"],
         budget=["--trainer.max_epochs", "8", "--trainer.check_val_every_n_epoch", "1", "--data.batch_size", "16",
                 "--data.num_classes", "null"]),
     "segment": FinetuneSpec(
-        model="LR-ASPP MobileNetV3-Small", metric="val/miou", metric_name="mIoU",
-        configs=["configs/lraspp_mobilenet_v3_small_cityscapes.yaml", "configs/demo/segment.yaml"],
-        pretrain=["--trainer.max_steps", "80", "--trainer.val_check_interval", "80"],
+        model="LR-ASPP MobileNetV3-Large", metric="val/miou", metric_name="mIoU",
+        configs=["configs/lraspp_cityscapes.yaml", "configs/demo/segment.yaml"],
         budget=["--data", "segmentation.folder.MaskFolderDataModule", "--data.crop_size", "[256, 256]",
                 "--data.batch_size", "8", "--data.val_batch_size", "4", "--data.num_workers", "1",
                 "--trainer.max_steps", "48", "--trainer.val_check_interval", "8"],
@@ -74,34 +70,25 @@ SPECS = {
 }
 
 
-def generate(task: str, split: str, root: Path, tiny: bool = False) -> Path:
-    """Data A (the demo's generators and classes, fewer images) or B (other classes, some of A's names) of
-    ``task`` under ``root``, generated once and reused; ``tiny``: a few images (smoke tests)."""
+def generate_b(task: str, root: Path, tiny: bool = False) -> Path:
+    """Data B of ``task`` (other classes, some of A's names) under ``root``, generated once and reused;
+    ``tiny``: a few small images (smoke tests)."""
     if (root / ".complete").exists():
         return root
     n = (lambda count, small: small if tiny else count)  # noqa: E731 - the image counts, or the tiny ones
     if task == "classify":
         from mbv3_dense.classification.synthetic import ImageFolderSpec, generate_imagefolder
 
-        size = 32 if tiny else 64
-        generate_imagefolder(root, ImageFolderSpec(train_per_class=n(200, 4), val_per_class=n(30, 2), size=size,
-                                                   seed=0) if split == "a" else
-                             ImageFolderSpec(classes=("circle", "triangle", "stripes", "checker"), size=size,
-                                             train_per_class=n(60, 4), val_per_class=n(40, 2), seed=11))
+        generate_imagefolder(root, ImageFolderSpec(classes=("circle", "triangle", "stripes", "checker"),
+                                                   size=n(64, 32), train_per_class=n(60, 4),
+                                                   val_per_class=n(40, 2), seed=11))
     elif task == "detect":
         from detection.synthetic import DetectionSpec, generate_coco
 
         sizes = {"min_side": 96, "max_side": 128, "min_object": 24, "max_object": 60} if tiny else {}
-        generate_coco(root, DetectionSpec(train_images=n(240, 4), val_images=n(20, 2), seed=0, **sizes)
-                      if split == "a" else
-                      DetectionSpec(train_images=n(112, 4), val_images=n(40, 2), seed=11, **sizes,
-                                    categories=((11, "person", "circle"), (250, "dog", "triangle"),
-                                                (7, "kite", "hexagon"))))
-    elif split == "a":
-        from segmentation.synthetic import CityscapesSpec, generate_cityscapes
-
-        generate_cityscapes(root, CityscapesSpec(height=n(256, 64), width=n(512, 128), train_per_city=n(24, 1),
-                                                 val_per_city=n(2, 1), seed=0))
+        generate_coco(root, DetectionSpec(train_images=n(112, 4), val_images=n(40, 2), seed=11, **sizes,
+                                          categories=((11, "person", "circle"), (250, "dog", "triangle"),
+                                                      (7, "kite", "hexagon"))))
     else:
         from segmentation.synthetic import MaskFolderSpec, generate_mask_folders
 
@@ -109,6 +96,21 @@ def generate(task: str, split: str, root: Path, tiny: bool = False) -> Path:
                                                    val_images=n(16, 2), seed=11))
     (root / ".complete").write_text("generated\n")
     return root
+
+
+def pretrained_on_a(task: str, out: Path, seed: int, quick: bool) -> Path:
+    """The main demo's checkpoint of ``task`` and ``seed``: reused when the demo made it (its evaluation
+    summary marks a finished run), else trained now as the demo trains it (the same run: a function of
+    its seed)."""
+    run_dir = out / "runs" / task / f"seed{seed}"
+    if (run_dir / "eval.json").is_file() or (run_dir / "pretrained.done").is_file():
+        print(f"[demo] reusing the demo's {task} run on A: {run_dir}", flush=True)
+        return checkpoint(run_dir)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    demo.fit(demo.TASK_SPECS[task], demo.make_data(task, out / "data", quick), run_dir, seed, quick)
+    (run_dir / "pretrained.done").write_text("trained by demo_finetune\n")
+    return checkpoint(run_dir)
 
 
 def fit(configs: list[str], data: Path, run_dir: Path, seed: int, extra: list[str]) -> None:
@@ -143,13 +145,11 @@ QUICK_TASK = {"classify": ["--data.crop_size", "32", "--data.val_resize_size", "
 
 
 def compare(task: str, out: Path, seed: int, quick: bool = False) -> dict:
-    """Pretrain on A, then the runs on B; returns the task's rows and curves."""
+    """A's checkpoint, then the runs on B; returns the task's rows and curves."""
     spec = SPECS[task]
-    data_a, data_b = (generate(task, split, out / "data" / f"{task}_{split}", quick) for split in ("a", "b"))
+    weights = ["--model.init_args.model.init_args.weights", str(pretrained_on_a(task, out.parent, seed, quick))]
+    data_b = generate_b(task, out / "data" / f"{task}_b", quick)
     small = [*QUICK, *QUICK_TASK[task]] if quick else []
-    pretrained = out / "runs" / task / "pretrain_a"
-    fit(spec.configs, data_a, pretrained, seed, [*spec.pretrain, *small])
-    weights = ["--model.init_args.model.init_args.weights", str(checkpoint(pretrained))]
     overlay = [f"configs/finetune/{task}.yaml"]
     variants = [("scratch", "scratch", [], []), ("A, class rows matched by name", "from_a", overlay, weights)]
     if spec.fresh_head:
