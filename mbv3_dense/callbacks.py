@@ -193,6 +193,7 @@ class ValidationPictures(L.Callback):
         self.num_images = num_images
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        log_dir = trainer.log_dir  # on every rank: Lightning broadcasts it (rank 0 alone would hang under DDP)
         draw = getattr(pl_module, "draw_predictions", None)
         dataset = getattr(trainer.val_dataloaders, "dataset", None)
         if trainer.sanity_checking or not trainer.is_global_zero or self.num_images <= 0 or draw is None \
@@ -209,7 +210,7 @@ class ValidationPictures(L.Callback):
                 pictures = draw(images)
         finally:
             pl_module.train(was_training)
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "val_pictures"
+        folder = Path(log_dir or trainer.default_root_dir) / "val_pictures"
         folder.mkdir(parents=True, exist_ok=True)
         for i, picture in enumerate(pictures):
             picture.save(folder / f"{i}.png")

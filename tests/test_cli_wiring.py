@@ -38,7 +38,7 @@ def test_imagenet_config_trains_on_a_3_class_folder_as_it_is(tiny_imagefolder: P
     names = ["circle", "square", "triangle"]  # the class folders: the network's names, recorded
     assert record == {"task": "classify", "builder": "mbv3_dense.mobilenet_v3_large",
                       "init_args": {"num_classes": 3, "width_mult": 1.0, "reduced_tail": False, "dropout": 0.2,
-                                    "weights": None, "class_names": names},
+                                    "weights": None, "class_names": names, "keep_class_rows": True},
                       "classes": {"names": names}}
     network = build_from_record(record)
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}

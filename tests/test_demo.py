@@ -126,6 +126,14 @@ def test_quick_finetune_demo_compares_fine_tuning_with_scratch(tmp_path):
     assert all(0.0 <= r["final"] <= 1.0 and r["steps"] == 2 for r in report["rows"])
     assert (tmp_path / "demo" / "finetune" / "finetune_curves.png").is_file()
     assert "reaches scratch final at" in result.stdout and "wall time" in result.stdout
-    # The fine-tuned run of each task started from A's checkpoint, with the rows of the names A and B share.
-    assert "class rows kept from the checkpoint (2): circle" in result.stderr
-    assert "person (2 -> 2), dog (3 -> 3)" in result.stderr or "person" in result.stderr
+    # The fine-tuned runs started from the demo's runs on A, with the rows of the names A and B share.
+    log = result.stdout + result.stderr
+    assert "class rows kept from the checkpoint (2): circle (0 -> 1), triangle (5 -> 3); starting fresh (2): " \
+           "checker, stripes" in log  # class folders in sorted order: A's circle 0, triangle 5; B's circle 1, ...
+    assert "class rows kept from the checkpoint (3): __background__ (0 -> 0), person (1 -> 2), dog (3 -> 3); " \
+           "starting fresh (1): kite" in log
+    assert "class rows kept from the checkpoint (5): road (0 -> 0), building (2 -> 3), vegetation (8 -> 4), " \
+           "sky (10 -> 5), car (13 -> 6); starting fresh (2): grass, water" in log
+    assert "class rows kept from the checkpoint (0)" in log  # the fresh-head runs
+    assert all((tmp_path / "demo" / "runs" / task / "seed0" / "pretrained.done").is_file()
+               for task in ("classify", "detect", "segment"))
