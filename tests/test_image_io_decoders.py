@@ -14,6 +14,8 @@ from PIL import Image
 from mbv3_dense import image_io
 from mbv3_dense.image_io import ImageReadError, png_layout, read_image_rgb, read_label_png
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def street(height: int, width: int, seed: int = 0) -> np.ndarray:
     """A noisy image with structure (smooth gradients plus noise), so that PNG uses several filter types."""
@@ -166,3 +168,60 @@ def test_png_layout_reads_the_header_of_an_intact_file() -> None:
     assert png_layout(b"not a png") is None
     assert png_layout(image_io.PNG_SIGNATURE) is None
 
+
+def _benchmark_script() -> object:
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("benchmark_training", REPO / "scripts" / "benchmark_training.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmarks_crop_rows_cover_every_row_the_training_crop_reads() -> None:
+    """Rows below ``crop_rows`` can be anything: the crop (image and mask) comes out the same."""
+    from mbv3_dense.sampling import SampleKey, sample_randomness
+    from segmentation.transforms import train_transform
+
+    crop_rows = _benchmark_script().crop_rows
+    transform = train_transform(crop_size=(40, 40), scale_range=(0.5, 2.0))
+    height, width = 64, 96
+    image, mask = street(height, width, seed=5), np.random.default_rng(5).integers(0, 34, (height, width), np.uint8)
+    fewer = 0
+    for index in range(150):
+        key = SampleKey(index, 0, 0)
+        rows = crop_rows(transform, height, width, key)
+        with sample_randomness(key) as generators:
+            draw = transform.draw(height, width, generators.python)
+        cut_image, cut_mask = image.copy(), mask.copy()
+        cut_image[rows:], cut_mask[rows:] = 255 - cut_image[rows:], 99
+        for got, want in zip(transform.apply(cut_image, cut_mask, draw), transform.apply(image, mask, draw),
+                             strict=True):
+            assert np.array_equal(got, want), (index, rows, draw)
+        fewer += rows < height
+    assert fewer > 50  # most crops end above the frame's bottom
+
+
+def test_the_decoder_benchmark_times_every_decoder(tmp_path: Path) -> None:
+    import json
+    import math
+    import subprocess
+    import sys
+
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, "scripts/benchmark_training.py", "--quick", "--measure", "decode",
+                           "--tasks", "segment", "--workdir", str(tmp_path / "data"), "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["rows"] == []
+    rows = {row["decoder"]: row for row in result["decoders"]}
+    assert {"PIL", "OpenCV", "libspng (pyspng)", "ours, whole frame", "ours, to the crop's last row"} <= set(rows)
+    assert rows["PIL"]["vs_pil"] == 1.0
+    for name, row in rows.items():
+        assert math.isfinite(row["pair_ms"]) and row["pair_ms"] > 0, name
+        assert math.isclose(row["pair_ms"], row["image_ms"] + row["label_ms"]), name
+    assert "of the rows on average" in rows["ours, to the crop's last row"]["note"]
+    assert "PNG decoder (segment)" in proc.stdout
