@@ -56,6 +56,8 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 
+from mbv3_dense.errors import InputError
+
 log = logging.getLogger(__name__)
 
 # How long a process waits in a collective for a peer that died or hangs, then stops with an error.
@@ -65,8 +67,9 @@ SLURM_INTERACTIVE_NAMES = ("bash", "interactive")
 SBATCH_TEMPLATE = "scripts/slurm/train.sbatch"
 
 
-class ClusterLaunchError(RuntimeError):
-    """A multi-process run that was started in a way that cannot work; the message says why and what to do."""
+class ClusterLaunchError(InputError):
+    """A multi-process run that was started in a way that cannot work; the message says why and what to do
+    (the command line shows it as one line, ``error: ...``, exit status 2)."""
 
 
 @dataclass(frozen=True)

@@ -347,9 +347,9 @@ def test_python_instead_of_srun_stops_before_training_with_what_to_do(tiny_image
                            "--trainer.devices", "1", "--trainer.num_nodes", "2"],
                           cwd=tmp_path, env=slurm_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())),
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "ClusterLaunchError" in proc.stderr and "started with python instead of srun" in proc.stderr, \
-        proc.stderr[-3000:]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "error: this run cannot start as launched" in proc.stderr, proc.stderr[-3000:]
+    assert "started with python instead of srun" in proc.stderr and "Traceback" not in proc.stderr
     assert "Initializing distributed" not in proc.stdout + proc.stderr
     assert not list(tmp_path.rglob("*.ckpt"))
 
