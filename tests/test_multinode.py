@@ -83,21 +83,34 @@ class Proc:
 
 @contextmanager
 def processes() -> Iterator[list[Proc]]:
-    """Start processes into the yielded list (:func:`start`); whatever is still running at the end is killed."""
+    """Start processes into the yielded list (:func:`start`); whatever is still running at the end is killed,
+    with every process it started (torchrun starts its training processes in sessions of their own)."""
     started: list[Proc] = []
     try:
         yield started
     finally:
+        running = [proc.popen.pid for proc in started if proc.popen.poll() is None]
+        for pid in [pid for root in running for pid in descendants(root)] + running:
+            for sig in (signal.SIGCONT, signal.SIGKILL):  # a stopped process gets its SIGKILL too
+                with suppress(ProcessLookupError):
+                    os.kill(pid, sig)
         for proc in started:
-            if proc.popen.poll() is None:
-                with_group(proc.popen, signal.SIGCONT)
-                with_group(proc.popen, signal.SIGKILL)
             proc.popen.wait()
 
 
-def with_group(popen: subprocess.Popen, sig: int) -> None:
-    with suppress(ProcessLookupError):
-        os.killpg(popen.pid, sig)
+def descendants(root: int) -> list[int]:
+    """The processes below ``root``, children first found by their parent id in /proc."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
 
 
 def start(started: list[Proc], argv: list[str], cwd: Path, env: dict[str, str], log: Path) -> Proc:
