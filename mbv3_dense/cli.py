@@ -23,6 +23,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from mbv3_dense.callbacks import ResumeState, ValidationPictures
 from mbv3_dense.checkpoint_io import AtomicCheckpointIO
+from mbv3_dense.cluster import prepare_trainer
 from mbv3_dense.errors import InputError
 from mbv3_dense.guards import FiniteCheckpointGuard
 from mbv3_dense.model_record import ModelRecord, read_model_record
@@ -328,6 +329,7 @@ class MBV3CLI(LightningCLI):
             bar = progress_bar_for(sys.stdout)
             if bar is not None:
                 callbacks = [*callbacks, bar]
+        callbacks = prepare_trainer(config, callbacks)  # multi-node checks, DDP timeout (mbv3_dense/cluster.py)
         return super()._instantiate_trainer(config, callbacks)
 
 

@@ -1,37 +1,43 @@
 """Reading images from disk: one reader, strict about broken files, forgiving about modes.
 
-Two decoders, chosen by measurement (docs/data_pipeline.md): OpenCV decodes the common files,
-8-bit JPEG (greyscale or colour) and 8-bit PNG, about twice as fast as PIL on PNG and COCO-sized
-JPEGs; PIL decodes everything else (CMYK JPEG, 16-bit PNG, TIFF, BMP, WebP, GIF, ...) and every file
-that fails the checks below. ``torchvision.io``'s decoders were as fast, but torchvision 0.29
-deprecates them.
+Three decoders, chosen by measurement (docs/data_pipeline.md): libspng (through ``pyspng``) decodes 8-bit
+PNG, the fastest of the PNG decoders measured (PIL, OpenCV, imagecodecs' libpng and libspng); OpenCV decodes
+8-bit JPEG (greyscale or colour), about twice as fast as PIL on COCO-sized JPEGs; PIL decodes everything
+else (CMYK JPEG, 16-bit PNG, PNG with EXIF orientation, TIFF, BMP, WebP, GIF, ...) and every file that fails
+the checks below. ``torchvision.io``'s decoders were as fast as OpenCV's, but torchvision 0.29 deprecates them.
 
-Strictness is PIL's: cv2 returns ``None`` or a partial image where PIL raises
-(docs/known_traps.md), so a file goes to cv2 only when it is complete by its container (a JPEG
-that ends with its end-of-image marker, a PNG whose last chunk is IEND), and any file cv2 cannot
-decode is handed to PIL, which decodes it or raises :class:`ImageReadError` naming the file. Both
-apply EXIF orientation and give the same pixels on the files cv2 takes (tests/test_data_pipeline.py).
+Strictness is PIL's. OpenCV returns ``None`` or a partial image where PIL raises (docs/known_traps.md), and
+pyspng ignores the chunk checksums, so a damaged PNG can decode to wrong pixels without an error. A file goes
+to the fast decoders only when it is complete and intact by its container: a JPEG that ends with its
+end-of-image marker; a PNG whose chunks all lie inside the file with correct CRCs (which cover the compressed
+pixels), IHDR first and IEND last. Any file that fails these checks, or that a fast decoder cannot decode, is
+handed to PIL, which decodes it or raises :class:`ImageReadError` naming the file. The fast decoders give PIL's
+pixels on the files they take (tests/test_data_pipeline.py, tests/test_image_io_decoders.py).
+
+PNG is decoded top to bottom, so :func:`read_image_rgb` and :func:`read_label_png` can stop after the rows a
+crop needs (``rows=``): a training crop that ends above the frame's bottom skips the inflating of the rest.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pyspng
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the whole IEND chunk: length 0, type, CRC
 JPEG_SOI, JPEG_EOI = b"\xff\xd8\xff", b"\xff\xd9"
-# PNG colour types cv2 converts to RGB as PIL's convert("RGB") does: grey, RGB, palette, grey+alpha, RGBA.
+# PNG colour types libspng converts to RGB as PIL's convert("RGB") does: grey, RGB, palette, grey+alpha, RGBA.
 PNG_RGB_COLOUR_TYPES = (0, 2, 3, 4, 6)
 PNG_GREY = 0
 # JPEG start-of-frame markers (C0-CF except DHT C4, JPG C8, DAC CC): the frame header gives the components.
 JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-
 
 
 class ImageReadError(ValueError):
@@ -47,11 +53,68 @@ def _read_bytes(path: Path, what: str) -> bytes:
         raise ImageReadError(f"{path}: cannot read the file ({err})") from err
 
 
-def _png_header(data: bytes) -> tuple[int, int] | None:
-    """``(bit depth, colour type)`` of a complete PNG (signature, IHDR first, IEND last), else ``None``."""
-    if len(data) < 33 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR" or not data.endswith(PNG_IEND):
+@dataclass(frozen=True)
+class PngLayout:
+    """The header of a complete, intact PNG (:func:`png_layout`)."""
+
+    width: int
+    height: int
+    bit_depth: int
+    colour_type: int
+    interlaced: bool
+    exif: bool  # has an eXIf chunk (orientation), which only PIL's path applies
+
+
+def png_layout(data: bytes) -> PngLayout | None:
+    """The layout of ``data`` if it is a complete PNG whose every chunk is intact, else ``None``.
+
+    Complete and intact: the signature, IHDR first, every chunk inside the file with the CRC its bytes give
+    (the CRCs of the IDAT chunks cover the compressed pixels), IEND last and nothing after it. Checking the
+    CRCs of a 4 MB Cityscapes frame takes about 2 ms, a twentieth of decoding it.
+    """
+    if not data.startswith(PNG_SIGNATURE):
         return None
-    return data[24], data[25]
+    view, size, pos, header, exif = memoryview(data), len(data), len(PNG_SIGNATURE), None, False
+    while pos + 12 <= size:
+        length = int.from_bytes(view[pos:pos + 4], "big")
+        end = pos + 12 + length
+        if end > size or zlib.crc32(view[pos + 4:pos + 8 + length]) != int.from_bytes(view[end - 4:end], "big"):
+            return None
+        kind = bytes(view[pos + 4:pos + 8])
+        if header is None:
+            if kind != b"IHDR" or length != 13:
+                return None
+            header = bytes(view[pos + 8:pos + 21])
+        elif kind == b"eXIf":
+            exif = True
+        elif kind == b"IEND":
+            if end != size:
+                return None
+            return PngLayout(width=int.from_bytes(header[0:4], "big"), height=int.from_bytes(header[4:8], "big"),
+                             bit_depth=header[8], colour_type=header[9], interlaced=header[12] != 0, exif=exif)
+        pos = end
+    return None
+
+
+def _first_rows(data: bytes, layout: PngLayout, rows: int | None) -> tuple[bytes, int]:
+    """``data`` with its IHDR saying ``rows`` rows, and that count, when fewer than all rows are asked of a
+    non-interlaced PNG: the decoder then stops inflating after them (the IDAT data left over is ignored).
+    The file's CRCs were checked whole (:func:`png_layout`), so the rows decoded are the file's."""
+    if rows is None or rows >= layout.height or layout.interlaced:
+        return data, layout.height
+    rows = max(1, int(rows))
+    header = data[16:20] + rows.to_bytes(4, "big") + data[24:29]  # IHDR: width, height, depth .. interlace
+    return data[:16] + header + zlib.crc32(b"IHDR" + header).to_bytes(4, "big") + data[33:], rows
+
+
+def _spng_decode(data: bytes, layout: PngLayout, rows: int | None, fmt: str) -> np.ndarray | None:
+    """libspng's decoding of the first ``rows`` rows (all: ``None``) in ``fmt``, or ``None`` when it fails."""
+    data, height = _first_rows(data, layout, rows)
+    try:
+        array = pyspng.load(data, fmt)
+    except RuntimeError:
+        return None
+    return array if array.shape[:2] == (height, layout.width) else None
 
 
 def _jpeg_components(data: bytes) -> int | None:
@@ -76,19 +139,29 @@ def _cv2_decode(data: bytes, flags: int) -> np.ndarray | None:
     return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
 
 
-def read_image_rgb(path: str | Path) -> np.ndarray:
+def read_image_rgb(path: str | Path, *, rows: int | None = None) -> np.ndarray:
     """Decode ``path`` into an ``[H, W, 3]`` uint8 RGB array.
 
     EXIF orientation is applied; grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit images
     are converted to RGB.
 
+    Args:
+        path: the image file.
+        rows: at least the first ``rows`` rows of the image are wanted (a crop that ends there). A PNG is then
+            decoded only down to that row and the array has ``min(rows, H)`` rows; other files (and PNGs with
+            EXIF orientation or interlacing) are decoded whole and may return all rows. ``None``: all rows.
+
     Raises:
-        ImageReadError: missing, unreadable, truncated or not an image.
+        ImageReadError: missing, unreadable, truncated, corrupt or not an image.
     """
     path = Path(path)
     data = _read_bytes(path, "image file")
-    png = _png_header(data)
-    if (png is not None and png[0] == 8 and png[1] in PNG_RGB_COLOUR_TYPES) or _jpeg_components(data) in (1, 3):
+    png = png_layout(data) if data.startswith(PNG_SIGNATURE) else None
+    if png is not None and png.bit_depth == 8 and png.colour_type in PNG_RGB_COLOUR_TYPES and not png.exif:
+        array = _spng_decode(data, png, rows, "RGB")
+        if array is not None:
+            return array
+    elif png is None and _jpeg_components(data) in (1, 3):
         array = _cv2_decode(data, cv2.IMREAD_COLOR_RGB)  # applies EXIF orientation, as PIL's path below
         if array is not None:
             return array
@@ -124,10 +197,14 @@ def _pil_rgb(path: Path) -> np.ndarray:
         return np.asarray(rgb, dtype=np.uint8).copy()
 
 
-def read_label_png(path: str | Path) -> np.ndarray:
+def read_label_png(path: str | Path, *, rows: int | None = None) -> np.ndarray:
     """Decode a single-channel label PNG into an ``[H, W]`` integer array, without any conversion.
 
-    8-bit greyscale PNGs (Cityscapes' labelIds) are decoded by cv2, everything else by PIL.
+    8-bit greyscale PNGs (Cityscapes' labelIds) are decoded by libspng, everything else by PIL.
+
+    Args:
+        path: the label file.
+        rows: as :func:`read_image_rgb`'s: an 8-bit greyscale PNG is decoded only down to that row.
 
     Raises:
         ImageReadError: missing or corrupt file, or a file with colour channels (RGB/RGBA label
@@ -135,9 +212,10 @@ def read_label_png(path: str | Path) -> np.ndarray:
     """
     path = Path(path)
     data = _read_bytes(path, "label file")
-    if _png_header(data) == (8, PNG_GREY):
-        array = _cv2_decode(data, cv2.IMREAD_UNCHANGED)
-        if array is not None and array.ndim == 2:
+    png = png_layout(data) if data.startswith(PNG_SIGNATURE) else None
+    if png is not None and (png.bit_depth, png.colour_type) == (8, PNG_GREY):
+        array = _spng_decode(data, png, rows, "L")
+        if array is not None:
             return array
     with _pil_errors(path, "label"), Image.open(path) as img:
         img.load()

@@ -38,8 +38,15 @@ than their PIL backend for all three): RandomResizedCrop, flip, AutoAugment, ToD
 RandomErasing; RandomIoUCrop (and zoom-out when configured), flip, resize, to float;
 RandomResize (scale range), RandomCrop with padding, flip, normalise.
 
+PNG decoders (``--measure decode``, Cityscapes only): milliseconds per 2048x1024 image and per label of
+each PNG decoder the package index serves, in the same one-thread process and interleaved turns as the
+pipeline: PIL (the reference pipeline's), OpenCV (this project's reader before), libspng through ``pyspng``,
+imagecodecs' libpng and libspng (when imagecodecs is installed; it is not a dependency), then this project's
+reader (``mbv3_dense.image_io``: the CRC and completeness checks, then libspng) decoding whole frames and
+decoding only down to the last row the training crop reads (the config's own scale-crop-flip draws).
+
 Output: a table (ours and torchvision images/s, ratio ours/torchvision, the issue's target) and
-with ``--json OUT`` one JSON object ``{"meta": {...}, "rows": [...]}``.
+with ``--json OUT`` one JSON object ``{"meta": {...}, "rows": [...], "decoders": [...]}``.
 """
 
 from __future__ import annotations
@@ -573,6 +580,133 @@ def pipeline_row(task: str, args: argparse.Namespace, datamodule: object, config
                PIPELINE_TARGETS[task], ratio >= PIPELINE_TARGETS[task], args.pipeline_turns, note)
 
 
+# ---------------------------------------------------------------------------------------------- PNG decoders
+@dataclass
+class DecodeRow:
+    """One PNG decoder on the Cityscapes files: ms per image and per label, and PIL's time over its own."""
+
+    decoder: str
+    image_ms: float
+    label_ms: float
+    pair_ms: float
+    vs_pil: float
+    turns: int
+    note: str = ""
+
+
+def crop_rows(transform: object, height: int, width: int, key: object) -> int:
+    """How many rows of a ``height x width`` frame the training crop of ``key`` reads: its scale-crop-flip draw
+    (the dataset's own, from the key) gives the crop's last row in the scaled frame; its source row and the row
+    below it (bilinear interpolation) are the last ones needed. A measurement helper: the datasets decode whole
+    frames today."""
+    from mbv3_dense.sampling import sample_randomness
+
+    with sample_randomness(key) as generators:
+        draw = transform.draw(height, width, generators.python)
+    scaled = int(height * draw.scale)
+    last = min(transform.crop_size[0], scaled - draw.top) - 1 + draw.top  # the crop's last row inside the frame
+    if last < 0:
+        return 1
+    return min(height, math.floor((last + 0.5) * height / scaled - 0.5) + 2)
+
+
+def png_decoders() -> dict[str, tuple[Callable[[Path], object], Callable[[Path], object], str]]:
+    """``name -> (decode an image file, decode a label file, note)`` for every PNG decoder that is installed."""
+    import cv2
+    import pyspng
+
+    from mbv3_dense.image_io import read_image_rgb, read_label_png
+
+    def pil_image(path: Path) -> object:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+
+    def pil_label(path: Path) -> object:
+        with Image.open(path) as label:
+            return np.asarray(label)
+
+    decoders = {
+        "PIL": (pil_image, pil_label, "the reference pipeline's decoder"),
+        "OpenCV": (lambda p: cv2.imdecode(np.frombuffer(p.read_bytes(), np.uint8), cv2.IMREAD_COLOR_RGB),
+                   lambda p: cv2.imdecode(np.frombuffer(p.read_bytes(), np.uint8), cv2.IMREAD_UNCHANGED),
+                   "mbv3_dense.image_io before libspng"),
+        "libspng (pyspng)": (lambda p: pyspng.load(p.read_bytes(), "RGB"), lambda p: pyspng.load(p.read_bytes(), "L"),
+                             f"pyspng {pyspng.__version__}, no checks"),
+    }
+    try:
+        import imagecodecs
+    except ImportError:
+        pass
+    else:
+        decoders["imagecodecs libpng"] = (lambda p: imagecodecs.png_decode(p.read_bytes()),
+                                          lambda p: imagecodecs.png_decode(p.read_bytes()),
+                                          f"imagecodecs {imagecodecs.__version__}")
+        decoders["imagecodecs libspng"] = (lambda p: imagecodecs.spng_decode(p.read_bytes()),
+                                           lambda p: imagecodecs.spng_decode(p.read_bytes()),
+                                           f"imagecodecs {imagecodecs.__version__}")
+    decoders["ours, whole frame"] = (read_image_rgb, read_label_png, "image_io: CRC checks, then libspng")
+    return decoders
+
+
+def decode_rows(args: argparse.Namespace, datamodule: object, sizes: DataSizes) -> list[DecodeRow]:
+    """Each PNG decoder timed on the training split's files in interleaved one-thread turns (as the pipeline)."""
+    from mbv3_dense.image_io import read_image_rgb, read_label_png
+    from mbv3_dense.sampling import SampleKey
+
+    dataset = datamodule.train_dataloader().dataset
+    pairs, transform = dataset.pairs, dataset.transform
+    height, width = sizes.cityscapes_size
+    per_turn = args.pipeline_samples["segment"]
+    turns = args.pipeline_turns + 1  # one warm-up turn
+    # The samples of each turn, with the rows their training crops read (epoch = how often the files came round).
+    samples = [(pairs[i % len(pairs)], crop_rows(transform, height, width, SampleKey(i % len(pairs),
+                                                                                      i // len(pairs), args.seed)))
+               for i in range(per_turn * turns)]
+    decoders = png_decoders()
+    decoders["ours, to the crop's last row"] = (read_image_rgb, read_label_png,
+                                                "image_io with rows=: stops inflating below the crop")
+    counters: dict[str, int] = {}
+
+    def call(name: str, which: int) -> Callable[[], None]:
+        decode, rows_wanted = decoders[name][which], name == "ours, to the crop's last row"
+        key = f"{name}/{which}"
+        counters[key] = 0
+
+        def turn() -> None:
+            for _ in range(per_turn):
+                (image, label), rows = samples[counters[key] % len(samples)]
+                path = (image, label)[which]
+                decode(path, rows=rows) if rows_wanted else decode(path)
+                counters[key] += 1
+        return turn
+
+    calls = {f"{name}/{which}": call(name, which) for name in decoders for which in (0, 1)}
+    with one_thread():
+        rates = interleaved_rates(calls, items=per_turn, warmup=1, turns=args.pipeline_turns,
+                                  device=torch.device("cpu"), desc="segment PNG decoders")
+    fraction = statistics.mean(rows for _, rows in samples) / height
+    rows_out = []
+    pil_pair = 1000 / rates["PIL/0"] + 1000 / rates["PIL/1"]
+    for name, (_, _, note) in decoders.items():
+        image_ms, label_ms = 1000 / rates[f"{name}/0"], 1000 / rates[f"{name}/1"]
+        if name == "ours, to the crop's last row":
+            note += f"; {fraction:.0%} of the rows on average"
+        rows_out.append(DecodeRow(name, image_ms, label_ms, image_ms + label_ms, pil_pair / (image_ms + label_ms),
+                                  args.pipeline_turns, note))
+    return rows_out
+
+
+DECODE_HEADER = f"{'PNG decoder (segment)':32} {'image ms':>9} {'label ms':>9} {'pair ms':>8} {'vs PIL':>7}  note"
+
+
+def print_decode_rows(rows: list[DecodeRow]) -> None:
+    print(DECODE_HEADER)
+    print("-" * len(DECODE_HEADER))
+    for row in rows:
+        print(f"{row.decoder:32} {row.image_ms:9.2f} {row.label_ms:9.2f} {row.pair_ms:8.2f} {row.vs_pil:6.2f}x  "
+              f"{row.note}", flush=True)
+
+
 # ---------------------------------------------------------------------------------------------- main
 def quick_overrides(task: str) -> dict:
     """Tiny training shapes for ``--quick`` (the figures then mean nothing)."""
@@ -581,6 +715,8 @@ def quick_overrides(task: str) -> dict:
 
 
 def run_task(task: str, args: argparse.Namespace, root: Path, sizes: DataSizes, device: torch.device) -> list[Row]:
+    if not set(args.measure) & {"train", "pipeline"} and not (task == "segment" and "decode" in args.measure):
+        return []
     config = load_config(task)
     batch_size = args.batch_size or int(config["data"]["init_args"]["batch_size"])
     args.data_overrides = quick_overrides(task) if args.quick else {}
@@ -592,6 +728,9 @@ def run_task(task: str, args: argparse.Namespace, root: Path, sizes: DataSizes, 
     if "pipeline" in args.measure:
         rows.append(pipeline_row(task, args, datamodule, config, root, sizes))
         print_row(rows[-1])
+    if "decode" in args.measure and task == "segment":
+        args.decode_rows = decode_rows(args, datamodule, sizes)
+        print_decode_rows(args.decode_rows)
     return rows
 
 
@@ -611,7 +750,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", type=task_list, default=",".join(TASKS),
                         help="comma-separated subset of " + ", ".join(TASKS))
     parser.add_argument("--measure", default="train,pipeline",
-                        help="comma-separated: train (train step), pipeline (data pipeline); default both")
+                        help="comma-separated: train (train step), pipeline (data pipeline), decode (the PNG "
+                             "decoders on the Cityscapes files); default train,pipeline")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="32-true")
     parser.add_argument("--channels-last", action="store_true", help="models and inputs in channels-last format")
@@ -629,8 +769,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="tiny data, shapes, batches and turns: a smoke test (the figures mean nothing)")
     args = parser.parse_args(argv)
     args.measure = [m.strip() for m in args.measure.split(",") if m.strip()]
-    if not args.measure or set(args.measure) - {"train", "pipeline"}:
-        parser.error(f"--measure takes train and/or pipeline, got {args.measure}")
+    if not args.measure or set(args.measure) - {"train", "pipeline", "decode"}:
+        parser.error(f"--measure takes train, pipeline and/or decode, got {args.measure}")
+    if args.measure == ["decode"] and "segment" not in args.tasks:
+        parser.error("--measure decode times the Cityscapes PNG decoders: include segment in --tasks")
+    args.decode_rows = []
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     if min(args.steps, args.pipeline_turns) < 1 or args.warmup < 0:
@@ -661,14 +804,19 @@ def main(argv: list[str] | None = None) -> int:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         roots = generate_data(workdir, sizes)
-        print(HEADER)
-        print("-" * len(HEADER), flush=True)
+        if set(args.measure) & {"train", "pipeline"}:
+            print(HEADER)
+            print("-" * len(HEADER), flush=True)
         for task in args.tasks:
             rows += run_task(task, args, roots[task], sizes, device)
-    print("\n" + HEADER)
-    print("-" * len(HEADER))
+    if rows:
+        print("\n" + HEADER)
+        print("-" * len(HEADER))
     for row in rows:
         print_row(row)
+    if args.decode_rows:
+        print()
+        print_decode_rows(args.decode_rows)
     for row in rows:
         if row.note:
             print(f"# {row.task} {row.what}: {row.note}")
@@ -680,8 +828,10 @@ def main(argv: list[str] | None = None) -> int:
                 "steps": args.steps, "warmup": args.warmup, "pipeline_turns": args.pipeline_turns,
                 "quick": args.quick, "command": " ".join(sys.argv)}
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows],
+                                         "decoders": [asdict(r) for r in args.decode_rows]}, indent=2) + "\n")
     bad = [r for r in rows if not (math.isfinite(r.ours_img_s) and math.isfinite(r.torchvision_img_s))]
+    bad += [r for r in args.decode_rows if not math.isfinite(r.pair_ms)]
     return 1 if bad else 0
 
 
