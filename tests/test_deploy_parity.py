@@ -94,7 +94,11 @@ def test_fixed_pool_windows_follow_the_range_or_refuse_it():
     assert isinstance(fixed.head.scale[0], FixedWindowAvgPool2d) and fixed.head.scale[0].window == (None, None)
     assert fixed is not model and type(model.head.scale[0]).__name__ == "ClampedAvgPool2d"
     large = fixed_pool_windows(model, example, SizeRange(800, 1024))  # maps of 50..64: the 49 window
-    assert large.head.scale[0].window == (49, 49)
+    assert large.head.scale.branch[0].window == (49, 49)  # the gate resized to the map: no branch on its size
+    for size in [(800, 1024), (1024, 800)]:
+        x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            torch.testing.assert_close(large(x), model(x), rtol=1e-4, atol=1e-5)
     with pytest.raises(DynamicSizeError, match=r"head.scale.0 pools a window of 49 on the height .* 32 at 512 px and "
                                                r"64 at 1024 px"):
         fixed_pool_windows(model, example, SizeRange(512, 1024))

@@ -129,6 +129,23 @@ class FixedWindowAvgPool2d(nn.Module):
         return f"window={self.window}, stride={self.stride}"
 
 
+class GateAtInputSize(nn.Module):
+    """``branch(x)`` (pool -> 1x1 conv -> sigmoid: LR-ASPP's gate) resized back to ``x``'s size.
+
+    With a fixed window the pooled map's size depends on the input and may be 1 at some sizes of a range and
+    more at others; the head's ``if s.shape[-2:] != (1, 1)`` would then be a branch on a symbolic size, which
+    ``torch.export`` refuses. Resized here to the map's own size (the head's resize that follows becomes a
+    same-size copy, exact), the gate's size is the map's and the branch is decided.
+    """
+
+    def __init__(self, branch: nn.Module) -> None:
+        super().__init__()
+        self.branch = branch
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.interpolate(self.branch(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
 def _pool_input_sizes(model: nn.Module, pools: list[nn.Module], example: Tensor,
                       size: tuple[int, int]) -> list[tuple[int, int]]:
     """The spatial size each pool sees for an input of ``size``, by a forward pass on meta tensors (no compute)."""
@@ -178,6 +195,11 @@ def fixed_pool_windows(model: nn.Module, example: Tensor, size_range: SizeRange)
         parent_name, _, child = name.rpartition(".")
         parent = fixed.get_submodule(parent_name) if parent_name else fixed
         setattr(parent, child, module)
+        first = next(iter(parent.children()), None) if isinstance(parent, nn.Sequential) else None
+        if module.window != (None, None) and first is module and parent_name:
+            grand_name, _, branch = parent_name.rpartition(".")
+            grand = fixed.get_submodule(grand_name) if grand_name else fixed
+            setattr(grand, branch, GateAtInputSize(parent))
     return fixed
 
 
@@ -207,12 +229,18 @@ def export_dynamic(network: nn.Module, example: Tensor, size_range: SizeRange) -
 
 
 class WithPreprocess(nn.Module):
-    """``model(model.preprocess([image]))``: a detector that takes the ``[1, 3, H, W]`` image in [0, 1] at its
-    own size; its own ``preprocess`` (normalise, then resize to its fixed ``image_size``) runs in the program."""
+    """A detector that takes the ``[1, 3, H, W]`` image in [0, 1] at its own size: ``model.preprocess`` (the
+    model's ``normalize``, then a bilinear resize to its fixed ``image_size``, in that order) runs in the program.
+
+    The two calls are made on the batch tensor rather than through ``preprocess``'s list of images: unbinding
+    and stacking a tensor of symbolic size would leave slice, select and cat copies outside XNNPACK. The export
+    check compares the program with ``model(model.preprocess([image]))``, so the two cannot drift apart unseen.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, image: Tensor) -> object:
-        return self.model(self.model.preprocess(list(image)))
+        size = tuple(self.model.image_size)
+        return self.model(F.interpolate(self.model.normalize(image), size=size, mode="bilinear", align_corners=False))
