@@ -327,8 +327,9 @@ def test_eval_coco_runs_the_dynamic_program(detect_gate, detector, tiny_coco, tm
                  "executorch", "--pte", out, "--threads", "1")
     assert torch_run.returncode == 0 and et_run.returncode == 0, et_run.stderr[-3000:]
     eager, program = (json.loads((tmp_path / f"{k}_summary.json").read_text()) for k in ("t", "e"))
+    # The same detections up to rounding; near-tied scores may rank either way on another CPU.
     assert program["backend"] == "executorch" and program["stats"]["AP"] == pytest.approx(eager["stats"]["AP"],
-                                                                                           abs=1e-3)
+                                                                                           abs=0.01)
 
 
 def test_a_pte_without_its_description_is_refused_naming_the_file(detector, tmp_path):

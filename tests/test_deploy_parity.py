@@ -93,9 +93,12 @@ def test_fixed_pool_windows_follow_the_range_or_refuse_it():
     fixed = fixed_pool_windows(model, example, SizeRange(64, 512))  # stride-16 maps of 4..32: global pooling
     assert isinstance(fixed.head.scale[0], FixedWindowAvgPool2d) and fixed.head.scale[0].window == (None, None)
     assert fixed is not model and type(model.head.scale[0]).__name__ == "ClampedAvgPool2d"
-    large = fixed_pool_windows(model, example, SizeRange(800, 1024))  # maps of 50..64: the 49 window
-    assert large.head.scale.branch[0].window == (49, 49)  # the gate resized to the map: no branch on its size
-    for size in [(800, 1024), (1024, 800)]:
+    large = fixed_pool_windows(model, example, SizeRange(1100, 1400))  # maps of 69..88: the 49 window, 2+ outputs
+    assert large.head.scale[0].window == (49, 49)
+    with pytest.raises(DynamicSizeError, match=r"pools a window of 49 at stride 16 on the height: its output is 1 at "
+                                               r"800 px and more from 1025 px"):
+        fixed_pool_windows(model, example, SizeRange(800, 1400))
+    for size in [(1100, 1400), (1400, 1100)]:
         x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             torch.testing.assert_close(large(x), model(x), rtol=1e-4, atol=1e-5)

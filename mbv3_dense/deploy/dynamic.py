@@ -129,23 +129,6 @@ class FixedWindowAvgPool2d(nn.Module):
         return f"window={self.window}, stride={self.stride}"
 
 
-class GateAtInputSize(nn.Module):
-    """``branch(x)`` (pool -> 1x1 conv -> sigmoid: LR-ASPP's gate) resized back to ``x``'s size.
-
-    With a fixed window the pooled map's size depends on the input and may be 1 at some sizes of a range and
-    more at others; the head's ``if s.shape[-2:] != (1, 1)`` would then be a branch on a symbolic size, which
-    ``torch.export`` refuses. Resized here to the map's own size (the head's resize that follows becomes a
-    same-size copy, exact), the gate's size is the map's and the branch is decided.
-    """
-
-    def __init__(self, branch: nn.Module) -> None:
-        super().__init__()
-        self.branch = branch
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.interpolate(self.branch(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
-
-
 def _pool_input_sizes(model: nn.Module, pools: list[nn.Module], example: Tensor,
                       size: tuple[int, int]) -> list[tuple[int, int]]:
     """The spatial size each pool sees for an input of ``size``, by a forward pass on meta tensors (no compute)."""
@@ -178,8 +161,23 @@ def fixed_pool_windows(model: nn.Module, example: Tensor, size_range: SizeRange)
     replacements = {}
     for (name, pool), small, large in zip(pools, low, high, strict=True):
         window: list[int | None] = []
-        for side, k, lo, hi in zip(("height", "width"), pool.kernel_size, small, large, strict=True):
+        for side, k, stride, lo, hi in zip(("height", "width"), pool.kernel_size, pool.stride, small, large,
+                                           strict=True):
             if lo >= k:
+                pooled = ((lo - k) // stride + 1, (hi - k) // stride + 1)
+                if pooled[0] == 1 and pooled[1] > 1:
+                    index, axis = [n for n, _ in pools].index(name), int(side == "width")
+                    low, high = size_range.min, size_range.max  # the first input size whose output is 2: bisect
+                    while low < high:
+                        middle = (low + high) // 2
+                        seen = _pool_input_sizes(model, [m for _, m in pools], example, (middle, middle))
+                        low, high = (middle + 1, high) if seen[index][axis] < k + stride else (low, middle)
+                    first = low
+                    raise DynamicSizeError(
+                        f"dynamic size {size_range}: {name} pools a window of {k} at stride {stride} on the {side}: "
+                        f"its output is 1 at {size_range.min} px and more from {first} px; torch.export cannot trace "
+                        f"a size that is 1 at some sizes of a range and more at others (its contiguity and branch "
+                        f"checks on size-1 sides). Take a range from {first} px, or up to {first - 1} px")
                 window.append(k)
             elif hi <= k:
                 window.append(None)
@@ -195,11 +193,6 @@ def fixed_pool_windows(model: nn.Module, example: Tensor, size_range: SizeRange)
         parent_name, _, child = name.rpartition(".")
         parent = fixed.get_submodule(parent_name) if parent_name else fixed
         setattr(parent, child, module)
-        first = next(iter(parent.children()), None) if isinstance(parent, nn.Sequential) else None
-        if module.window != (None, None) and first is module and parent_name:
-            grand_name, _, branch = parent_name.rpartition(".")
-            grand = fixed.get_submodule(grand_name) if grand_name else fixed
-            setattr(grand, branch, GateAtInputSize(parent))
     return fixed
 
 
