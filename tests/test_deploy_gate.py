@@ -239,7 +239,7 @@ def test_predict_script_runs_the_dynamic_program_at_each_image_size(segment_gate
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "building" not in proc.stderr  # one program for both sizes, no export per size
     for name in ("a", "b"):
-        x = torch.from_numpy(np.asarray(Image.open(images / f"{name}.png"))).permute(2, 0, 1)[None].float() / 255
+        x = torch.from_numpy(np.array(Image.open(images / f"{name}.png"))).permute(2, 0, 1)[None].float() / 255
         with torch.no_grad():
             logits = model(model.normalize(x))[0]
         label_ids = read_label_png(tmp_path / "pred" / "labelIds" / f"{name}.png")
