@@ -24,8 +24,9 @@ real val split that is all 19 classes; on generated data, the classes the scenes
 to XNNPACK run by ExecuTorch), once per input size met, so mIoU and latency describe the deployed
 form. ``--int8`` quantizes it, calibrated on ``--calibration-images`` (normalised as the evaluation
 images, resized to the exported size). ``--pte FILE`` runs a file written by ``scripts/export.py
---task segment --format executorch``; it must match the images' size, and the latency is then
-measured at that size.
+--task segment --format executorch``; it must match the images' size (or, exported with
+``--dynamic-size``, hold them in its range), and the latency is then measured at a size it takes.
+``--dynamic-size MIN:MAX`` exports one program for every image size in the range instead of one per size.
 """
 
 from __future__ import annotations
@@ -44,7 +45,14 @@ from PIL import Image
 
 from mbv3_dense.complexity import count_madds, count_params
 from mbv3_dense.deploy import make_backend
-from mbv3_dense.deploy.options import add_backend_arguments, backend_label, calibration_images, check_backend_arguments
+from mbv3_dense.deploy.dynamic import fit_size
+from mbv3_dense.deploy.options import (
+    add_backend_arguments,
+    add_dynamic_size_argument,
+    backend_label,
+    calibration_images,
+    check_backend_arguments,
+)
 from mbv3_dense.image_io import read_image_rgb
 from mbv3_dense.latency import measure_latency
 from mbv3_dense.progress import progress
@@ -104,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-size", type=int, nargs=2, default=(1024, 2048), metavar=("H", "W"))
     parser.add_argument("--latency-runs", type=int, default=5)
     add_backend_arguments(parser)
+    add_dynamic_size_argument(parser)
     args = parser.parse_args(argv)
     check_backend_arguments(parser, args)
     if args.backend != "torch" and args.device != "cpu":
@@ -127,9 +136,19 @@ def main(argv: list[str] | None = None) -> int:
         calibration = [model_input(a) for a in calibration_images(args.calibration_images, args.calibration_count)]
 
     def network(x: torch.Tensor) -> torch.Tensor:
-        """The model on the chosen runtime; exported graphs have a fixed size, so one per input shape."""
+        """The model on the chosen runtime: one program for every size in a dynamic range (``--dynamic-size``, or
+        a ``--pte`` exported with one), else one per input shape."""
         if args.backend == "torch":
             return model(x)
+        shared = next(iter(runtimes.values()), None)
+        if getattr(shared, "dynamic_size", None) is not None and shared.accepts(*x.shape[-2:]):
+            return shared(x)
+        if args.dynamic_size is not None and not runtimes:
+            calib = None if calibration is None else [fit_size(c, args.dynamic_size) for c in calibration]
+            runtimes["dynamic"] = make_backend(args.backend, model, fit_size(x, args.dynamic_size),
+                                               threads=args.threads, int8_calibration=calib, task="segment",
+                                               dynamic_size=args.dynamic_size)
+            return network(x)
         if tuple(x.shape) not in runtimes:
             size = tuple(x.shape[-2:])
             calib = None if calibration is None else [
@@ -162,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     official_mean = results["averageScoreClasses"]
     present = [name for name in CLASS_NAMES if not math.isnan(class_scores[name])]
 
-    if args.pte is not None:  # the file runs at one size only
-        args.latency_size = tuple(next(iter(runtimes.values())).input_shape[2:]) if runtimes else args.latency_size
+    program = next(iter(runtimes.values()), None)
+    if hasattr(program, "accepts") and not program.accepts(*args.latency_size):  # a size the .pte takes
+        args.latency_size = tuple(program.input_shape[2:])
     example = torch.randn(1, 3, *args.latency_size, device=device)
     latency = measure_latency(network, example, warmup=2, runs=args.latency_runs)
     params = count_params(model)

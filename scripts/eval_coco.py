@@ -20,7 +20,9 @@ before the record) are built from ``--arch`` (default large), ``--width-mult``, 
 ``--backend onnxruntime`` runs the network (backbone and heads) exported to ONNX in ONNX Runtime and
 decodes + NMS in the same vectorised PyTorch step, so metric and latency describe the deployed form;
 ``--backend executorch`` does the same with the network lowered to XNNPACK in a ``.pte`` run by
-ExecuTorch (``model.preprocess`` -> ``.pte`` -> ``model.postprocess``). ``--int8`` quantizes the network,
+ExecuTorch (``model.preprocess`` -> ``.pte`` -> ``model.postprocess``); with ``--dynamic-size MIN:MAX``,
+or a ``--pte`` exported with one, the program takes each image at its own size and runs the resize
+itself (``.pte`` -> ``model.postprocess``). ``--int8`` quantizes the network,
 calibrated on ``--calibration-images`` passed through ``model.preprocess``; ``--pte FILE`` runs a file
 written by ``scripts/export.py --task detect --format executorch`` (checked: task and input size).
 """
@@ -41,7 +43,15 @@ from torch.utils.data import DataLoader
 from detection.data import collate_eval, eval_dataset
 from mbv3_dense.complexity import count_madds, count_params
 from mbv3_dense.deploy import make_backend
-from mbv3_dense.deploy.options import add_backend_arguments, backend_label, calibration_images, check_backend_arguments
+from mbv3_dense.deploy.backend import detect
+from mbv3_dense.deploy.dynamic import fit_size
+from mbv3_dense.deploy.options import (
+    add_backend_arguments,
+    add_dynamic_size_argument,
+    backend_label,
+    calibration_images,
+    check_backend_arguments,
+)
 from mbv3_dense.latency import measure_latency
 from mbv3_dense.progress import progress
 from mbv3_dense.resolve import add_model_arguments, evaluation_summary, model_from_arguments
@@ -114,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=2)
     add_backend_arguments(p)
+    add_dynamic_size_argument(p)
     p.add_argument("--evaluator", choices=("pycocotools", "faster_coco_eval"), default="pycocotools")
     p.add_argument("--visualize", type=Path, default=None, help="write a few images with detections as PNG")
     p.add_argument("--num-visualize", type=int, default=8)
@@ -137,17 +148,20 @@ def main(argv: list[str] | None = None) -> int:
         if device.type != "cpu":
             raise SystemExit(f"--backend {args.backend} runs on the CPU: use --device cpu")
         calibration = None
+        dynamic = args.dynamic_size  # a dynamic program takes the images themselves, SSDLite's resize inside
         if args.int8:
             with torch.no_grad():
-                calibration = [model.preprocess([torch.from_numpy(a).permute(2, 0, 1).float() / 255.0])
-                               for a in calibration_images(args.calibration_images, args.calibration_count)]
-        net = make_backend(args.backend, model, model.preprocess([torch.rand(3, *model.image_size)]),
-                           threads=args.threads, int8_calibration=calibration, pte_file=args.pte, task="detect")
+                images = [torch.from_numpy(a).permute(2, 0, 1).float()[None] / 255.0
+                          for a in calibration_images(args.calibration_images, args.calibration_count)]
+                calibration = [fit_size(x, dynamic) if dynamic else model.preprocess([x[0]]) for x in images]
+        example = (fit_size(torch.rand(1, 3, *model.image_size), dynamic) if dynamic
+                   else model.preprocess([torch.rand(3, *model.image_size)]))
+        net = make_backend(args.backend, model, example, threads=args.threads, int8_calibration=calibration,
+                           pte_file=args.pte, task="detect", dynamic_size=dynamic)
         runtime, int8 = backend_label(args.backend, net)
 
         def predict(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-            sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
-            return model.postprocess(net(model.preprocess(images)), sizes)
+            return detect(model, net, images)
 
     results: list[dict] = []
     shown = 0
@@ -166,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
 
     stats = coco_evaluate(args.annotations, args.results, args.evaluator)
     height, width = model.image_size
+    if args.backend == "executorch" and getattr(net, "dynamic_size", None) is not None:  # a size the program takes
+        height, width = (min(max(v, net.dynamic_size.min), net.dynamic_size.max) for v in (height, width))
     example = torch.rand(1, 3, height, width, device=device)
     latency = measure_latency(lambda x: predict(list(x)), example, warmup=3, runs=args.latency_runs)
     params, madds = count_params(model), count_madds(model, model.normalize(example))

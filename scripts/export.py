@@ -1,7 +1,9 @@
-"""Export a classifier, SSDLite or LR-ASPP model to ONNX or ExecuTorch and check it against PyTorch.
+"""Export a classifier, SSDLite or LR-ASPP model to ONNX or ExecuTorch, check it, and gate its int8 form.
 
     python scripts/export.py --weights run.ckpt --out model.onnx
         [--format onnx|executorch] [--size H W] [--int8 --calibration-images DIR [--calibration-count 8]]
+    python scripts/export.py --weights run.ckpt --format executorch --out model.pte
+        [--dynamic-size MIN:MAX] [--gate DIR [--max-drop POINTS] --calibration-images DIR]
     python scripts/export.py --task classify|detect|segment --weights W --arch large|small --out model.onnx
         [--variant paper|torchvision] [--num-classes N] [--width-mult M] ...
 
@@ -15,32 +17,52 @@ is given; without ``--weights`` the network of ``--task`` is exported with rando
 The graph is the network's ``forward`` (raw outputs: classifier logits, SSDLite ``box_regression``
 and ``cls_logits``, LR-ASPP logits), spatial size fixed at ``--size`` (default 224x224 classify, the
 model's ``image_size`` detect, 1024x2048 segment); SSDLite's resize, decode and NMS stay in PyTorch
-(``model.preprocess`` / ``model.postprocess``), as in ``make_backend``. The inputs are random images in
-[0, 1] through the model's own ``normalize``. The check
-runs PyTorch and the exported file on a fresh random input and prints each output's largest absolute
-error next to the tolerance ``--tolerance x max(1, max|reference|)``; for SSDLite it also compares the
-final detections of a random 480x640 image. Exit status 1 when the check fails.
+(``model.preprocess`` / ``model.postprocess``), as in ``make_backend``.
+
+The check (:mod:`mbv3_dense.deploy.parity`) runs PyTorch and the exported file on three fresh inputs
+(smooth random images, through the model's own ``normalize``) and prints, per input, each output's
+largest absolute error against ``--tolerance x max(1, max|reference|)`` (default 1e-3, from the errors
+XNNPACK's fp32 kernels were measured to make, docs/benchmark.md) and whether the task's decisions are
+the same: top-1 classes, pixels (both except near ties the error could flip), SSDLite's detections as
+sets. Exit status 1 when a check fails.
 
 ``--format onnx`` (default): batch axis dynamic, run by ONNX Runtime. ``--int8`` also writes
 ``<out stem>.int8.onnx``, statically quantized with ONNX Runtime (classify and segment).
 
 ``--format executorch``: a ``.pte`` lowered to XNNPACK at batch 1, run by ExecuTorch's runtime; the
-script prints which operators XNNPACK did not take. ``--int8`` also writes ``<out stem>.int8.pte``,
-quantized with PT2E and the XNNPACK quantizer (per-channel int8 weights, int8 activations), for every
-task. The file records its task and input size; the evaluation scripts refuse a file built for
-another.
+script prints the XNNPACK coverage (compute nodes delegated of all, and the operators left outside).
+``--int8`` also writes ``<out stem>.int8.pte``, quantized with PT2E and the XNNPACK quantizer
+(per-channel int8 weights, int8 activations), for every task. The file records its task and input
+size; the evaluation scripts refuse a file built for another.
+
+``--dynamic-size MIN:MAX`` (detect, segment): the ``.pte`` takes any height and width in MIN..MAX.
+LR-ASPP takes the normalised image at its own size; SSDLite's program takes the image in [0, 1] at its
+own size and runs its ``preprocess`` (normalise, resize to ``image_size``) inside. A range the network
+cannot take (the paper LR-ASPP's 49x49 window would change inside it) is refused before anything is
+written (:mod:`mbv3_dense.deploy.dynamic`). The check then runs at the range's smallest and largest
+sizes and at one in between.
 
 int8 is calibrated on ``--calibration-count`` images read from ``--calibration-images`` (searched
 recursively for .jpg/.png), prepared as the model expects (classify and segment: resized to
-``--size`` and normalised; detect: ``model.preprocess``), and the script prints how the int8 model
-agrees with the float one on those images (top-1 labels for classify, pixels for segment, per-box top
-classes and the final detections for detect) and its error against PyTorch on the fresh input.
+``--size`` and normalised; detect: ``model.preprocess``; with a dynamic range each at its own size), and
+the script prints how the int8 model agrees with the float one on those images (top-1 labels for
+classify, pixels for segment, per-box top classes and the final detections for detect).
+
+``--gate DIR`` (executorch; implies ``--int8``): the task's metric on held-out data, three ways (eager,
+fp32 ``.pte``, int8 ``.pte``): top-1 on an image folder, COCO mAP@[.5:.95] on a COCO tree, mIoU on a
+Cityscapes tree's ``val`` split. It writes ``<out stem>.report.json`` and ``.report.md`` beside the
+``.pte``: the metric of each form, and per program its size, load time, latency median and p90 at 1
+thread and at all threads, peak memory (each timed in a process of its own) and XNNPACK coverage. Exit
+status 1 when int8 loses more than ``--max-drop`` points against eager (default 1 of top-1 or mIoU, 2
+of mAP). A folder of another task's layout, an empty folder, a negative ``--max-drop`` stop the script
+(exit 2) before anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -48,8 +70,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mbv3_dense.deploy import ExecuTorchModel, OnnxModel, compare_outputs, export_executorch, export_onnx, quantize_int8
+from mbv3_dense.deploy import ExecuTorchModel, OnnxModel, export_executorch, export_onnx, quantize_int8
+from mbv3_dense.deploy.backend import detect
+from mbv3_dense.deploy.dynamic import DynamicSizeError, SizeRange, fit_size, parse_size_range
+from mbv3_dense.deploy.gate import (
+    DEFAULT_MAX_DROP,
+    GateData,
+    GateDataError,
+    environment,
+    gate_verdict,
+    run_gate,
+    write_report,
+)
+from mbv3_dense.deploy.measure import measure_program
+from mbv3_dense.deploy.parity import FP32_TOLERANCE, check_inputs, check_program
 from mbv3_dense.image_io import read_image_rgb
+from mbv3_dense.progress import progress
 from mbv3_dense.resolve import add_model_arguments, model_from_arguments
 
 # Default input sizes of the networks that take any size (SSDLite has its own, ``image_size``).
@@ -57,12 +93,14 @@ DEFAULT_SIZE = {"classify": (224, 224), "segment": (1024, 2048)}
 INT8_ONNX_DETECT = "--int8 with --format onnx is offered for classify and segment only (use --format executorch)"
 
 
-def load_calibration(folder: Path, count: int, size: tuple[int, int], task: str, model: nn.Module) -> list[Tensor]:
+def load_calibration(folder: Path, count: int, size: tuple[int, int], task: str, model: nn.Module, *,
+                     dynamic: SizeRange | None = None) -> list[Tensor]:
     """``count`` images from ``folder`` as ``[1, 3, H, W]`` inputs, preprocessed as the task's model expects.
 
     Classify and segment: resized to ``size`` and normalised by ``model.normalize`` (ImageNet mean
     and std). Detect: ``model.preprocess`` (SSDLite's own normalisation, [-1, 1], and resize to its
-    ``image_size``).
+    ``image_size``). With a dynamic range, each image keeps its size, each side brought into the range
+    (segment: normalised; detect: the image in [0, 1] itself, which its program takes).
     """
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     if not files:
@@ -72,79 +110,25 @@ def load_calibration(folder: Path, count: int, size: tuple[int, int], task: str,
     for path in files[::step][:count]:
         x = torch.from_numpy(read_image_rgb(path)).permute(2, 0, 1)[None].float() / 255.0
         with torch.no_grad():
-            if task == "detect":
+            if dynamic is not None:
+                x = fit_size(x, dynamic)
+                inputs.append(x if task == "detect" else model.normalize(x))
+            elif task == "detect":
                 inputs.append(model.preprocess([x[0]]))
             else:
                 inputs.append(model.normalize(F.interpolate(x, size=size, mode="bilinear", align_corners=False)))
     return inputs
 
 
-def check(model: nn.Module, runtime, example: Tensor, tolerance: float, name: str = "ONNX Runtime") -> bool:  # noqa: ANN001
-    with torch.inference_mode():
-        reference = model(example)
-    scale = max(1.0, max(t.abs().max().item() for t in _tensors(reference)))
-    report = compare_outputs(reference, runtime(example), tolerance=tolerance * scale)
-    print(f"{name} vs PyTorch on a random {tuple(example.shape)} input: {report}")
-    return report.ok
-
-
-def _detections(model: nn.Module, runtime, image: Tensor) -> dict[str, Tensor]:  # noqa: ANN001
-    h, w = image.shape[-2:]
-    return model.postprocess(runtime(model.preprocess([image])), [(int(h), int(w))])[0]
-
-
-def match_detections(ref: dict[str, Tensor], got: dict[str, Tensor], *, box_tolerance: float = 1e-3,
-                     score_tolerance: float = 1e-5) -> tuple[int, int, float]:
-    """Match reference detections one to one with ``got`` ones: same label and score, same box.
-
-    Detections of equal score may come out in either order, and where several boxes tie (a barely
-    trained network scores many anchors alike) NMS and the per-image cut keep either of them: which
-    one is the CPU's floating-point choice. So the lists are compared as sets, first by label, score
-    and box (the candidates with the fewest matches first, so the greedy matching cannot strand one),
-    then what is left by label and score alone: boxes swapped among tied scores.
-
-    Returns:
-        Reference detections matched with their box, those matched among tied scores, and the
-        largest box error (pixels) of the first.
-    """
-    if not len(ref["boxes"]) or not len(got["boxes"]):
-        return 0, 0, 0.0
-    box_error = (got["boxes"][:, None, :] - ref["boxes"][None, :, :]).abs().amax(-1)  # [got, ref]
-    same = ((got["labels"][:, None] == ref["labels"][None, :])
-            & ((got["scores"][:, None] - ref["scores"][None, :]).abs() <= score_tolerance))
-    free = torch.ones(len(got["boxes"]), dtype=torch.bool)
-    left = []
-    matched, worst = 0, 0.0
-    close = same & (box_error <= box_tolerance)
-    for j in torch.argsort(close.sum(0), stable=True).tolist():
-        candidates = torch.nonzero(close[:, j] & free).flatten()
-        if not len(candidates):
-            left.append(j)
-            continue
-        i = int(candidates[box_error[candidates, j].argmin()])
-        free[i] = False
-        matched += 1
-        worst = max(worst, float(box_error[i, j]))
-    swapped = 0
-    for j in left:
-        candidates = torch.nonzero(same[:, j] & free).flatten()
-        if len(candidates):
-            free[int(candidates[0])] = False
-            swapped += 1
-    return matched, swapped, worst
-
-
-def check_detections(model: nn.Module, runtime, name: str = "ONNX Runtime") -> bool:  # noqa: ANN001
-    image = torch.rand(3, 480, 640, generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
-        ref = model.predict([image])[0]
-        got = _detections(model, runtime, image)
-    matched, swapped, err = match_detections(ref, got)
-    ok = len(ref["boxes"]) == len(got["boxes"]) == matched + swapped
-    print(f"detections on a random 480x640 image: PyTorch {len(ref['boxes'])}, {name} {len(got['boxes'])}, "
-          f"in any order {matched} equal (same label, score within 1e-5, box within 1e-3 px; max box error "
-          f"{err:.2e} px) and {swapped} of the same label and score with another of the tied boxes: "
-          f"{'OK' if ok else 'FAILED'}")
+def report_checks(task: str, model: nn.Module, runtime, inputs: list[Tensor], tolerance: float,  # noqa: ANN001
+                  name: str) -> bool:
+    """Print the fp32 checks of ``runtime`` against ``model`` (:func:`check_program`); True when all pass."""
+    ok = True
+    for x, checks in zip(inputs, check_program(task, model, runtime, inputs, tolerance), strict=True):
+        shape = "x".join(str(v) for v in x.shape[-2:])
+        for check in checks:
+            print(f"{name} vs PyTorch, {shape} input: {check}")
+            ok = ok and check.ok
     return ok
 
 
@@ -169,10 +153,13 @@ def detection_agreement(model: nn.Module, fp32, int8, inputs: list[Tensor], thre
     from torchvision.ops import box_iou
 
     found, total = 0, 0
-    size = [tuple(model.image_size)]
     for x in inputs:
-        a = model.postprocess(fp32(x), size)[0]
-        b = model.postprocess(int8(x), size)[0]
+        image = x[0] if getattr(fp32, "takes_image", False) else None
+        if image is None:
+            size = [tuple(model.image_size)]
+            a, b = model.postprocess(fp32(x), size)[0], model.postprocess(int8(x), size)[0]
+        else:
+            a, b = detect(model, fp32, [image])[0], detect(model, int8, [image])[0]
         a_keep, b_keep = a["scores"] > threshold, b["scores"] > threshold
         boxes_a, labels_a = a["boxes"][a_keep], a["labels"][a_keep]
         boxes_b, labels_b = b["boxes"][b_keep], b["labels"][b_keep]
@@ -190,6 +177,149 @@ def _tensors(out: object) -> list[Tensor]:
     return list(out.values()) if isinstance(out, dict) else list(out)
 
 
+# ---------------------------------------------------------------------------------------------- gate data
+# One function per layout of held-out data: (name, task, is_layout(folder), read(folder, model, size) -> GateData).
+# The mask-folder layout of segmentation (images/ + masks/) is one more entry.
+def _image_folder_split(root: Path) -> Path:
+    """``root/val`` when it holds the class folders, else ``root`` itself."""
+    val = root / "val"
+    return val if val.is_dir() and any(p.is_dir() for p in val.iterdir()) else root
+
+
+def is_image_folder(root: Path) -> bool:
+    from mbv3_dense.classification.data import IMAGE_EXTENSIONS
+
+    split = _image_folder_split(root)
+    return any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+               for d in split.iterdir() if d.is_dir() for p in d.rglob("*"))
+
+
+def is_coco(root: Path) -> bool:
+    return any((root / "annotations").glob("instances_*.json"))
+
+
+def is_cityscapes(root: Path) -> bool:
+    return (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir()
+
+
+def image_folder_gate(root: Path, model: nn.Module, size: tuple[int, int]) -> GateData:
+    """Top-1 (%) on an ImageFolder split (``root/<class>/*`` or ``root/val/<class>/*``), classes in sorted order;
+    images resized (short side ``size * 256 / 224``) and centre-cropped to ``size``, as in validation."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from mbv3_dense.classification.data import find_classes, scan_image_folder
+    from mbv3_dense.classification.transforms import eval_transform
+
+    split = _image_folder_split(root)
+    classes = find_classes(split)
+    if len(classes) != model.num_classes:
+        raise GateDataError(f"{split}: {len(classes)} class folders, but the classifier has {model.num_classes} "
+                            f"classes")
+    samples = scan_image_folder(split, {c: i for i, c in enumerate(classes)}).samples
+    if size[0] != size[1]:
+        raise GateDataError(f"{split}: the classifier gate centre-crops a square; export with --size S S")
+    transform = eval_transform(resize_size=round(size[0] * 256 / 224), crop_size=size[0])
+
+    def evaluate(network, description: str) -> dict[str, float]:  # noqa: ANN001
+        top1 = MulticlassAccuracy(num_classes=model.num_classes, top_k=1, average="micro")
+        with torch.inference_mode():
+            for path, label in progress(samples, desc=description, unit="img"):
+                image = transform(torch.from_numpy(read_image_rgb(path)).permute(2, 0, 1).contiguous())
+                top1.update(torch.as_tensor(network(model.normalize(image[None].float() / 255))), torch.tensor([label]))
+        return {"top1": 100 * float(top1.compute())}
+
+    return GateData("classify", "image folder", root, "top1", len(samples), evaluate, (size,))
+
+
+def coco_gate(root: Path, model: nn.Module, size: tuple[int, int]) -> GateData:
+    """COCO mAP@[.5:.95] and mAP@0.5 (%, torchmetrics with faster_coco_eval, crowd flags and areas from the
+    annotations) on ``root/annotations/instances_val*.json`` (else the only ``instances_*.json``) and its images
+    folder (``val2017/`` for ``instances_val2017.json``)."""
+    from torchmetrics.detection import MeanAveragePrecision
+
+    from detection.data import eval_dataset
+
+    files = sorted((root / "annotations").glob("instances_val*.json")) or sorted((root / "annotations").glob(
+        "instances_*.json"))
+    if len(files) != 1:
+        raise GateDataError(f"{root}/annotations: expected one instances_val*.json, found "
+                            f"{[f.name for f in files]}")
+    images = root / files[0].stem.removeprefix("instances_")
+    dataset, _ = eval_dataset(images, files[0], model.num_classes)
+    if not len(dataset):
+        raise GateDataError(f"{files[0]}: lists no images")
+
+    def evaluate(network, description: str) -> dict[str, float]:  # noqa: ANN001
+        metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="faster_coco_eval")
+        with torch.inference_mode():
+            for index in progress(range(len(dataset)), desc=description, unit="img"):
+                image, target = dataset[index]
+                found = detect(model, network, [image.float() / 255])[0]
+                metric.update([found], [{"boxes": target["boxes"], "labels": target["labels"],
+                                         "iscrowd": target["iscrowd"].long(), "area": target["area"]}])
+        result = metric.compute()
+        return {"map": 100 * float(result["map"]), "map_50": 100 * float(result["map_50"])}
+
+    return GateData("detect", "COCO", root, "map", len(dataset), evaluate)
+
+
+def cityscapes_gate(root: Path, model: nn.Module, size: tuple[int, int]) -> GateData:
+    """mIoU (%, torchmetrics, 19 trainIds, 255 ignored) on the ``val`` split of a Cityscapes tree, each image at
+    its own size."""
+    from PIL import Image
+
+    from segmentation.data import list_split, read_train_ids
+    from segmentation.module import miou_metric
+
+    pairs = list_split(root, "val")
+    sizes = []
+    for image_path, _ in pairs:
+        with Image.open(image_path) as img:
+            sizes.append((img.height, img.width))
+
+    def evaluate(network, description: str) -> dict[str, float]:  # noqa: ANN001
+        metric = miou_metric()
+        with torch.inference_mode():
+            for image_path, label_path in progress(pairs, desc=description, unit="img"):
+                x = model.normalize(torch.from_numpy(read_image_rgb(image_path)).permute(2, 0, 1)[None].float() / 255)
+                target = torch.as_tensor(read_train_ids(label_path), dtype=torch.int64)
+                metric.update(torch.as_tensor(network(x)).argmax(1), target[None])
+        return {"miou": 100 * float(metric.compute())}
+
+    return GateData("segment", "Cityscapes", root, "miou", len(pairs), evaluate, tuple(sorted(set(sizes))))
+
+
+LAYOUTS = (
+    ("Cityscapes tree (root/leftImg8bit/val, root/gtFine/val)", "segment", is_cityscapes, cityscapes_gate),
+    ("COCO tree (root/annotations/instances_val*.json, root/val*/)", "detect", is_coco, coco_gate),
+    ("image folder (root/<class>/* or root/val/<class>/*)", "classify", is_image_folder, image_folder_gate),
+)
+
+
+def read_gate_data(task: str, root: Path, model: nn.Module, size: tuple[int, int]) -> GateData:
+    """The held-out data of ``root`` for ``task``'s metric; :class:`GateDataError` naming the folder otherwise."""
+    if not root.is_dir():
+        raise GateDataError(f"--gate {root}: not a folder")
+    if not any(p.is_file() for p in root.rglob("*")):
+        raise GateDataError(f"--gate {root}: empty folder (no files)")
+    expected = next(name for name, t, _, _ in LAYOUTS if t == task)
+    for name, layout_task, is_layout, read in LAYOUTS:
+        if is_layout(root):
+            if layout_task != task:
+                raise GateDataError(f"--gate {root}: a {name}, held-out data of the {layout_task} task; a {task} "
+                                    f"model is gated on this layout: {expected}")
+            try:
+                data = read(root, model, size)
+            except (FileNotFoundError, ValueError, OSError) as err:  # the task readers' errors name the file
+                raise GateDataError(f"--gate {root}: {err}") from err
+            if data.items == 0:
+                raise GateDataError(f"--gate {root}: no images in the {name}")
+            return data
+    raise GateDataError(f"--gate {root}: not a layout the gate reads; a {task} model is gated on this layout: "
+                        f"{expected}")
+
+
+# ---------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -204,21 +334,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_arguments(parser, None)
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
                         help="network input size (default 224x224 classify, the model's image_size detect, "
-                             "1024x2048 segment)")
-    parser.add_argument("--tolerance", type=float, default=1e-4,
-                        help="allowed max abs error, times max(1, max|reference output|)")
+                             "1024x2048 segment, or the gate images' size when they share one); with "
+                             "--dynamic-size, the size it is traced at")
+    parser.add_argument("--dynamic-size", type=str, default=None, metavar="MIN:MAX",
+                        help="executorch, detect and segment: the .pte takes any height and width in MIN..MAX "
+                             "(detect: the image at its own size, SSDLite's resize inside the program)")
+    parser.add_argument("--tolerance", type=float, default=FP32_TOLERANCE,
+                        help="allowed max abs error of an fp32 export, times max(1, max|reference output|)")
     parser.add_argument("--int8", action="store_true",
                         help="also write a statically quantized int8 model (<out stem>.int8.onnx / .int8.pte)")
     parser.add_argument("--calibration-images", type=Path, default=None)
     parser.add_argument("--calibration-count", type=int, default=8)
+    parser.add_argument("--gate", type=Path, default=None, metavar="DIR",
+                        help="executorch: score eager, fp32 and int8 on this held-out data (an image folder, a COCO "
+                             "tree or a Cityscapes tree), write <out stem>.report.json/.md, exit 1 when int8 "
+                             "loses more than --max-drop; implies --int8")
+    parser.add_argument("--max-drop", type=float, default=None, metavar="POINTS",
+                        help="points of the metric int8 may lose against eager (default 1 top-1 or mIoU, 2 mAP)")
+    parser.add_argument("--latency-runs", type=int, default=20, help="timed runs per program in the report")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
+    if args.gate is not None:
+        if args.format != "executorch":
+            parser.error("--gate compares the fp32 and int8 .pte: it needs --format executorch")
+        args.int8 = True
+    if args.max_drop is not None and args.gate is None:
+        parser.error("--max-drop needs --gate DIR")
+    if args.max_drop is not None and args.max_drop < 0:
+        parser.error(f"--max-drop {args.max_drop:g}: must be at least 0 points")
     if args.int8 and args.calibration_images is None:
-        parser.error("--int8 needs --calibration-images DIR")
+        parser.error("--int8 needs --calibration-images DIR" + (" (--gate implies --int8)" if args.gate else ""))
+    if args.calibration_images is not None and not args.calibration_images.is_dir():
+        parser.error(f"--calibration-images {args.calibration_images}: not a folder")
     if args.task is None and args.weights is None:
         parser.error("--task is needed without --weights (random weights)")
     if args.int8 and args.task == "detect" and args.format == "onnx":
         parser.error(INT8_ONNX_DETECT)
+    if args.latency_runs < 1:
+        parser.error("--latency-runs must be at least 1")
+    if args.dynamic_size is not None:
+        if args.format != "executorch":
+            parser.error("--dynamic-size needs --format executorch (ONNX exports keep a dynamic batch only)")
+        try:
+            args.dynamic_size = parse_size_range(args.dynamic_size)
+        except DynamicSizeError as err:
+            parser.error(f"--dynamic-size: {err}")
+        if args.task == "classify":
+            parser.error("--dynamic-size: a classifier is exported at its crop size (--size S S)")
     return args
 
 
@@ -232,25 +394,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.int8 and args.task == "detect" and args.format == "onnx":  # the task read from the record
         print(f"error: {INT8_ONNX_DETECT}", file=sys.stderr)
         return 2
+    if args.dynamic_size is not None and args.task == "classify":
+        print("error: --dynamic-size: a classifier is exported at its crop size (--size S S)", file=sys.stderr)
+        return 2
     print(f"model ({args.task}): {resolved.description}")
     model = resolved.model.eval()
-    if args.size:
-        size = tuple(args.size)
-    elif args.task == "detect":
-        size = tuple(model.image_size)
-    else:
-        size = DEFAULT_SIZE[args.task]
+    size = choose_size(args, model)
+    gate = None
+    if args.gate is not None:
+        try:
+            gate = read_gate_data(args.task, args.gate, model, size)
+            if args.task == "segment" and args.size is None and args.dynamic_size is None and len(gate.sizes) == 1:
+                size = gate.sizes[0]
+            check_gate_sizes(gate, size, args.dynamic_size)
+        except GateDataError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"gate data: {gate.root} ({gate.layout}, {gate.items} images)")
     gen = torch.Generator().manual_seed(0)
     example = model.normalize(torch.rand(1, 3, *size, generator=gen))
     if args.format == "executorch":
-        return export_pte(args, model, example, gen, size)
+        try:
+            return export_pte(args, model, example, size, gate, resolved.description)
+        except DynamicSizeError as err:
+            print(f"error: --dynamic-size {args.dynamic_size}: {err}", file=sys.stderr)
+            return 2
     path = export_onnx(model, example, args.out)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB), input [N, 3, {size[0]}, {size[1]}]")
     onnx_model = OnnxModel(path, threads=args.threads)
-    fresh = model.normalize(torch.rand(1, 3, *size, generator=gen))
-    ok = check(model, onnx_model, fresh, args.tolerance)
-    if args.task == "detect":
-        ok = check_detections(model, onnx_model) and ok
+    ok = report_checks(args.task, model, onnx_model, check_inputs(args.task, model, size, None), args.tolerance,
+                       "ONNX Runtime")
     if args.int8:
         inputs = load_calibration(args.calibration_images, args.calibration_count, size, args.task, model)
         q_path = quantize_int8(path, path.with_name(path.stem + ".int8.onnx"), inputs)
@@ -259,39 +432,107 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok else 1
 
 
-def export_pte(args: argparse.Namespace, model: nn.Module, example: Tensor, gen: torch.Generator,
-               size: tuple[int, int]) -> int:
-    """``--format executorch``: write, report delegation, check; int8 too when asked."""
-    result = export_executorch(model, example, args.out, task=args.task)
+def choose_size(args: argparse.Namespace, model: nn.Module) -> tuple[int, int]:
+    """The size the network is exported (or, with a dynamic range, traced) at."""
+    if args.size:
+        size = tuple(args.size)
+    elif args.task == "detect":
+        size = tuple(model.image_size)
+    else:
+        size = DEFAULT_SIZE[args.task]
+    if args.dynamic_size is not None:
+        low, high = args.dynamic_size
+        if args.size and not args.dynamic_size.contains(*size):
+            raise SystemExit(f"error: --size {size[0]} {size[1]} outside --dynamic-size {args.dynamic_size}")
+        size = (min(max(size[0], low), high), min(max(size[1], low), high))
+    return size
+
+
+def check_gate_sizes(gate: GateData, size: tuple[int, int], dynamic: SizeRange | None) -> None:
+    """Segmentation runs each gate image at its own size: the program must take them all."""
+    if gate.task != "segment":
+        return
+    if dynamic is not None:
+        outside = [s for s in gate.sizes if not dynamic.contains(*s)]
+        if outside:
+            raise GateDataError(f"--gate {gate.root}: images of {outside[0][0]}x{outside[0][1]} are outside "
+                                f"--dynamic-size {dynamic}")
+    elif any(s != tuple(size) for s in gate.sizes):
+        shown = ", ".join(f"{h}x{w}" for h, w in gate.sizes[:4])
+        raise GateDataError(f"--gate {gate.root}: images of {shown}, but the program is exported at {size[0]}x"
+                            f"{size[1]}: give --size H W of the images, or --dynamic-size MIN:MAX")
+
+
+def export_pte(args: argparse.Namespace, model: nn.Module, example: Tensor, size: tuple[int, int],
+               gate: GateData | None, description: str) -> int:
+    """``--format executorch``: write, report delegation, check; int8 too when asked; the gate and its report."""
+    dynamic = args.dynamic_size
+    takes_image = dynamic is not None and args.task == "detect"
+    if takes_image:  # the program takes the image in [0, 1] at its own size
+        example = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0))
+    result = export_executorch(model, example, args.out, task=args.task, dynamic_size=dynamic, preprocess=takes_image)
     path = result.path
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB), input [1, 3, {size[0]}, {size[1]}], fp32, "
-          f"{result.seconds:.1f} s")
+    shape = f"H, W in {dynamic}" if dynamic else f"{size[0]}, {size[1]}"
+    if takes_image:
+        shape += f"] (the image in [0, 1]; resized to {model.image_size[0]}x{model.image_size[1]} inside"
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB), input [1, 3, {shape}], fp32, {result.seconds:.1f} s")
     print(f"XNNPACK delegation: {result.delegation_summary()}")
-    runtime = ExecuTorchModel(path, task=args.task, input_size=size, threads=args.threads)
-    fresh = model.normalize(torch.rand(1, 3, *size, generator=gen))
-    ok = check(model, runtime, fresh, args.tolerance, "ExecuTorch (XNNPACK)")
-    if args.task == "detect":
-        ok = check_detections(model, runtime, "ExecuTorch (XNNPACK)") and ok
-    if args.int8:
-        inputs = load_calibration(args.calibration_images, args.calibration_count, size, args.task, model)
-        q = export_executorch(model, example, path.with_name(path.stem + ".int8.pte"), task=args.task,
-                              int8_calibration=inputs)
-        print(f"wrote {q.path} ({q.path.stat().st_size / 1e6:.2f} MB), int8 (PT2E, XNNPACKQuantizer, "
-              f"per-channel), calibrated on {len(inputs)} images, {q.seconds:.1f} s")
-        print(f"XNNPACK delegation (int8): {q.delegation_summary()}")
-        int8_runtime = ExecuTorchModel(q.path, task=args.task, input_size=size, threads=args.threads)
-        with torch.inference_mode():
-            reference = model(fresh)
-            report = compare_outputs(reference, int8_runtime(fresh), tolerance=float("inf"))
-        scale = max(t.abs().max().item() for t in _tensors(reference))
-        errors = ", ".join(f"{k}: {v:.3e} ({v / max(scale, 1e-30):.1%} of max|reference| {scale:.3g})"
-                           for k, v in report.max_abs_error.items())
-        print(f"ExecuTorch int8 vs PyTorch on the random input: max abs error {errors}")
-        with torch.inference_mode():
-            print(int8_agreement(args.task, runtime, int8_runtime, inputs))
-            if args.task == "detect":
-                print(detection_agreement(model, runtime, int8_runtime, inputs))
-    return 0 if ok else 1
+    runtime = ExecuTorchModel(path, task=args.task, threads=args.threads)
+    ok = report_checks(args.task, model, runtime, check_inputs(args.task, model, size, dynamic), args.tolerance,
+                       "ExecuTorch (XNNPACK)")
+    if not args.int8:
+        return 0 if ok else 1
+    inputs = load_calibration(args.calibration_images, args.calibration_count, size, args.task, model,
+                              dynamic=dynamic)
+    q = export_executorch(model, example, path.with_name(path.stem + ".int8.pte"), task=args.task,
+                          int8_calibration=inputs, dynamic_size=dynamic, preprocess=takes_image)
+    print(f"wrote {q.path} ({q.path.stat().st_size / 1e6:.2f} MB), int8 (PT2E, XNNPACKQuantizer, "
+          f"per-channel), calibrated on {len(inputs)} images, {q.seconds:.1f} s")
+    print(f"XNNPACK delegation (int8): {q.delegation_summary()}")
+    int8_runtime = ExecuTorchModel(q.path, task=args.task, threads=args.threads)
+    with torch.inference_mode():
+        print(int8_agreement(args.task, runtime, int8_runtime, inputs))
+        if args.task == "detect":
+            print(detection_agreement(model, runtime, int8_runtime, inputs))
+    if gate is None:
+        return 0 if ok else 1
+    metrics = run_gate(gate, {"eager": model, "fp32": runtime, "int8": int8_runtime})
+    max_drop = args.max_drop if args.max_drop is not None else DEFAULT_MAX_DROP[args.task]
+    verdict = gate_verdict(metrics, gate.metric, max_drop)
+    report = build_report(args, description, size, gate, metrics, verdict, {"fp32": result, "int8": q})
+    json_path, md_path = write_report(path, report)
+    for name, values in metrics.items():
+        print(f"gate {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
+    print(f"gate: int8 {gate.metric} {verdict['int8']:.2f} vs eager {verdict['eager']:.2f}: drop {verdict['drop']:.2f} "
+          f"points (allowed {max_drop:g}): {'PASSED' if verdict['passed'] else 'FAILED'}")
+    print(f"wrote {json_path} and {md_path}")
+    return 0 if ok and verdict["passed"] else 1
+
+
+def build_report(args: argparse.Namespace, description: str, size: tuple[int, int], gate: GateData,
+                 metrics: dict, verdict: dict, exports: dict) -> dict:
+    """The export report: metric of each form, and per program its size, load time, latency at 1 thread and
+    at all threads, peak memory and XNNPACK coverage (each program timed in a process of its own)."""
+    all_threads = len(os.sched_getaffinity(0))
+    forms: dict[str, dict] = {"eager": {"file": None, "metrics": metrics["eager"]}}
+    for name, exported in exports.items():
+        threads = sorted({1, all_threads})
+        print(f"timing {exported.path.name} at {' and '.join(map(str, threads))} thread(s), {args.latency_runs} runs, "
+              "in a process of its own")
+        timing = measure_program(exported.path, threads=threads, size=size, runs=args.latency_runs,
+                                 warmup=min(5, args.latency_runs))
+        forms[name] = {"file": exported.path.name, "metrics": metrics[name],
+                       "size_mb": exported.path.stat().st_size / 1e6, "load_ms": timing["load_ms"],
+                       "latency": timing["latency"],
+                       "memory": {k: timing[k] for k in ("peak_rss_mb", "baseline_rss_mb", "peak_over_baseline_mb")},
+                       "delegation": exported.delegation.as_dict(), "export_seconds": round(exported.seconds, 1)}
+    return {"model": description, "task": args.task, "weights": str(args.weights) if args.weights else None,
+            "input": {"size": list(size), "dynamic_size": list(args.dynamic_size) if args.dynamic_size else None,
+                      "takes_image": bool(args.dynamic_size) and args.task == "detect"},
+            "environment": environment(), "calibration": {"folder": str(args.calibration_images),
+                                                          "count": args.calibration_count},
+            "gate": {"data": str(gate.root), "layout": gate.layout, "items": gate.items, **verdict},
+            "forms": forms}
 
 
 if __name__ == "__main__":

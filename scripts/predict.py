@@ -1,7 +1,8 @@
 """Predict on your own images without Lightning: the same files as ``lightning predict``, any backend.
 
     python scripts/predict.py --weights run.ckpt --images PATH --out DIR \\
-        [--backend torch|onnxruntime|executorch] [--batch-size B] [--workers N] [--threads T] \\
+        [--backend torch|onnxruntime|executorch [--pte FILE | --dynamic-size MIN:MAX]] \\
+        [--batch-size B] [--workers N] [--threads T] \\
         [--class-names FILE_OR_DIR] [--annotations instances.json] [--no-pictures] [--overwrite] \\
         [--max-pixels P] [--benchmark [--benchmark-images K]]
     python scripts/predict.py --task classify|detect|segment --weights W --images PATH --out DIR \\
@@ -23,8 +24,13 @@ Bad files are named, counted and skipped; the last line says how many were writt
 
 Backends (:func:`mbv3_dense.deploy.make_backend`): ``torch`` (batch norms folded), ``onnxruntime`` and
 ``executorch`` (XNNPACK, one image a call). The networks of classify (crops of ``--image-size``) and
-detect (``image_size`` of the model) see one input size; segment sees each image at its own size,
-so the exported backends are built once per distinct size (kept for the last 4 sizes).
+detect (``image_size`` of the model) see one input size; segment sees each image at its own size.
+``--pte FILE`` runs a program written by ``scripts/export.py --format executorch``; one exported with
+``--dynamic-size MIN:MAX`` takes every image whose sides are in that range at its own size (segment: the
+normalised image; detect: the image itself, SSDLite's resize inside the program), and an image outside it
+stops the run with an error naming the image, the file and the range. ``--dynamic-size MIN:MAX`` without
+``--pte`` exports such a program once, on the fly. Otherwise an exported segmentation backend is built
+once per distinct image size (kept for the last 4 sizes).
 
 ``--benchmark`` then times the prediction function alone (preprocess, network, postprocess; not the
 decoding nor the writing) over the first ``--benchmark-images`` readable images, at batch 1 and at
@@ -50,8 +56,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from mbv3_dense.deploy import make_backend  # noqa: E402
-from mbv3_dense.deploy.backend import BACKENDS  # noqa: E402
+from mbv3_dense.deploy import ExecuTorchFileError, ExecuTorchModel, make_backend  # noqa: E402
+from mbv3_dense.deploy.backend import BACKENDS, detect  # noqa: E402
+from mbv3_dense.deploy.dynamic import DynamicSizeError, parse_size_range  # noqa: E402
+from mbv3_dense.deploy.executorch_runtime import ExecuTorchInputError  # noqa: E402
 from mbv3_dense.predict import (  # noqa: E402
     DEFAULT_MAX_PIXELS,
     PredictBatch,
@@ -67,23 +75,21 @@ log = logging.getLogger("predict")
 Predict = Callable[[PredictBatch], list]
 
 
-def per_image(net: Callable[[Tensor], object]) -> Callable[[Tensor], object]:
-    """Call ``net`` one image at a time (ExecuTorch programs take batch 1) and concatenate the outputs."""
-    def call(x: Tensor) -> object:
-        outs = [net(x[i:i + 1]) for i in range(x.shape[0])]
-        if isinstance(outs[0], dict):
-            return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
-        if isinstance(outs[0], (tuple, list)):
-            return type(outs[0])(torch.cat(parts) for parts in zip(*outs, strict=True))
-        return torch.cat(outs)
-    return call
-
-
-def backend_for(kind: str, model: torch.nn.Module, example: Tensor, threads: int | None,
+def backend_for(kind: str, model: torch.nn.Module, example: Tensor, args: argparse.Namespace,
                 task: str) -> Callable[[Tensor], object]:
-    net = make_backend(kind, model, example, threads=threads, task=task) if kind == "executorch" else \
-        make_backend(kind, model, example, threads=threads)
-    return per_image(net) if kind == "executorch" else net
+    """The network on backend ``kind``; ExecuTorch programs (``--pte``, or exported here, with
+    ``--dynamic-size`` when given) run a batch one image at a time."""
+    if kind == "executorch":
+        return make_backend(kind, model, example, threads=args.threads, task=task, pte_file=args.pte,
+                            dynamic_size=args.dynamic_size)
+    return make_backend(kind, model, example, threads=args.threads)
+
+
+def dynamic_example(args: argparse.Namespace, size: tuple[int, int]) -> tuple[int, int]:
+    """``size`` brought into ``--dynamic-size`` (the size a dynamic program is traced at)."""
+    if args.dynamic_size is None:
+        return size
+    return tuple(min(max(v, args.dynamic_size.min), args.dynamic_size.max) for v in size)
 
 
 # ---------------------------------------------------------------------------------------------- tasks
@@ -133,11 +139,7 @@ def detect_setup(args: argparse.Namespace, model: torch.nn.Module) -> tuple[Pred
 
 def detect_predict(model: torch.nn.Module, net: Callable[[Tensor], object]) -> Predict:
     def run(batch: PredictBatch) -> list:
-        if not batch.images:
-            return []
-        images = [img.float().div(255) for img in batch.images]
-        sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
-        return model.postprocess(net(model.preprocess(images)), sizes)
+        return detect(model, net, [img.float().div(255) for img in batch.images])
     return run
 
 
@@ -161,12 +163,23 @@ def build_predict(task: str, kind: str, model: torch.nn.Module, args: argparse.N
     """The function ``batch -> outputs`` of ``task`` on backend ``kind`` (the network exported once)."""
     if task == "classify":
         example = torch.rand(1, 3, args.image_size, args.image_size)
-        return classify_predict(model, backend_for(kind, model, example, args.threads, task))
+        return classify_predict(model, backend_for(kind, model, example, args, task))
     if task == "detect":
-        example = model.preprocess([torch.rand(3, *model.image_size)])
-        return detect_predict(model, backend_for(kind, model, example, args.threads, task))
+        if kind == "executorch" and args.dynamic_size is not None:  # the program takes the image itself
+            example = torch.rand(1, 3, *dynamic_example(args, tuple(model.image_size)))
+        else:
+            example = model.preprocess([torch.rand(3, *model.image_size)])
+        return detect_predict(model, backend_for(kind, model, example, args, task))
     if kind == "torch":
-        net = backend_for("torch", model, torch.rand(1, 3, 64, 64), args.threads, task)
+        net = backend_for("torch", model, torch.rand(1, 3, 64, 64), args, task)
+        return segment_predict(model, lambda x: net)
+    if kind == "executorch" and args.pte is not None:  # one program; each image's size is checked against it
+        net = ExecuTorchModel(args.pte, task=task, threads=args.threads)
+        log.info("segment: %s takes %s", args.pte, net.size_text())
+        return segment_predict(model, lambda x: net)
+    if kind == "executorch" and args.dynamic_size is not None:
+        net = backend_for(kind, model, model.normalize(torch.rand(1, 3, *dynamic_example(args, (512, 1024)))), args,
+                          task)
         return segment_predict(model, lambda x: net)
     cache: OrderedDict[tuple[int, int], Callable] = OrderedDict()
 
@@ -174,7 +187,7 @@ def build_predict(task: str, kind: str, model: torch.nn.Module, args: argparse.N
         size = (int(x.shape[-2]), int(x.shape[-1]))
         if size not in cache:
             log.info("segment: building the %s network for %dx%d inputs", kind, *size)
-            cache[size] = backend_for(kind, model, x, args.threads, task)
+            cache[size] = backend_for(kind, model, x, args, task)
             while len(cache) > 4:
                 cache.popitem(last=False)
         cache.move_to_end(size)
@@ -299,6 +312,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--class-names", type=Path, default=None, help="classify: names file or ImageFolder train/")
     p.add_argument("--annotations", type=Path, default=None, help="detect: COCO instances file (categories)")
     p.add_argument("--backend", choices=BACKENDS, default="torch")
+    p.add_argument("--pte", type=Path, default=None,
+                   help="executorch: run this .pte (scripts/export.py --format executorch), built for this task")
+    p.add_argument("--dynamic-size", default=None, metavar="MIN:MAX",
+                   help="executorch, detect and segment: export one program taking any size in MIN..MAX")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=0)
@@ -307,7 +324,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run's results in --out")
     p.add_argument("--benchmark", action="store_true", help="also time the prediction function (see above)")
     p.add_argument("--benchmark-images", type=int, default=16)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if (args.pte is not None or args.dynamic_size is not None) and args.backend != "executorch":
+        p.error("--pte and --dynamic-size need --backend executorch")
+    if args.pte is not None and args.dynamic_size is not None:
+        p.error("--pte runs the file as it was exported: drop --dynamic-size")
+    if args.pte is not None and not args.pte.is_file():
+        p.error(f"--pte {args.pte}: no such file")
+    if args.dynamic_size is not None:
+        try:
+            args.dynamic_size = parse_size_range(args.dynamic_size)
+        except DynamicSizeError as err:
+            p.error(f"--dynamic-size: {err}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -327,7 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     model = resolved.model.eval()
     writer, transform = SETUP[args.task](args, model)
     writer.ignored = len(images.ignored)
-    run = build_predict(args.task, args.backend, model, args)
+    try:
+        run = build_predict(args.task, args.backend, model, args)
+    except (ExecuTorchFileError, DynamicSizeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     loader = predict_loader(images.files, transform=transform, batch_size=args.batch_size, num_workers=args.workers,
                             max_pixels=args.max_pixels)
     try:
@@ -339,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode():
             for batch in progress(loader, desc=f"predict {args.task} ({args.backend})", unit="batch"):
                 writer.write(batch, run(batch))
+    except ExecuTorchInputError as err:
+        print(f"error: {', '.join(str(f) for f in batch.files)}: {err}", file=sys.stderr)
+        return 2
     finally:
         summary = writer.close()
     if args.benchmark:

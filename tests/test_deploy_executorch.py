@@ -73,7 +73,7 @@ def test_fp32_pte_equals_pytorch_with_the_same_output_structure(tiny, inputs, fp
     for key in reference:
         torch.testing.assert_close(got[key], reference[key], rtol=1e-4, atol=1e-4)
     # XNNPACK takes every operator that depends on the input; what is left acts on constants only.
-    assert fp32_pte.delegated > 0
+    assert fp32_pte.delegated > 0 and fp32_pte.delegation.coverage == 1.0, fp32_pte.delegation_summary()
     assert fp32_pte.not_delegated == fp32_pte.constant_only, fp32_pte.delegation_summary()
 
 
@@ -173,8 +173,9 @@ def classifier_pte(tmp_path_factory):
 def test_export_script_writes_a_checked_pte(classifier_pte):
     code, _, out, printed = classifier_pte
     assert code == 0 and out.is_file()
-    assert "ExecuTorch (XNNPACK) vs PyTorch" in printed and ": OK" in printed
-    assert "XNNPACK delegation:" in printed and "not delegated" in printed
+    assert "ExecuTorch (XNNPACK) vs PyTorch" in printed and ": OK" in printed and "FAILED" not in printed
+    assert "top-1 classes: 1 of 1 equal" in printed
+    assert "XNNPACK delegation:" in printed and "compute nodes delegated to XNNPACK (100.0%)" in printed
 
 
 def test_eval_classify_through_the_pte_and_refusing_a_wrong_one(classifier_pte, fp32_pte, tmp_path):

@@ -37,7 +37,8 @@ def test_export_classifier_checks_parity(tmp_path):
     proc = run("scripts/export.py", "--task", "classify", "--arch", "small", "--size", "64", "64", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert out.is_file()
-    assert "max abs error output:" in proc.stdout and "OK" in proc.stdout and "tolerance" in proc.stdout
+    assert "logits: max abs error" in proc.stdout and "OK" in proc.stdout and "tolerance 1e-03" in proc.stdout
+    assert "FAILED" not in proc.stdout and "top-1 classes:" in proc.stdout
 
 
 def test_export_int8_needs_calibration_images(tmp_path):

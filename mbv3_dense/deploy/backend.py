@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mbv3_dense.deploy.dynamic import SizeRange
 from mbv3_dense.deploy.executorch_export import export_executorch
-from mbv3_dense.deploy.executorch_runtime import ExecuTorchModel
+from mbv3_dense.deploy.executorch_runtime import ExecuTorchFileError, ExecuTorchModel
 from mbv3_dense.deploy.fuse import ChannelsLast, fold_batchnorm, to_channels_last
 from mbv3_dense.deploy.onnx_export import compare_outputs, export_onnx
 from mbv3_dense.deploy.quantize import quantize_int8
@@ -25,6 +26,24 @@ log = logging.getLogger(__name__)
 
 BackendKind = Literal["torch", "onnxruntime", "executorch"]
 BACKENDS: tuple[str, ...] = ("torch", "onnxruntime", "executorch")
+
+
+def detect(model: nn.Module, net: Callable[[Tensor], object], images: list[Tensor]) -> list[dict[str, Tensor]]:
+    """A detector's detections of float ``[3, H, W]`` images in [0, 1] (any sizes), its network run by ``net``.
+
+    ``net`` is the model itself or a backend of its network; a program that takes images (its preprocess
+    inside, :attr:`ExecuTorchModel.takes_image`) gets them one at a time at their own size, any other gets
+    ``model.preprocess(images)``. Decoding and NMS are ``model.postprocess``.
+    """
+    if not images:
+        return []
+    sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+    if getattr(net, "takes_image", False):
+        outs = [net(img[None]) for img in images]
+        raw = {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+    else:
+        raw = net(model.preprocess(images))
+    return model.postprocess(raw, sizes)
 
 
 class TorchBackend:
@@ -51,6 +70,7 @@ def make_backend(
     pte_path: str | Path | None = None,
     pte_file: str | Path | None = None,
     task: str | None = None,
+    dynamic_size: SizeRange | None = None,
 ) -> Callable[[Tensor], object]:
     """A callable ``backend(x)`` computing ``model(x)`` (eval mode, no autograd) on the chosen runtime.
 
@@ -77,6 +97,10 @@ def make_backend(
             it must have been exported for ``task`` at ``example``'s size
             (:class:`ExecuTorchFileError` otherwise, naming the file).
         task: executorch only: stored in the exported file, or checked against ``pte_file``.
+        dynamic_size: executorch only: export with height and width symbolic in this range
+            (:mod:`mbv3_dense.deploy.dynamic`); ``example``'s size must be in it. A detector's program then
+            takes images in [0, 1] at their own size (its preprocess inside), so ``example`` and
+            ``int8_calibration`` are such images; run it through :func:`detect`.
     """
     if kind not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {kind!r}")
@@ -88,7 +112,7 @@ def make_backend(
         return TorchBackend(net)
     if kind == "executorch":
         return _executorch_backend(model, example, threads=threads, int8_calibration=int8_calibration,
-                                   pte_path=pte_path, pte_file=pte_file, task=task)
+                                   pte_path=pte_path, pte_file=pte_file, task=task, dynamic_size=dynamic_size)
     tmp = None if onnx_path is not None else Path(tempfile.mkdtemp(prefix="mbv3_onnx_"))
     try:
         path = Path(onnx_path) if onnx_path is not None else tmp / "model.onnx"
@@ -108,13 +132,18 @@ def make_backend(
 
 def _executorch_backend(model: nn.Module, example: Tensor, *, threads: int | None,
                         int8_calibration: Iterable[Tensor | np.ndarray] | None, pte_path: str | Path | None,
-                        pte_file: str | Path | None, task: str | None) -> ExecuTorchModel:
+                        pte_file: str | Path | None, task: str | None,
+                        dynamic_size: SizeRange | None = None) -> ExecuTorchModel:
     size = (int(example.shape[-2]), int(example.shape[-1]))
+    preprocess = dynamic_size is not None and task == "detect"
     example = example.detach().cpu()
     on_cpu = all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
     model = model if on_cpu else copy.deepcopy(model).cpu()  # the caller's model stays where it is
     if pte_file is not None:
-        backend = ExecuTorchModel(pte_file, task=task, input_size=size, threads=threads)
+        backend = ExecuTorchModel(pte_file, task=task, threads=threads)
+        if not backend.takes_image and not backend.accepts(*size):  # a detector's images are checked per call
+            raise ExecuTorchFileError(f"{backend.path}: exported for input size {backend.size_text()}, "
+                                      f"not {size[0]}x{size[1]}")
     else:
         tmp = None if pte_path is not None else Path(tempfile.mkdtemp(prefix="mbv3_pte_"))
         try:
@@ -122,13 +151,18 @@ def _executorch_backend(model: nn.Module, example: Tensor, *, threads: int | Non
             calibration = None
             if int8_calibration is not None:
                 calibration = [torch.as_tensor(x, dtype=torch.float32) for x in int8_calibration]
-            export_executorch(model, example[:1], path, task=task, int8_calibration=calibration)
+            export_executorch(model, example[:1], path, task=task, int8_calibration=calibration,
+                              dynamic_size=dynamic_size, preprocess=preprocess)
             backend = ExecuTorchModel(path, task=task, input_size=size, threads=threads)
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
+    if backend.takes_image:
+        log.info("ExecuTorch backend (%s): takes images at their own size (%s)", backend.path.name, backend.size_text())
+        return backend
     with torch.inference_mode():
         report = compare_outputs(model(example[:1]), backend(example[:1]), tolerance=float("inf"))
     log.info("ExecuTorch backend (%s, %s) vs PyTorch on the example: %s", backend.path.name,
              "int8" if backend.int8 else "fp32", ", ".join(f"{k} {v:.2e}" for k, v in report.max_abs_error.items()))
     return backend
+

@@ -8,12 +8,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mbv3_dense.deploy.dynamic import SizeRange
 from mbv3_dense.deploy.executorch_export import META_METHOD
 from mbv3_dense.deploy.onnx_export import unflatten_outputs
 
 
 class ExecuTorchFileError(ValueError):
     """A ``.pte`` file that cannot be used: missing, not an ExecuTorch program, or built for something else."""
+
+
+class ExecuTorchInputError(ValueError):
+    """An input the program does not take (its shape, or a size outside its range); names the file."""
 
 
 def set_threads(threads: int) -> None:
@@ -41,14 +46,17 @@ def read_meta(program, path: Path) -> dict:  # noqa: ANN001 - executorch.runtime
 class ExecuTorchModel:
     """An XNNPACK-lowered ``.pte`` run by ExecuTorch, called like the PyTorch model it came from.
 
-    ``model(x)`` takes a float ``[N, 3, H, W]`` tensor with the file's ``H, W`` and returns tensors in
-    the structure the PyTorch model returned. The program has a fixed batch (1 as exported by this
-    project); a larger batch is run one item at a time and concatenated. Outputs are copies.
+    ``model(x)`` takes a float ``[N, 3, H, W]`` tensor with the file's ``H, W`` (any ``H, W`` within
+    :attr:`dynamic_size` for a file exported with one) and returns tensors in the structure the PyTorch
+    model returned. The program has a fixed batch (1 as exported by this project); a larger batch is run
+    one item at a time and concatenated. Outputs are copies. A file with :attr:`takes_image` set runs the
+    detector's own preprocess: its input is the image in [0, 1] at its own size, not the network's input.
 
     Args:
         path: the ``.pte`` file.
         task: when given, the file must have been exported for this task.
-        input_size: when given, ``(H, W)`` the file must have been exported for.
+        input_size: when given, ``(H, W)`` the file must have been exported for (or that its dynamic
+            range must hold).
         threads: XNNPACK threads (``None``: ``torch.get_num_threads()``); process-wide, see :func:`set_threads`.
 
     Raises:
@@ -74,9 +82,12 @@ class ExecuTorchModel:
             raise ExecuTorchFileError(f"{self.path}: exported for task {self.meta.get('task')!r}, "
                                       f"not {task!r}")
         self.input_shape = tuple(int(v) for v in self.meta["input_shape"])
-        if input_size is not None and tuple(input_size) != self.input_shape[2:]:
-            raise ExecuTorchFileError(f"{self.path}: exported for input size {self.input_shape[2]}x"
-                                      f"{self.input_shape[3]}, not {input_size[0]}x{input_size[1]}")
+        dynamic = self.meta.get("dynamic_size")
+        self.dynamic_size = SizeRange(*dynamic) if dynamic else None
+        self.takes_image = bool(self.meta.get("preprocess"))
+        if input_size is not None and not self.accepts(*input_size):
+            raise ExecuTorchFileError(f"{self.path}: exported for input size {self.size_text()}, "
+                                      f"not {input_size[0]}x{input_size[1]}")
         try:
             self.method = self.program.load_method("forward")
         except RuntimeError as err:
@@ -84,15 +95,29 @@ class ExecuTorchModel:
         self.structure = self.meta["outputs"]
         self.int8 = bool(self.meta.get("int8"))
 
+    def accepts(self, height: int, width: int) -> bool:
+        """Whether the program runs at ``height x width``."""
+        if self.dynamic_size is not None:
+            return self.dynamic_size.contains(int(height), int(width))
+        return (int(height), int(width)) == self.input_shape[2:]
+
+    def size_text(self) -> str:
+        """The sizes the program takes, for messages: ``320x320`` or ``any HxW with H, W in 64:1024``."""
+        if self.dynamic_size is not None:
+            return f"any HxW with H, W in {self.dynamic_size}"
+        return f"{self.input_shape[2]}x{self.input_shape[3]}"
+
     def _run_one(self, x: Tensor) -> list[Tensor]:
         return [t.clone() for t in self.method.execute([x])]
 
     def __call__(self, x: Tensor) -> object:
         x = torch.as_tensor(x).detach().cpu().float().contiguous()
         batch = self.input_shape[0]
-        if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape[1:] or x.shape[0] % batch:
-            raise ValueError(f"{self.path}: input of shape {tuple(x.shape)}, but the program was exported for "
-                             f"{list(self.input_shape)} (batch a multiple of {batch})")
+        if (x.ndim != 4 or x.shape[1] != self.input_shape[1] or not self.accepts(*x.shape[2:])
+                or x.shape[0] % batch):
+            raise ExecuTorchInputError(f"{self.path}: input of shape {tuple(x.shape)}, but the program was exported "
+                                       f"for [{batch}, {self.input_shape[1]}, H, W] with HxW {self.size_text()} "
+                                       f"(batch a multiple of {batch})")
         if x.shape[0] == batch:
             outputs = self._run_one(x)
         else:
@@ -103,4 +128,4 @@ class ExecuTorchModel:
     def __repr__(self) -> str:
         kind = "int8" if self.int8 else "fp32"
         return f"ExecuTorchModel({str(self.path)!r}, task={self.meta.get('task')!r}, {kind}, " \
-               f"input={list(self.input_shape)})"
+               f"input={self.size_text()})"

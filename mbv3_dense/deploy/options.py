@@ -32,6 +32,13 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
                        help="onnxruntime/executorch threads (default: torch's thread count)")
 
 
+def add_dynamic_size_argument(parser: argparse.ArgumentParser) -> None:
+    """``--dynamic-size MIN:MAX`` (detect and segment evaluation): export one program for every size in the range."""
+    parser.add_argument("--dynamic-size", default=None, metavar="MIN:MAX",
+                        help="executorch: export one .pte taking any height and width in MIN..MAX (instead of one "
+                             "per size); a --pte exported so is used for every size in its range")
+
+
 def check_backend_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject combinations that cannot work, before any model is built."""
     if args.int8 and args.backend == "torch":
@@ -48,6 +55,15 @@ def check_backend_arguments(parser: argparse.ArgumentParser, args: argparse.Name
         parser.error(f"--calibration-images {args.calibration_images}: not a folder")
     if args.calibration_count < 1:
         parser.error("--calibration-count must be at least 1")
+    if getattr(args, "dynamic_size", None) is not None:
+        from mbv3_dense.deploy.dynamic import DynamicSizeError, parse_size_range
+
+        if args.backend != "executorch" or args.pte is not None:
+            parser.error("--dynamic-size exports a program: it needs --backend executorch and no --pte")
+        try:
+            args.dynamic_size = parse_size_range(args.dynamic_size)
+        except DynamicSizeError as err:
+            parser.error(f"--dynamic-size: {err}")
 
 
 def calibration_files(folder: str | Path, count: int) -> list[Path]:
