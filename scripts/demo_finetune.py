@@ -8,9 +8,10 @@ For each task, through the real CLI and configs:
    from A, stripes and checker new; detect: person and dog from A under other category ids, kite new;
    segment: image + mask folders with road, building, vegetation, sky and car from Cityscapes, grass and
    water new);
-3. train on B at one budget of steps: from scratch (the demo's from-scratch recipe), from A's weights with
-   the class rows of names both know (``configs/finetune/<task>.yaml``), and, for classify and detect, from A's
-   weights with a fresh class head (``keep_class_rows: false``).
+3. train on B at one budget of steps, with the demo's optimizer and schedule: from scratch, from A's weights
+   with the class rows of names both know and the fine-tuning controls of ``configs/finetune/<task>.yaml``
+   (frozen backbone epochs, backbone learning rate, BatchNorm statistics), and, for classify and detect,
+   from A's weights with a fresh class head (``keep_class_rows: false``).
 
 Validation after every epoch (segment: every few steps) gives the curves; the table gives each run's metric
 after its first epoch, at half and at all of the budget, and the step at which it first reaches the
@@ -150,15 +151,17 @@ def compare(task: str, out: Path, seed: int, quick: bool = False) -> dict:
     weights = ["--model.init_args.model.init_args.weights", str(pretrained_on_a(task, out.parent, seed, quick))]
     data_b = generate_b(task, out / "data" / f"{task}_b", quick)
     small = [*QUICK, *QUICK_TASK[task]] if quick else []
-    overlay = [f"configs/finetune/{task}.yaml"]
-    variants = [("scratch", "scratch", [], []), ("A, class rows matched by name", "from_a", overlay, weights)]
+    # The fine-tuning overlay goes before the demo's, whose optimizer and schedule then apply to every run:
+    # the runs differ by their starting weights and the fine-tuning controls, not by the learning rate.
+    overlay = [spec.configs[0], f"configs/finetune/{task}.yaml", *spec.configs[1:]]
+    variants = [("scratch", "scratch", spec.configs, []), ("A, class rows matched by name", "from_a", overlay, weights)]
     if spec.fresh_head:
         variants.append(("A, fresh class head", "from_a_fresh_head", overlay,
                          [*weights, "--model.init_args.model.init_args.keep_class_rows", "false"]))
     curves = {}
-    for name, folder, overlays, options in variants:
+    for name, folder, configs, options in variants:
         run_dir = out / "runs" / task / folder
-        fit(spec.configs + overlays, data_b, run_dir, seed, [*options, *spec.budget, *small])
+        fit(configs, data_b, run_dir, seed, [*options, *spec.budget, *small])
         curves[name] = curve(run_dir, spec.metric)
     total = max(s for points in curves.values() for s, _ in points)
     target = curves["scratch"][-1][1]
