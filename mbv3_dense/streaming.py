@@ -234,8 +234,9 @@ class ChunkReader:
         self._starts = [chunk.first for chunk in self.chunks]
         formats = {str(f).split(":")[0] for f in index.get("config", {}).get("data_format") or []}
         if formats - _SAFE_FORMATS:
-            raise StreamingDataError(f"{self.location}: items use the serializers {sorted(formats - _SAFE_FORMATS)}; "
-                                     "the preparer writes only plain values, bytes and arrays (nothing is unpickled)")
+            raise StreamingDataError(f"{self.location}: items use LitData's serializers "
+                                     f"{sorted(formats - _SAFE_FORMATS)}; the preparer's hold only ints, bytes and "
+                                     "numpy arrays (no pickles, no files decoded by LitData): prepare them again")
         if not is_url(self.location):
             self._check_chunk_files()
 

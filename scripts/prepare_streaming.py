@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from mbv3_dense.errors import InputError
-from mbv3_dense.streaming import DEFAULT_CHUNK_BYTES, SPLITS, remove_folder, write_chunks
+from mbv3_dense.streaming import DEFAULT_CHUNK_BYTES, SPLITS, StreamingDataError, is_url, remove_folder, write_chunks
 
 
 def data_module(args: argparse.Namespace):  # noqa: ANN201 - one of the four data modules
@@ -52,13 +52,16 @@ def data_module(args: argparse.Namespace):  # noqa: ANN201 - one of the four dat
 
 def prepare(args: argparse.Namespace) -> list[dict]:
     """Set the data module up and write each split; a row per split (items, chunks, bytes, seconds)."""
+    if is_url(args.out):
+        raise StreamingDataError(f"{args.out}: the preparer writes to a local (or mounted) folder; copy it to the "
+                                 "bucket afterwards (docs/data_pipeline.md, 'Streaming')")
     dm = data_module(args)
     start = time.perf_counter()
     dm.setup("fit")
     print(f"{args.task}: set up {args.root} in {time.perf_counter() - start:.1f} s", flush=True)
     rows = []
     for split in args.split:
-        out = args.out / split
+        out = Path(args.out) / split
         if args.overwrite:
             remove_folder(out)
         source = dm.chunk_source(split)
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", required=True, choices=("classify", "detect", "segment"))
     parser.add_argument("--root", required=True, type=Path, help="the dataset, in the layout training reads")
-    parser.add_argument("--out", required=True, type=Path, help="a local folder: OUT/train and OUT/val are written")
+    parser.add_argument("--out", required=True, help="a local folder: OUT/train and OUT/val are written")
     parser.add_argument("--split", nargs="+", default=list(SPLITS), choices=SPLITS)
     parser.add_argument("--layout", choices=("cityscapes", "folders"), default="cityscapes",
                         help="segment: a Cityscapes tree, or image and mask folders with a classes file")
