@@ -114,7 +114,7 @@ class _FromChunks:
     annotations of record ``i`` (:func:`chunk_item`), category ids mapped to labels by ``category_map``."""
 
     def __init__(self, chunks: ChunkReader, category_map: CategoryMap) -> None:
-        self.chunks, self.category_map, self.records = chunks, category_map, []
+        self.chunks, self.category_map, self.records = chunks.open(), category_map, []
 
     def __len__(self) -> int:
         return len(self.chunks)

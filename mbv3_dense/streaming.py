@@ -13,9 +13,10 @@ samples, and with it the weights, would depend on the number of workers; and it 
 beside :class:`~mbv3_dense.sampling.SeededSampler`. The data modules keep their sampler (order from
 ``(seed, epoch)``, DDP shards as ``DistributedSampler``'s, the mid-epoch skip on resume from the loop's
 progress that the checkpoint holds), and each loader worker reads items by index from
-:class:`ChunkReader` (``StreamingDataset[i]``). A local folder is read in place; from a bucket
-(``s3://``) LitData downloads whole chunks on first use into its node-local cache (docs/data_pipeline.md,
-"Streaming": what that means for the first epoch).
+:class:`ChunkReader` (``StreamingDataset[i]``, LitData's reader, over a local folder, mapped in place). A
+folder in a bucket (``s3://``, ``gs://``, ``r2://``) is first copied to the node's disk by LitData's storage
+clients (:func:`stage_chunks`): a random order over the whole split touches nearly every chunk in an epoch's
+first batches, so a node needs all of it from the start (docs/data_pipeline.md, "Streaming", has the figures).
 
 The preparer's record sits in the folder's ``index.json`` beside LitData's ``config`` and ``chunks``, under
 :data:`RECORD_KEY` (:class:`ChunkRecord`): the task and dataset layout, the split, the item count, the format
@@ -27,14 +28,17 @@ the folder, and the chunk file and item where there is one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import multiprocessing
 import os
 import posixpath
 import shutil
+import tempfile
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -197,6 +201,95 @@ def remove_folder(out: str | Path) -> None:
     shutil.rmtree(out)
 
 
+def _download(url: str, local: Path) -> None:
+    """Copy one object of a LitData URL to ``local``, atomically (a temporary file renamed). ``s3://``, ``gs://``
+    and ``r2://`` go through LitData's storage clients (credentials as boto3 / google-cloud-storage find them);
+    ``local:<path>`` is LitData's stand-in for a bucket, a file copied.
+
+    Raises:
+        StreamingDataError: naming the URL, when the object cannot be fetched.
+    """
+    partial = local.with_name(f"{local.name}.part-{os.getpid()}")
+    try:
+        if url.startswith("local:"):
+            shutil.copyfile(url[len("local:"):], partial)
+        else:
+            from litdata.streaming import fs_provider
+
+            providers = {"s3": fs_provider.S3FsProvider, "gs": fs_provider.GCPFsProvider,
+                         "r2": fs_provider.R2FsProvider}
+            scheme = url.split("://", 1)[0]
+            if scheme not in providers:
+                raise StreamingDataError(f"{url}: streaming reads local folders and {', '.join(providers)} URLs")
+            providers[scheme]().download_file(url, str(partial))
+        partial.replace(local)
+    except StreamingDataError:
+        raise
+    except Exception as err:  # each store's client raises its own errors (botocore, google.api_core, OSError)
+        partial.unlink(missing_ok=True)
+        raise StreamingDataError(f"{url}: cannot be fetched ({type(err).__name__}: {err})") from err
+
+
+def cache_folder(url: str) -> Path:
+    """Where a node keeps its copy of the chunks at ``url``: under ``LITDATA_CACHE_DIR`` (LitData's cache folder,
+    ``~/.lightning/chunks`` by default; put it on a local disk), one folder per URL."""
+    from litdata.utilities.dataset_utilities import get_default_cache_dir
+
+    root = os.environ.get("LITDATA_CACHE_DIR") or get_default_cache_dir()  # LitData reads it once, at import
+    return Path(root) / "mbv3_dense" / hashlib.sha1(url.encode()).hexdigest()[:16]
+
+
+def stage_chunks(url: str, index_text: str, chunks: Sequence[_Chunk], *, threads: int = 16) -> Path:
+    """The node's local copy of the chunk folder at ``url``: the chunks missing (or of another size) are
+    downloaded, ``threads`` at a time, under a lock, so that the first process of a node copies and the others
+    wait and find the copy done. A copy of another ``index.json`` (the bucket's folder prepared again) is replaced.
+
+    Items are read in the sampler's order, an independent random permutation of the whole split every epoch, so
+    an epoch's first few batches already touch nearly every chunk (docs/data_pipeline.md, "Streaming"): a node
+    needs the whole split either way, and a copy made once serves every later epoch from the local disk.
+
+    Raises:
+        StreamingDataError: not enough free disk, a download that fails or has another size than ``index.json``
+            says (naming the object).
+    """
+    from filelock import FileLock
+
+    from mbv3_dense.progress import progress
+
+    folder = cache_folder(url)
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder / ".lock")):
+        index = folder / INDEX_FILE
+        if not index.is_file() or index.read_text() != index_text:
+            for stale in folder.glob("chunk-*"):
+                stale.unlink()
+            index.unlink(missing_ok=True)
+        missing = [c for c in chunks if not (folder / c.filename).is_file()
+                   or (folder / c.filename).stat().st_size != c.size]
+        needed = sum(c.size for c in missing)
+        free = shutil.disk_usage(folder).free
+        if needed > free:
+            raise StreamingDataError(f"{url}: {needed / 1e9:.1f} GB of chunks to copy, {free / 1e9:.1f} GB free in "
+                                     f"{folder}; point LITDATA_CACHE_DIR at a local disk with room for the split")
+        if missing:
+            log.info("%s: copying %d chunks (%.2f GB) to %s, once per node", url, len(missing), needed / 1e9, folder)
+
+            def fetch(chunk: _Chunk) -> None:
+                _download(f"{url.rstrip('/')}/{chunk.filename}", folder / chunk.filename)
+                size = (folder / chunk.filename).stat().st_size
+                if size != chunk.size:
+                    (folder / chunk.filename).unlink()
+                    raise StreamingDataError(f"{url.rstrip('/')}/{chunk.filename}: {size} bytes, {INDEX_FILE} says "
+                                             f"{chunk.size}: the object is truncated or changed (copy the folder to "
+                                             "the bucket again)")
+
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                for _ in progress(pool.map(fetch, missing), desc=f"copying {url}", unit="chunk", total=len(missing)):
+                    pass
+        index.write_text(index_text)
+    return folder
+
+
 @dataclass(frozen=True)
 class _Chunk:
     filename: str
@@ -227,7 +320,7 @@ class ChunkReader:
         self.location = str(location)
         self._dataset: Any = None
         self._pid: int | None = None
-        self._whole_chunks = False
+        self._index_text = ""
         index = self._read_index()
         self.record = self._check_record(index, task, layout, split)
         self.chunks = self._list_chunks(index)
@@ -241,40 +334,37 @@ class ChunkReader:
             self._check_chunk_files()
 
     # ------------------------------------------------------------------ opening
+    def open(self) -> ChunkReader:
+        """Open LitData's reader in this process now (from a URL: after making the node's copy, with progress),
+        rather than at the first item read, in a loader worker. Datasets over chunks call it when built."""
+        self._open()
+        return self
+
     def _open(self) -> Any:  # noqa: ANN401 - litdata.StreamingDataset
-        """This process's ``StreamingDataset`` (a forked or spawned worker opens its own)."""
+        """This process's ``StreamingDataset`` over the local folder (a forked or spawned worker opens its own);
+        from a URL, the node's copy (:func:`stage_chunks`), made by the first process that needs it."""
         if self._dataset is None or self._pid != os.getpid():
             from litdata import StreamingDataset
 
+            folder = stage_chunks(self.location, self._index_text, self.chunks) if is_url(self.location) \
+                else Path(self.location)
             try:
-                dataset = StreamingDataset(self.location)
+                # batch_decode=0: one item deserialized per read. LitData's "auto" deserializes a window of up to
+                # 256 neighbours for each read (made for reading in chunk order): 250 reads/s of 64 px JPEG items
+                # in random order here, against 41,000 with 0.
+                dataset = StreamingDataset(str(folder), batch_decode=0)
             except (FileNotFoundError, ValueError) as err:
-                raise StreamingDataError(f"{self.location}: not a chunk folder LitData can open ({err}); write one "
+                raise StreamingDataError(f"{folder}: not a chunk folder LitData can open ({err}); write one "
                                          "with scripts/prepare_streaming.py") from err
             self._dataset, self._pid = dataset, os.getpid()
-            self._whole_chunks = False
         return self._dataset
-
-    def _cache_whole_chunks(self, dataset: Any) -> None:  # noqa: ANN401 - litdata.StreamingDataset
-        """From a URL, download whole chunks into LitData's node-local cache and keep them, instead of LitData's
-        default for reads by index (two ranged GETs per item, every epoch, nothing cached). Training reads
-        every item once per epoch for hundreds of epochs: the first epoch downloads each chunk once per node,
-        the others read the local disk. LitData takes the setting once its cache exists (after a first read)."""
-        dataset.on_demand_bytes = False
-        self._whole_chunks = True
-        cache = Path(dataset.input_dir.path)
-        size = sum(chunk.size for chunk in self.chunks)
-        free = shutil.disk_usage(cache).free
-        if size > 0.75 * free:
-            log.warning("%s: %.1f GB of chunks, %.1f GB free in LitData's cache %s (it uses up to 75%% by default): "
-                        "chunks will be evicted and downloaded again, whole, for items read in random order. Point "
-                        "LITDATA_CACHE_DIR at a local disk with room for the split (MAX_CACHE_SIZE sets the budget), "
-                        "or copy the chunks to a local folder", self.location, size / 1e9, free / 1e9, cache)
 
     def _read_index(self) -> dict[str, Any]:
         if is_url(self.location):
-            # LitData fetches index.json into its cache when it opens the folder.
-            path = Path(self._open().input_dir.path) / INDEX_FILE
+            with tempfile.TemporaryDirectory() as folder:
+                path = Path(folder) / INDEX_FILE
+                _download(f"{self.location.rstrip('/')}/{INDEX_FILE}", path)
+                self._index_text = path.read_text()
         else:
             folder = Path(self.location)
             if not folder.is_dir():
@@ -285,7 +375,9 @@ class ChunkReader:
                 raise StreamingDataError(f"{folder}: no {INDEX_FILE}: not a folder of LitData chunks (write one with "
                                          "scripts/prepare_streaming.py)")
         try:
-            return json.loads(path.read_text())
+            if not is_url(self.location):
+                self._index_text = path.read_text()
+            return json.loads(self._index_text)
         except (OSError, ValueError) as err:
             raise StreamingDataError(f"{self.location}: cannot read {INDEX_FILE} ({err})") from err
 
@@ -339,7 +431,7 @@ class ChunkReader:
                                          "prepare the folder again")
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_dataset": None, "_pid": None, "_whole_chunks": False}
+        return {**self.__dict__, "_dataset": None, "_pid": None}
 
     # ------------------------------------------------------------------ items
     @property
@@ -373,8 +465,6 @@ class ChunkReader:
         except Exception as err:  # LitData's errors for a missing, truncated or unreachable chunk vary by store
             raise StreamingDataError(f"{self.where(index)}: cannot be read ({type(err).__name__}: {err}); the chunk "
                                      "may be missing, truncated or unreachable") from err
-        if not self._whole_chunks and is_url(self.location):
-            self._cache_whole_chunks(dataset)
         if not isinstance(item, dict) or item.get("index") != index:
             held = item.get("index") if isinstance(item, dict) else type(item).__name__
             raise StreamingDataError(f"{self.where(index)}: holds item {held}: the chunks are not in the preparer's "

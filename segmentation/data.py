@@ -184,7 +184,7 @@ class StreamedCityscapesSegmentation(CityscapesSegmentation):
     image and labelIds PNG (:func:`chunk_item`), decoded by the same readers, so the same crops and trainIds."""
 
     def __init__(self, chunks: ChunkReader, transform: Transform) -> None:
-        self.chunks, self.split, self.transform, self.pairs = chunks, chunks.record.split, transform, []
+        self.chunks, self.split, self.transform, self.pairs = chunks.open(), chunks.record.split, transform, []
 
     def __len__(self) -> int:
         return len(self.chunks)

@@ -303,7 +303,8 @@ class StreamedMaskFolderSegmentation(MaskFolderSegmentation):
     its class indices as the decoder gave them (:func:`chunk_item`), so the same crops and targets."""
 
     def __init__(self, chunks: ChunkReader, transform: Transform) -> None:
-        self.chunks, self.transform, self.source, self.pairs, self.sizes = chunks, transform, chunks.location, [], None
+        self.chunks, self.transform, self.source = chunks.open(), transform, chunks.location
+        self.pairs, self.sizes = [], None
 
     def __len__(self) -> int:
         return len(self.chunks)

@@ -25,7 +25,7 @@ import torch
 from detection.data import CocoDataModule
 from mbv3_dense.classification.data import ImageFolderDataModule
 from mbv3_dense.sampling import SampleKey
-from mbv3_dense.streaming import FORMAT_VERSION, RECORD_KEY, ChunkReader, StreamingDataError
+from mbv3_dense.streaming import FORMAT_VERSION, RECORD_KEY, ChunkReader, StreamingDataError, cache_folder
 from segmentation.data import CityscapesDataModule
 from segmentation.folder import MaskFolderDataModule
 from segmentation.synthetic import MaskFolderSpec, generate_mask_folders
@@ -151,15 +151,37 @@ def test_a_truncated_or_missing_chunk_is_named(classify_chunks: Path, tmp_path: 
     with pytest.raises(StreamingDataError, match=rf"{chunk.name}: chunk file is {len(data) // 2} bytes, index.json "
                                                  rf"says {len(data)}: truncated \(items \d+\.\.\d+\)"):
         open_classify(classify_chunks)
-    # Through a URL the sizes are not known before the download: the item read names the chunk and the item.
+    # Through a URL the sizes are known once the node's copy is made: the download names the object.
     monkeypatch.setenv("LITDATA_CACHE_DIR", str(tmp_path / "cache"))
     reader = ChunkReader(f"local:{classify_chunks / 'train'}", task="classify", layout="imagefolder", split="train")
-    last = len(reader) - 1
-    with pytest.raises(StreamingDataError, match=rf"{chunk.name} item {last}: cannot be read"):
-        reader[last]
+    with pytest.raises(StreamingDataError, match=rf"local:.*train/{chunk.name}: {len(data) // 2} bytes, index.json "
+                                                 rf"says {len(data)}: the object is truncated or changed"):
+        reader.open()
     chunk.unlink()
+    with pytest.raises(StreamingDataError, match=rf"local:.*train/{chunk.name}: cannot be fetched"):
+        reader.open()
     with pytest.raises(StreamingDataError, match=rf"{chunk.name}: chunk file missing"):
         open_classify(classify_chunks)
+
+
+def test_a_url_is_copied_once_per_node_and_again_after_it_changed(classify_chunks: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LITDATA_CACHE_DIR", str(tmp_path / "cache"))
+    url = f"local:{classify_chunks / 'train'}"
+    first = ChunkReader(url, task="classify", layout="imagefolder", split="train").open()
+    copy = cache_folder(url)
+    assert copy.is_relative_to(tmp_path / "cache")
+    copied = {p.name: p.stat().st_mtime_ns for p in copy.glob("chunk-*.bin")}
+    assert len(copied) == len(first.chunks)
+    ChunkReader(url, task="classify", layout="imagefolder", split="train").open()  # another process of the node
+    assert {p.name: p.stat().st_mtime_ns for p in copy.glob("chunk-*.bin")} == copied, "copied twice"
+
+    edit_index(classify_chunks / "train", lambda index: index[RECORD_KEY].update(source="prepared again"))
+    again = ChunkReader(url, task="classify", layout="imagefolder", split="train").open()
+    assert again.record.source == "prepared again"
+    assert json.loads((copy / "index.json").read_text())[RECORD_KEY]["source"] == "prepared again"
+    assert all(p.stat().st_mtime_ns != copied[p.name] for p in copy.glob("chunk-*.bin")), "a stale copy was kept"
+    assert again[3]["index"] == 3
 
 
 def test_another_format_version_an_incomplete_index_and_a_plain_litdata_folder_are_refused(

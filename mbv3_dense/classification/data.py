@@ -142,7 +142,7 @@ class StreamedImageFolderDataset(ImageFolderDataset):
     def __init__(self, chunks: ChunkReader, transform: v2.Transform, *,
                  on_bad_image: BadImagePolicy = "error") -> None:
         super().__init__([], transform, on_bad_image=on_bad_image)
-        self.chunks = chunks
+        self.chunks = chunks.open()
 
     def __len__(self) -> int:
         return len(self.chunks)
