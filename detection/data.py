@@ -6,11 +6,16 @@ box, crowd flags and the annotation ``area`` included, in the original image's p
 
 Images travel as uint8 ``[3, H, W]`` RGB; :class:`~detection.module.DetectionModule` turns them into
 floats on the device (:meth:`~mbv3_dense.task.TaskModule.on_after_batch_transfer`).
+
+Streaming (``streaming``: ``scripts/prepare_streaming.py --task detect``'s chunks, :mod:`mbv3_dense.streaming`):
+item ``i`` of a split holds the image file's bytes and record ``i``'s cleaned annotations with COCO category
+ids (:func:`chunk_item`); the categories come from the chunks' record and become labels here, as from the file.
 """
 
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import albumentations as A
@@ -32,9 +37,10 @@ from detection.annotations import (  # noqa: F401 - also this module's names for
 )
 from detection.transforms import train_transform
 from mbv3_dense.classes import ClassInfo
-from mbv3_dense.image_io import read_image_rgb
+from mbv3_dense.image_io import decode_image_rgb, read_image_rgb
 from mbv3_dense.predict import DEFAULT_MAX_PIXELS, ImageList, predict_images_for, predict_loader
 from mbv3_dense.sampling import SampleKey, as_sample_key, eval_loader, sample_randomness, train_loader
+from mbv3_dense.streaming import ChunkReader, ChunkRecord, ChunkSource, StreamingDataError, open_split
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +61,15 @@ class CocoTrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def read(self, index: int) -> tuple[np.ndarray, ImageRecord]:
+        """The decoded ``[H, W, 3]`` image and the record of sample ``index``."""
+        rec = self.records[index]
+        return read_image_rgb(rec.path), rec
+
     def __getitem__(self, key: int | SampleKey) -> tuple[Tensor, Target]:
         """``key``: an index, or the :class:`~mbv3_dense.sampling.SampleKey` a training sampler yields;
         the augmentation's draws are a function of it, never of a worker's or the OS's state."""
-        rec = self.records[as_sample_key(key).index]
-        image = read_image_rgb(rec.path)
+        image, rec = self.read(as_sample_key(key).index)
         keep = ~rec.iscrowd
         with sample_randomness(key) as generators:
             self.transform.set_random_state(generators.numpy, generators.python)
@@ -83,9 +93,13 @@ class CocoEvalDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Target]:
+    def read(self, index: int) -> tuple[np.ndarray, ImageRecord]:
+        """The decoded ``[H, W, 3]`` image and the record of sample ``index``."""
         rec = self.records[index]
-        image = read_image_rgb(rec.path)
+        return read_image_rgb(rec.path), rec
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Target]:
+        image, rec = self.read(index)
         if image.shape[:2] != (rec.height, rec.width):
             raise AnnotationError(f"{rec.path}: image is {image.shape[1]}x{image.shape[0]} but the annotation file "
                                   f"says {rec.width}x{rec.height}")
@@ -93,6 +107,48 @@ class CocoEvalDataset(Dataset):
         return img, {"image_id": torch.tensor(rec.image_id), "orig_size": torch.tensor([rec.height, rec.width]),
                      "boxes": torch.from_numpy(rec.boxes), "labels": torch.from_numpy(rec.labels),
                      "iscrowd": torch.from_numpy(rec.iscrowd), "area": torch.from_numpy(rec.area)}
+
+
+class _FromChunks:
+    """A COCO dataset's :meth:`read` from a split's chunks: item ``i`` holds the image bytes and the cleaned
+    annotations of record ``i`` (:func:`chunk_item`), category ids mapped to labels by ``category_map``."""
+
+    def __init__(self, chunks: ChunkReader, category_map: CategoryMap) -> None:
+        self.chunks, self.category_map, self.records = chunks.open(), category_map, []
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def read(self, index: int) -> tuple[np.ndarray, ImageRecord]:
+        item = self.chunks[index]
+        where = self.chunks.where(index, item["name"])
+        labels = [self.category_map.to_label(c, where) for c in item["category_ids"].tolist()]
+        rec = ImageRecord(image_id=int(item["image_id"]), path=Path(item["name"]), height=int(item["height"]),
+                          width=int(item["width"]), boxes=item["boxes"], labels=np.asarray(labels, dtype=np.int64),
+                          iscrowd=item["iscrowd"].astype(bool), area=item["area"])
+        return decode_image_rgb(item["image"], where), rec
+
+
+class StreamedCocoTrainDataset(_FromChunks, CocoTrainDataset):
+    """:class:`CocoTrainDataset`'s samples from the training split's chunks (the same images, boxes and draws)."""
+
+    def __init__(self, chunks: ChunkReader, category_map: CategoryMap, transform: A.Compose) -> None:
+        _FromChunks.__init__(self, chunks, category_map)
+        self.transform = transform
+
+
+class StreamedCocoEvalDataset(_FromChunks, CocoEvalDataset):
+    """:class:`CocoEvalDataset`'s samples from the validation split's chunks."""
+
+
+def chunk_item(rec: ImageRecord, category_map: CategoryMap) -> dict:
+    """A record's streaming item: the image file's bytes as they are, its id, size and cleaned annotations
+    (XYXY boxes in its pixels, clamped; COCO category ids, not labels: the reader's category map converts them)."""
+    return {"name": str(rec.path).encode(), "image": rec.path.read_bytes(), "image_id": rec.image_id,
+            "height": rec.height, "width": rec.width, "boxes": rec.boxes.astype(np.float32),
+            "category_ids": np.asarray([category_map.label_to_id[label] for label in rec.labels.tolist()],
+                                       dtype=np.int64),
+            "iscrowd": rec.iscrowd.astype(np.uint8), "area": rec.area.astype(np.float32)}
 
 
 def collate_train(batch: list[tuple[Tensor, Target]]) -> Batch:
@@ -133,6 +189,10 @@ class CocoDataModule(L.LightningDataModule):
             sizes, in batches of ``val_batch_size``. Category ids and names come from the validation
             (else training) annotation file's ``categories`` when one exists.
         predict_max_pixels: images with more pixels are skipped with a warning naming them.
+        streaming: train and validate from ``scripts/prepare_streaming.py --task detect``'s chunks in this folder
+            or URL (``<streaming>/train``, ``<streaming>/val``) instead of ``root``'s files: the same images, boxes
+            and augmentation (:mod:`mbv3_dense.streaming`); the categories are the chunks'. They were cleaned with
+            the preparer's ``--min-box-size``, which must equal ``min_box_size``.
     """
 
     def __init__(
@@ -155,9 +215,12 @@ class CocoDataModule(L.LightningDataModule):
         min_box_size: float = 1.0,
         predict_images: str | None = None,
         predict_max_pixels: int = DEFAULT_MAX_PIXELS,
+        streaming: str | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(root)
+        self.streaming = streaming
+        self._chunks: dict[str, ChunkReader] = {}
         self.paths = {"train": (self.root / train_images, self.root / train_annotations),
                       "val": (self.root / val_images, self.root / val_annotations)}
         self._num_classes = num_classes
@@ -175,6 +238,11 @@ class CocoDataModule(L.LightningDataModule):
     @property
     def category_map(self) -> CategoryMap:
         """Category ids and names <-> labels, read once from the annotation files' ``categories``."""
+        if self._category_map is None and self.streaming:
+            chunks = self.chunks("train")
+            categories = chunks.info["categories"]
+            self._category_map = CategoryMap([c["id"] for c in categories], self._num_classes, chunks.location,
+                                             {c["id"]: c["name"] for c in categories})
         if self._category_map is None:
             found = [annotations for _, annotations in (self.paths["val"], self.paths["train"])
                      if annotations.is_file()]
@@ -214,7 +282,42 @@ class CocoDataModule(L.LightningDataModule):
                  stats.boxes, stats.crowd, stats.clamped, stats.dropped_degenerate, stats.images_without_boxes)
         return records
 
+    def chunks(self, split: str) -> ChunkReader:
+        """The chunks of ``split`` under ``streaming``, checked against this module's ``min_box_size``."""
+        if split not in self._chunks:
+            chunks = open_split(self.streaming, split, task="detect", layout="coco")
+            if chunks.info["min_box_size"] != self.min_box_size:
+                raise StreamingDataError(f"{chunks.location}: boxes were cleaned with min_box_size "
+                                         f"{chunks.info['min_box_size']} (prepare_streaming.py --min-box-size), this "
+                                         f"module has min_box_size {self.min_box_size}: set the same value")
+            if self._chunks and chunks.info["categories"] != next(iter(self._chunks.values())).info["categories"]:
+                raise StreamingDataError(f"{chunks.location}: its categories differ from the other split's "
+                                         "(prepared from different annotation files)")
+            self._chunks[split] = chunks
+        return self._chunks[split]
+
+    def chunk_source(self, split: str) -> ChunkSource:
+        """What ``scripts/prepare_streaming.py`` writes for ``split`` (after ``setup("fit")``)."""
+        dataset = self.train_set if split == "train" else self.val_set
+        cmap = self.category_map
+        categories = [{"id": i, "name": cmap.names.get(i, str(i))} for i in cmap.category_ids]
+        record = ChunkRecord(task="detect", layout="coco", split=split, count=len(dataset.records),
+                             info={"categories": categories, "min_box_size": self.min_box_size},
+                             source=str(self.paths[split][1]),
+                             fields=("name", "image", "image_id", "height", "width", "boxes", "category_ids",
+                                     "iscrowd", "area"))
+        return ChunkSource(record, dataset.records, partial(chunk_item, category_map=cmap))
+
+    def _setup_streaming(self, stage: str) -> None:
+        if stage == "fit" and self.train_set is None:
+            self.train_set = StreamedCocoTrainDataset(self.chunks("train"), self.category_map, self.transform)
+        if stage in ("fit", "validate", "test") and self.val_set is None:
+            self.val_set = StreamedCocoEvalDataset(self.chunks("val"), self.category_map)
+
     def setup(self, stage: str) -> None:
+        if self.streaming and stage != "predict":
+            self._setup_streaming(stage)
+            return
         if stage == "fit" and self.train_set is None:
             records = self._load("train")
             self.train_set = CocoTrainDataset(records, self.transform)

@@ -20,6 +20,7 @@ crop needs (``rows=``): a training crop that ends above the frame's bottom skips
 
 from __future__ import annotations
 
+import io
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -155,7 +156,16 @@ def read_image_rgb(path: str | Path, *, rows: int | None = None) -> np.ndarray:
         ImageReadError: missing, unreadable, truncated, corrupt or not an image.
     """
     path = Path(path)
-    data = _read_bytes(path, "image file")
+    return decode_image_rgb(_read_bytes(path, "image file"), path, rows=rows)
+
+
+def decode_image_rgb(data: bytes, source: str | Path, *, rows: int | None = None) -> np.ndarray:
+    """:func:`read_image_rgb` of a file's bytes held in memory (a streaming chunk's item): the same decoder
+    for the same bytes, so the same pixels. ``source`` names the bytes in errors (a path, or a chunk and item).
+
+    Raises:
+        ImageReadError: truncated, corrupt or not an image.
+    """
     png = png_layout(data) if data.startswith(PNG_SIGNATURE) else None
     if png is not None and png.bit_depth == 8 and png.colour_type in PNG_RGB_COLOUR_TYPES and not png.exif:
         array = _spng_decode(data, png, rows, "RGB")
@@ -165,11 +175,11 @@ def read_image_rgb(path: str | Path, *, rows: int | None = None) -> np.ndarray:
         array = _cv2_decode(data, cv2.IMREAD_COLOR_RGB)  # applies EXIF orientation, as PIL's path below
         if array is not None:
             return array
-    return _pil_rgb(path)
+    return _pil_rgb(data, source)
 
 
 @contextmanager
-def _pil_errors(path: Path, kind: str) -> Iterator[None]:
+def _pil_errors(path: str | Path, kind: str) -> Iterator[None]:
     """PIL's exceptions while decoding ``path`` (``kind``: "image" or "label") as :class:`ImageReadError`
     naming the file and the cause."""
     try:
@@ -185,8 +195,8 @@ def _pil_errors(path: Path, kind: str) -> Iterator[None]:
             from err
 
 
-def _pil_rgb(path: Path) -> np.ndarray:
-    with _pil_errors(path, "image"), Image.open(path) as img:
+def _pil_rgb(data: bytes, source: str | Path) -> np.ndarray:
+    with _pil_errors(source, "image"), Image.open(io.BytesIO(data)) as img:
         img.load()  # decode fully now: truncation raises here, not later
         img = ImageOps.exif_transpose(img)
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -211,14 +221,23 @@ def read_label_png(path: str | Path, *, rows: int | None = None) -> np.ndarray:
             images are a common mistake: Cityscapes' ``*_color.png`` instead of ``*_labelIds.png``).
     """
     path = Path(path)
-    data = _read_bytes(path, "label file")
+    return decode_label_png(_read_bytes(path, "label file"), path, rows=rows)
+
+
+def decode_label_png(data: bytes, source: str | Path, *, rows: int | None = None) -> np.ndarray:
+    """:func:`read_label_png` of a file's bytes held in memory (a streaming chunk's item); ``source`` names
+    them in errors.
+
+    Raises:
+        ImageReadError: corrupt file, or a file with colour channels.
+    """
     png = png_layout(data) if data.startswith(PNG_SIGNATURE) else None
     if png is not None and (png.bit_depth, png.colour_type) == (8, PNG_GREY):
         array = _spng_decode(data, png, rows, "L")
         if array is not None:
             return array
-    with _pil_errors(path, "label"), Image.open(path) as img:
+    with _pil_errors(source, "label"), Image.open(io.BytesIO(data)) as img:
         img.load()
         if img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
-            raise ImageReadError(f"{path}: label image has mode {img.mode}; expected a single-channel PNG of ids")
+            raise ImageReadError(f"{source}: label image has mode {img.mode}; expected a single-channel PNG of ids")
         return np.asarray(img).astype(np.int64 if img.mode.startswith("I") else np.uint8)

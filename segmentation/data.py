@@ -10,6 +10,9 @@ Label files hold labelIds (8-bit, single channel); they are converted to trainId
 transform: the training crop resamples labelIds by nearest neighbour, which commutes with the lookup,
 so only the crop's pixels are mapped (a third of a frame's), and padding gets labelId 0 ("unlabeled",
 ignored in training). Images travel as uint8 ``[3, H, W]``; the module normalises them on the device.
+
+Streaming (``streaming``: ``scripts/prepare_streaming.py --task segment``'s chunks, :mod:`mbv3_dense.streaming`):
+item ``i`` of a split holds the bytes of pair ``i``'s image and labelIds PNG, read as the files are.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from mbv3_dense.classes import ClassInfo
-from mbv3_dense.image_io import ImageReadError, read_image_rgb, read_label_png
+from mbv3_dense.image_io import ImageReadError, decode_image_rgb, decode_label_png, read_image_rgb, read_label_png
 from mbv3_dense.predict import DEFAULT_MAX_PIXELS, ImageList, predict_images_for, predict_loader
 from mbv3_dense.sampling import SampleKey, as_sample_key, eval_loader, sample_randomness, train_loader
+from mbv3_dense.streaming import ChunkReader, ChunkRecord, ChunkSource, open_split
 from segmentation.labels import CLASS_NAMES, NUM_CLASSES, cityscapes_class_info, label_ids_to_train_ids
 from segmentation.transforms import Transform, eval_transform, train_transform
 
@@ -108,7 +112,12 @@ def read_label_ids(label_path: Path) -> np.ndarray:
         CityscapesDataError: a 16-bit label image (labelIds are 8-bit; 16-bit files are usually
             ``*_instanceIds.png``).
     """
-    ids = read_label_png(label_path)
+    return checked_label_ids(read_label_png(label_path), label_path)
+
+
+def checked_label_ids(ids: np.ndarray, label_path: str | Path) -> np.ndarray:
+    """``ids`` (a decoded label PNG) when they are 8-bit labelIds; :class:`CityscapesDataError` naming ``label_path``
+    for a 16-bit label image."""
     if ids.dtype != np.uint8:
         raise CityscapesDataError(
             f"{label_path}: label image is 16/32-bit; Cityscapes labelIds are 8-bit single-channel PNGs "
@@ -151,12 +160,15 @@ class CityscapesSegmentation(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray, str | Path, str | Path]:
+        """Pair ``index``: the decoded image, its labelIds, and what messages call the two."""
+        image_path, label_path = self.pairs[index]
+        return read_image_rgb(image_path), read_label_ids(label_path), image_path, label_path
+
     def __getitem__(self, key: int | SampleKey) -> tuple[Tensor, Tensor]:
         """``key``: an index, or the :class:`~mbv3_dense.sampling.SampleKey` a training sampler yields;
         the augmentation's draws are a function of it, never of a worker's or the OS's state."""
-        image_path, label_path = self.pairs[as_sample_key(key).index]
-        image = read_image_rgb(image_path)
-        label_ids = read_label_ids(label_path)
+        image, label_ids, image_path, label_path = self.read(as_sample_key(key).index)
         if image.shape[:2] != label_ids.shape:
             raise CityscapesDataError(
                 f"{image_path} is {image.shape[1]}x{image.shape[0]} (WxH) but its label {label_path} "
@@ -165,6 +177,32 @@ class CityscapesSegmentation(Dataset):
         with sample_randomness(key) as generators:
             image, label_ids = self.transform(image, label_ids, generators.python)
         return image, torch.from_numpy(label_ids_to_train_ids(label_ids, label_path))  # uint8: long on the device
+
+
+class StreamedCityscapesSegmentation(CityscapesSegmentation):
+    """:class:`CityscapesSegmentation`'s pairs from a split's chunks: item ``i`` holds the bytes of pair ``i``'s
+    image and labelIds PNG (:func:`chunk_item`), decoded by the same readers, so the same crops and trainIds."""
+
+    def __init__(self, chunks: ChunkReader, transform: Transform) -> None:
+        self.chunks, self.split, self.transform, self.pairs = chunks.open(), chunks.record.split, transform, []
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray, str, str]:
+        item = self.chunks[index]
+        image_source = self.chunks.where(index, item["name"])
+        label_source = self.chunks.where(index, item["label_name"])
+        return (decode_image_rgb(item["image"], image_source),
+                checked_label_ids(decode_label_png(item["label"], label_source), label_source),
+                image_source, label_source)
+
+
+def chunk_item(pair: tuple[Path, Path]) -> dict:
+    """A pair's streaming item: the image's and the labelIds PNG's bytes as they are, and their paths."""
+    image_path, label_path = pair
+    return {"name": str(image_path).encode(), "image": image_path.read_bytes(),
+            "label_name": str(label_path).encode(), "label": label_path.read_bytes()}
 
 
 class CityscapesDataModule(L.LightningDataModule):
@@ -193,14 +231,18 @@ class CityscapesDataModule(L.LightningDataModule):
             text file of paths (:func:`mbv3_dense.predict.list_images`); each image at its own size,
             one forward pass per image, ``val_batch_size`` images per loader batch.
         predict_max_pixels: images with more pixels are skipped with a warning naming them.
+        streaming: train and validate from ``scripts/prepare_streaming.py --task segment``'s chunks in this folder
+            or URL (``<streaming>/train``, ``<streaming>/val``) instead of ``root``'s files: the same pairs, crops
+            and trainIds (:mod:`mbv3_dense.streaming`). The preparer ran the ``check_files`` checks.
     """
 
     def __init__(self, *, root: str, batch_size: int = 8, val_batch_size: int = 1, num_workers: int = 4,
                  crop_size: tuple[int, int] = (769, 769), scale_range: tuple[float, float] = (0.5, 2.0),
                  hflip: bool = True, train_split: str = "train", val_split: str = "val",
                  check_files: bool = True, predict_images: str | None = None,
-                 predict_max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 predict_max_pixels: int = DEFAULT_MAX_PIXELS, streaming: str | None = None) -> None:
         super().__init__()
+        self.streaming = streaming
         self.root = Path(root)
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
@@ -233,17 +275,29 @@ class CityscapesDataModule(L.LightningDataModule):
         (:func:`segmentation.labels.cityscapes_class_info`)."""
         return cityscapes_class_info()
 
+    def chunk_source(self, split: str) -> ChunkSource:
+        """What ``scripts/prepare_streaming.py`` writes for ``split`` (``"train"``: ``train_split``, ``"val"``:
+        ``val_split``; after ``setup("fit")``)."""
+        dataset = self.train_set if split == "train" else self.val_set
+        record = ChunkRecord(task="segment", layout="cityscapes", split=split, count=len(dataset.pairs),
+                             info={"class_info": self.class_info, "split": dataset.split},
+                             source=str(self.root), fields=("name", "image", "label_name", "label"))
+        return ChunkSource(record, dataset.pairs, chunk_item)
+
+    def _dataset(self, split: str, transform: Transform) -> CityscapesSegmentation:
+        if self.streaming:
+            return StreamedCityscapesSegmentation(open_split(self.streaming, split, task="segment",
+                                                             layout="cityscapes"), transform)
+        return CityscapesSegmentation(self.root, self.train_split if split == "train" else self.val_split, transform,
+                                      check_files=self.check_files)
+
     def setup(self, stage: str) -> None:
         if stage == "fit":
-            self.train_set = CityscapesSegmentation(
-                self.root, self.train_split,
-                train_transform(crop_size=self.crop_size, scale_range=self.scale_range, hflip=self.hflip,
-                                fill_mask=PAD_LABEL_ID),
-                check_files=self.check_files)
+            self.train_set = self._dataset("train", train_transform(
+                crop_size=self.crop_size, scale_range=self.scale_range, hflip=self.hflip, fill_mask=PAD_LABEL_ID))
             log.info("Cityscapes %s: %d images", self.train_split, len(self.train_set))
         if stage in ("fit", "validate"):
-            self.val_set = CityscapesSegmentation(self.root, self.val_split, eval_transform(),
-                                                  check_files=self.check_files)
+            self.val_set = self._dataset("val", eval_transform())
             log.info("Cityscapes %s: %d images", self.val_split, len(self.val_set))
         if stage == "predict":
             self.predict_list = predict_images_for(self.predict_images)

@@ -25,6 +25,11 @@ folder or list file, an image without its mask or a mask without its image, a no
 with one stem, a list entry twice, an unreadable image or mask header, a mask whose mode does not fit
 ``mask_format``, a mask of another size than its image, and (``check_mask_values``, every mask
 decoded once) values or colours the classes file does not know (``on_unknown_value``).
+
+Streaming (``streaming``: ``scripts/prepare_streaming.py --task segment --layout folders``'s chunks,
+:mod:`mbv3_dense.streaming`): item ``i`` of a split holds pair ``i``'s image bytes as they are and its mask as
+the decoder gives it (class indices, re-encoded as an 8-bit PNG: colour masks and the ``on_unknown_value`` policy
+are applied once, by the preparer); the classes file's content travels in the chunks' record.
 """
 
 from __future__ import annotations
@@ -32,20 +37,23 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path, PurePosixPath
 from typing import Literal, NamedTuple
 
+import cv2
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from mbv3_dense.classes import ClassInfo
 from mbv3_dense.classification.data import IMAGE_EXTENSIONS
-from mbv3_dense.image_io import ImageReadError, read_image_rgb
+from mbv3_dense.image_io import ImageReadError, decode_image_rgb, decode_label_png, read_image_rgb
 from mbv3_dense.predict import DEFAULT_MAX_PIXELS, ImageList, predict_images_for, predict_loader
 from mbv3_dense.sampling import SampleKey, as_sample_key, eval_loader, sample_randomness, train_loader
+from mbv3_dense.streaming import ChunkReader, ChunkRecord, ChunkSource, StreamingDataError, open_split
 from segmentation.mask_classes import (
     MaskClasses,
     MaskDecoder,
@@ -273,18 +281,51 @@ class MaskFolderSegmentation(Dataset):
             log.warning("%s: %d of %d masks hold values outside the classes file, mapped to %d (ignore)",
                         self.source, len(mapped), len(self.pairs), self.decoder.classes.ignore_index)
 
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray, str | Path, str | Path]:
+        """Pair ``index``: the decoded image, its class indices, and what messages call the two."""
+        image_path, mask_path, _ = self.pairs[index]
+        return read_image_rgb(image_path), self.decoder.decode(mask_path), image_path, mask_path
+
     def __getitem__(self, key: int | SampleKey) -> tuple[Tensor, Tensor]:
         """``key``: an index, or the :class:`~mbv3_dense.sampling.SampleKey` a training sampler yields;
         the augmentation's draws are a function of it, never of a worker's or the OS's state."""
-        image_path, mask_path, _ = self.pairs[as_sample_key(key).index]
-        image = read_image_rgb(image_path)
-        mask = self.decoder.decode(mask_path)
+        image, mask, image_path, mask_path = self.read(as_sample_key(key).index)
         if image.shape[:2] != mask.shape:
             raise MaskFolderError(f"{image_path} is {image.shape[1]}x{image.shape[0]} (WxH) but its mask {mask_path} "
                                   f"is {mask.shape[1]}x{mask.shape[0]}")
         with sample_randomness(key) as generators:
             image, mask = self.transform(image, mask, generators.python)
         return image, torch.from_numpy(mask)  # uint8: long on the device
+
+
+class StreamedMaskFolderSegmentation(MaskFolderSegmentation):
+    """:class:`MaskFolderSegmentation`'s pairs from a split's chunks: item ``i`` holds pair ``i``'s image bytes and
+    its class indices as the decoder gave them (:func:`chunk_item`), so the same crops and targets."""
+
+    def __init__(self, chunks: ChunkReader, transform: Transform) -> None:
+        self.chunks, self.transform, self.source = chunks.open(), transform, chunks.location
+        self.pairs, self.sizes = [], None
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray, str, str]:
+        item = self.chunks[index]
+        image_source, mask_source = self.chunks.where(index, item["name"]), self.chunks.where(index, item["mask_name"])
+        mask = decode_label_png(item["mask"], mask_source)
+        if mask.dtype != np.uint8:
+            raise StreamingDataError(f"{mask_source}: the mask is not 8-bit class indices (not the preparer's)")
+        return decode_image_rgb(item["image"], image_source), mask, image_source, mask_source
+
+
+def chunk_item(pair: Pair, decoder: MaskDecoder) -> dict:
+    """A pair's streaming item: the image's bytes as they are; the mask decoded to class indices by ``decoder``
+    (the set-up's checks and ``on_unknown_value`` policy) and written as an 8-bit PNG; their paths."""
+    encoded, png = cv2.imencode(".png", decoder.decode(pair.mask))
+    if not encoded:
+        raise MaskFolderError(f"{pair.mask}: could not encode its class indices as PNG")
+    return {"name": str(pair.image).encode(), "image": pair.image.read_bytes(), "mask_name": str(pair.mask).encode(),
+            "mask": png.tobytes()}
 
 
 class MaskFolderDataModule(L.LightningDataModule):
@@ -320,6 +361,11 @@ class MaskFolderDataModule(L.LightningDataModule):
             classes file does not know (``on_unknown_value: error``), or count them (``ignore``).
         predict_images: what ``lightning predict`` runs on (as :class:`~segmentation.data.CityscapesDataModule`).
         predict_max_pixels: images with more pixels are skipped with a warning naming them.
+        streaming: train and validate from ``scripts/prepare_streaming.py --task segment --layout folders``'s
+            chunks in this folder or URL (``<streaming>/train``, ``<streaming>/val``) instead of ``root``'s files:
+            the same pairs, crops and targets (:mod:`mbv3_dense.streaming`). The classes are the chunks' (the
+            classes file's content, recorded); ``mask_format``, ``on_unknown_value`` and the checks applied when
+            the chunks were prepared.
     """
 
     def __init__(self, *, root: str, classes_file: str | None = None, mask_format: MaskFormat = "index",
@@ -328,8 +374,11 @@ class MaskFolderDataModule(L.LightningDataModule):
                  batch_size: int = 8, val_batch_size: int = 1, num_workers: int = 4,
                  crop_size: tuple[int, int] = (512, 512), scale_range: tuple[float, float] = (0.5, 2.0),
                  hflip: bool = True, check_files: bool = True, check_mask_values: bool = True,
-                 predict_images: str | None = None, predict_max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 predict_images: str | None = None, predict_max_pixels: int = DEFAULT_MAX_PIXELS,
+                 streaming: str | None = None) -> None:
         super().__init__()
+        self.streaming = streaming
+        self._chunks: dict[str, ChunkReader] = {}
         if mask_format not in ("index", "color"):
             raise ValueError(f"mask_format must be 'index' or 'color', got {mask_format!r}")
         if on_unknown_value not in ("error", "ignore"):
@@ -359,8 +408,39 @@ class MaskFolderDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ classes (the classes file only)
     @cached_property
     def classes(self) -> MaskClasses:
-        """The classes file's content (read once)."""
+        """The classes file's content (read once; streaming: as the chunks record it)."""
+        if self.streaming:
+            recorded = self.chunks("train").info["classes"]
+            colors = recorded["colors"]
+            return MaskClasses(tuple(recorded["names"]), tuple(map(tuple, colors)) if colors is not None else None,
+                               int(recorded["ignore_index"]), tuple(map(tuple, recorded["ignore_colors"])),
+                               Path(recorded["source"]))
         return read_classes_file(find_classes_file(self.root, self.classes_file))
+
+    def chunks(self, split: str) -> ChunkReader:
+        """The chunks of ``split`` under ``streaming`` (opened and checked once)."""
+        if split not in self._chunks:
+            chunks = open_split(self.streaming, split, task="segment", layout="folders")
+            if self._chunks and chunks.info["classes"] != next(iter(self._chunks.values())).info["classes"]:
+                raise StreamingDataError(f"{chunks.location}: its classes differ from the other split's (prepared "
+                                         "from different datasets)")
+            self._chunks[split] = chunks
+        return self._chunks[split]
+
+    def chunk_source(self, split: Literal["train", "val"]) -> ChunkSource:
+        """What ``scripts/prepare_streaming.py`` writes for ``split`` (after ``setup("fit")``, whose checks ran)."""
+        dataset = self.train_set if split == "train" else self.val_set
+        c = self.classes
+        sizes = set(dataset.sizes or [])
+        classes = {"names": list(c.names), "colors": [list(x) for x in c.colors] if c.colors is not None else None,
+                   "ignore_index": c.ignore_index, "ignore_colors": [list(x) for x in c.ignore_colors],
+                   "source": str(c.source)}
+        record = ChunkRecord(task="segment", layout="folders", split=split, count=len(dataset.pairs),
+                             info={"classes": classes, "mask_format": self.mask_format,
+                                   "on_unknown_value": self.on_unknown_value,
+                                   "frame_size": list(sizes.pop()) if len(sizes) == 1 else None},
+                             source=dataset.source, fields=("name", "image", "mask_name", "mask"))
+        return ChunkSource(record, dataset.pairs, partial(chunk_item, decoder=dataset.decoder))
 
     @property
     def num_classes(self) -> int:
@@ -408,7 +488,22 @@ class MaskFolderDataModule(L.LightningDataModule):
                  len(dataset), self.num_classes, self.classes.source.name, self.mask_format)
         return dataset
 
+    def _setup_streaming(self, stage: str) -> None:
+        if stage == "fit":
+            self.train_set = StreamedMaskFolderSegmentation(self.chunks("train"), train_transform(
+                crop_size=self.crop_size, scale_range=self.scale_range, hflip=self.hflip,
+                fill_mask=self.classes.ignore_index))
+        if stage in ("fit", "validate"):
+            self.val_set = StreamedMaskFolderSegmentation(self.chunks("val"), eval_transform())
+            if self.val_batch_size > 1 and self.chunks("val").info["frame_size"] is None:
+                raise MaskFolderError(f"{self.chunks('val').location}: validation runs on full frames, "
+                                      f"{self.val_batch_size} a batch, but the images have different sizes; set "
+                                      "val_batch_size: 1")
+
     def setup(self, stage: str) -> None:
+        if self.streaming and stage != "predict":
+            self._setup_streaming(stage)
+            return
         if stage == "fit":
             self.train_set = self.split_dataset("train")
         if stage in ("fit", "validate"):

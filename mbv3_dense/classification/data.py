@@ -11,6 +11,10 @@ Bad files: ``on_bad_image="error"`` (default) raises :class:`~mbv3_dense.image_i
 naming the file; ``"skip"`` drops the sample from its batch with a warning naming the file, and
 each batch carries the number it dropped (``ClassificationBatch.skipped``), which the
 :class:`~mbv3_dense.classification.module.ClassificationModule` sums into ``data/skipped_images``.
+
+Streaming (``streaming``: ``scripts/prepare_streaming.py --task classify``'s chunks, :mod:`mbv3_dense.streaming`):
+item ``i`` of a split holds the bytes of the file sample ``i`` reads, its label and its path; the class names
+come from the chunks' record.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -29,9 +34,10 @@ from torchvision.transforms import v2
 
 from mbv3_dense.classes import ClassInfo, check_class_info
 from mbv3_dense.classification.transforms import eval_transform, train_transform
-from mbv3_dense.image_io import ImageReadError, read_image_rgb
+from mbv3_dense.image_io import ImageReadError, decode_image_rgb, read_image_rgb
 from mbv3_dense.predict import DEFAULT_MAX_PIXELS, ImageList, predict_images_for, predict_loader
 from mbv3_dense.sampling import SampleKey, as_sample_key, eval_loader, sample_randomness, train_loader
+from mbv3_dense.streaming import ChunkReader, ChunkRecord, ChunkSource, StreamingDataError, open_split
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +113,16 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def read(self, index: int) -> tuple[np.ndarray, int]:
+        """The decoded ``[H, W, 3]`` image and the label of sample ``index``."""
+        path, label = self.samples[index]
+        return read_image_rgb(path), label
+
     def __getitem__(self, key: int | SampleKey) -> tuple[Tensor, int] | None:
         """``key``: an index, or the :class:`~mbv3_dense.sampling.SampleKey` a training sampler yields;
         the transform's random draws are a function of it (:func:`~mbv3_dense.sampling.sample_randomness`)."""
-        path, label = self.samples[as_sample_key(key).index]
         try:
-            array = read_image_rgb(path)
+            array, label = self.read(as_sample_key(key).index)
         except ImageReadError as err:
             if self.on_bad_image == "error":
                 raise
@@ -123,6 +133,29 @@ class ImageFolderDataset(Dataset):
         image = torch.from_numpy(array).permute(2, 0, 1)
         with sample_randomness(key):
             return self.transform(image), label
+
+
+class StreamedImageFolderDataset(ImageFolderDataset):
+    """:class:`ImageFolderDataset`'s samples from a split's chunks: item ``i`` holds the bytes of the file of
+    sample ``i`` (:func:`chunk_item`), decoded by the same reader, so the same pixels and augmentation."""
+
+    def __init__(self, chunks: ChunkReader, transform: v2.Transform, *,
+                 on_bad_image: BadImagePolicy = "error") -> None:
+        super().__init__([], transform, on_bad_image=on_bad_image)
+        self.chunks = chunks.open()
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def read(self, index: int) -> tuple[np.ndarray, int]:
+        item = self.chunks[index]
+        return decode_image_rgb(item["image"], self.chunks.where(index, item["name"])), int(item["label"])
+
+
+def chunk_item(sample: tuple[Path, int]) -> dict:
+    """A sample's streaming item: the file's bytes as they are, its label and its path (for messages)."""
+    path, label = sample
+    return {"name": str(path).encode(), "image": path.read_bytes(), "label": int(label)}
 
 
 def collate_skipping(items: list[tuple[Tensor, int] | None]) -> ClassificationBatch:
@@ -168,6 +201,10 @@ class ImageFolderDataModule(L.LightningDataModule):
             validation transform (short side ``val_resize_size``, centre crop ``crop_size``), in
             batches of ``batch_size``; class names come from ``root/train`` when it exists.
         predict_max_pixels: images with more pixels are skipped with a warning naming them.
+        streaming: train and validate from ``scripts/prepare_streaming.py --task classify``'s chunks in this
+            folder or URL (``<streaming>/train``, ``<streaming>/val``) instead of ``root``'s files: the same
+            samples, classes and augmentation (:mod:`mbv3_dense.streaming`). ``root`` is then only read for
+            ``lightning predict``'s class names.
     """
 
     def __init__(
@@ -186,6 +223,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         predict_images: str | None = None,
         predict_max_pixels: int = DEFAULT_MAX_PIXELS,
+        streaming: str | None = None,
     ) -> None:
         super().__init__()
         if on_bad_image not in ("error", "skip"):
@@ -205,6 +243,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.predict_max_pixels = predict_max_pixels
         self.predict_list: ImageList | None = None
         self.predict_class_names: list[str] | None = None
+        self.streaming = streaming
+        self._chunks: dict[str, ChunkReader] = {}
 
     @property
     def num_classes(self) -> int:
@@ -212,19 +252,51 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     @property
     def class_names(self) -> list[str]:
-        """The class folders of ``root/train``, sorted: the name of each class index."""
+        """The class folders of ``root/train``, sorted (streaming: as the chunks record them): the name of each
+        class index."""
         if not self.classes:
-            self.classes = find_classes(self.root / "train")
+            self.classes = list(self.chunks("train").info["class_names"]) if self.streaming else \
+                find_classes(self.root / "train")
         return list(self.classes)
 
     @property
     def class_info(self) -> ClassInfo:
         """What checkpoints record of the classes (:mod:`mbv3_dense.classes`): their names."""
-        return check_class_info({"names": self.class_names}, str(self.root / "train"))
+        source = self.chunks("train").location if self.streaming else str(self.root / "train")
+        return check_class_info({"names": self.class_names}, source)
+
+    def chunks(self, split: str) -> ChunkReader:
+        """The chunks of ``split`` under ``streaming`` (opened and checked once)."""
+        if split not in self._chunks:
+            self._chunks[split] = open_split(self.streaming, split, task="classify", layout="imagefolder")
+        return self._chunks[split]
+
+    def chunk_source(self, split: str) -> ChunkSource:
+        """What ``scripts/prepare_streaming.py`` writes for ``split`` (after ``setup("fit")``)."""
+        dataset = self.train_set if split == "train" else self.val_set
+        record = ChunkRecord(task="classify", layout="imagefolder", split=split, count=len(dataset.samples),
+                             info={"class_names": self.class_names}, source=str(self.root / split),
+                             fields=("name", "image", "label"))
+        return ChunkSource(record, dataset.samples, chunk_item)
+
+    def _setup_streaming(self, stage: str | None) -> None:
+        self.classes = list(self.chunks("train").info["class_names"])
+        if stage in ("fit", None) and self.train_set is None:
+            self.train_set = StreamedImageFolderDataset(self.chunks("train"), self.train_tf,
+                                                        on_bad_image=self.on_bad_image)
+        if stage in ("fit", "validate", None) and self.val_set is None:
+            val = self.chunks("val")
+            if val.info["class_names"] != self.classes:
+                raise StreamingDataError(f"{val.location}: its class names differ from those of "
+                                         f"{self.chunks('train').location} (prepared from different datasets)")
+            self.val_set = StreamedImageFolderDataset(val, self.val_tf, on_bad_image=self.on_bad_image)
 
     def setup(self, stage: str | None = None) -> None:
         if stage == "predict":
             self._setup_predict()
+            return
+        if self.streaming:
+            self._setup_streaming(stage)
             return
         classes = find_classes(self.root / "train")
         self.classes = classes
