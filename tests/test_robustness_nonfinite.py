@@ -104,7 +104,7 @@ def _prepare(task: str, monkeypatch: pytest.MonkeyPatch, policy: str) -> tuple[L
         import segmentation.module as seg
 
         original = seg.segmentation_loss
-        monkeypatch.setattr(seg, "segmentation_loss", lambda logits, target: original(logits, target) * (
+        monkeypatch.setattr(seg, "segmentation_loss", lambda logits, target, *rest: original(logits, target, *rest) * (
             float("nan") if module.trainer.global_step == BAD_STEP else 1.0))
     else:
         nan_loss_at(module, attribute, BAD_STEP)
