@@ -1,25 +1,29 @@
-"""Side-by-side CPU latency: torchvision eager vs ours eager vs ours on the fast paths, in one process.
+"""Side-by-side CPU latency: torchvision eager vs ours, eager and on the fast paths, each contender in its own process.
 
-    python scripts/benchmark.py [--tasks classify,detect,segment] [--threads N] [--json OUT]
+    python scripts/benchmark.py [--tasks classify,detect,segment] [--threads N] [--rounds 3] [--json OUT]
 
 Every contender of a task gets the same weights (torchvision's random initialisation, copied into
-ours with the converters of each package) and the same input, and all are timed in turns
-(A B C A B C ...) after a warm-up, so the ratios are measured under the same machine load. ONNX
-Runtime runs with spinning threads off (they would slow down whatever runs next). Rows:
+ours with the converters of each package) and the same input. The parent process makes the weights
+and inputs (saved in the work folder), exports the ONNX and ``.pte`` files once, then times the
+contenders in rounds, A B C A B C ...: each timing is a fresh process (``--worker``) that loads only
+its own contender, warms it up and times ``--runs`` calls. Timed in one process, the runtimes
+disturb each other: after a call, one runtime's threads keep the cores busy and slow down the next
+one's call, which moved the ratios 2-3x in either direction on a 2-core machine. ``--in-process``
+times them the old way, interleaved in one process (ONNX Runtime with spinning threads off), to
+compare. Rows:
 
 - classify: 224x224 input, already normalised (the network only).
 - detect: one 480x640 float image in [0, 1], end to end: resize to 320x320, normalise, network,
   decode, score threshold, top-k, batched NMS, boxes scaled back (torchvision's ``model([img])``,
-  our ``model.predict([img])``; the ONNX Runtime row runs our preprocess, the exported network,
-  and our vectorised postprocess).
+  our ``model.predict([img])``; the ONNX Runtime and ExecuTorch rows run our preprocess, the
+  exported network, and our vectorised postprocess).
 - segment: 1024x2048 input, logits at full resolution; ours in the torchvision variant (same
   weights) and the paper variant (reduced tail, 49x49 pooling; its own random weights).
 
 ExecuTorch rows (``ours executorch``, ``ours executorch int8``; off with ``--no-executorch``): the
 network exported to a ``.pte`` lowered to XNNPACK, batch 1, run by ExecuTorch's runtime with
 ``--threads`` XNNPACK threads; int8 is PT2E with the XNNPACK quantizer (per-channel weights),
-calibrated on ``--calibration`` random inputs (2 at most for segment). For detect they run our
-preprocess, the ``.pte`` and our postprocess, end to end like the other rows. Export time is printed
+calibrated on ``--calibration`` random inputs (2 at most for segment). Export times are printed
 (``#`` lines) but not timed.
 
 ``max_diff`` compares each row's output with the torchvision baseline's where they compute the
@@ -27,8 +31,9 @@ same function: for classify logits and segment logits (torchvision variant), the
 difference divided by the baseline's largest magnitude; for detect, the largest box-corner difference
 in pixels when both find the same boxes with the same labels. Other rows leave it empty (``null``).
 
-Output: a table (median and p90 ms, ratio of medians to the torchvision row) and one JSON object
-per row on stdout (prefixed ``JSON``), also written to ``--json OUT`` one per line.
+Output: a table (median and p90 ms over all timed calls, the lowest and highest per-round median,
+ratio of medians to the torchvision row and its range over the rounds) and one JSON object per row
+on stdout (prefixed ``JSON``), also written to ``--json OUT`` one per line.
 """
 
 from __future__ import annotations
@@ -40,11 +45,13 @@ import json
 import logging
 import os
 import platform
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,29 +66,34 @@ from mbv3_dense.deploy import (
     export_executorch,
     export_onnx,
     fold_batchnorm,
-    interleaved_latency,
     quantize_int8,
     to_channels_last,
 )
 from mbv3_dense.model_record import TASKS, task_list
+from mbv3_dense.progress import progress
 from mbv3_dense.weights import from_torchvision_classifier, load_state_dict_strict
 
 BASELINE = "torchvision eager"
+WORKER_TAG = "WORKER "
 
 
 @dataclass
 class Row:
-    """One contender: ``call()`` runs one inference; ``output()`` is what is compared with the baseline."""
+    """One contender.
+
+    ``make()`` builds it in the process that times it and returns the zero-argument call that runs one
+    inference; ``export()`` (exported rows) writes its file once, in the parent; ``size()`` gives
+    ``(params, madds)``; ``compare(reference_output, output)`` the ``max_diff``.
+    """
 
     task: str
     name: str
     model: str
-    input: str
-    call: Callable[[], object]
-    params: int
-    madds: int
+    make: Callable[[], Callable[[], object]]
+    size: Callable[[], tuple[int, int]]
     compare: Callable[[object, object], float | None] | None = None
-    result: dict = field(default_factory=dict)
+    export: Callable[[], str] | None = None
+    input: str = ""
 
 
 def max_abs(a: object, b: object) -> float | None:
@@ -94,6 +106,11 @@ def max_abs(a: object, b: object) -> float | None:
 
 def torch_call(model: torch.nn.Module, x: Tensor) -> Callable[[], object]:
     return lambda: model(x)
+
+
+def sizes_of(model: torch.nn.Module, example: Tensor, fn: Callable | None = None) -> Callable[[], tuple[int, int]]:
+    """``(params of model, MAdds of fn(example))`` (``fn`` defaults to ``model``), computed when asked."""
+    return lambda: (count_params(model), count_madds(fn or model, example))
 
 
 @contextlib.contextmanager
@@ -116,32 +133,33 @@ def quiet_output() -> Iterator[None]:
 
 def onnx_rows(task: str, model: torch.nn.Module, example: Tensor, *, label: str, name: str, work: Path,
               threads: int, int8: bool, calibration: list[Tensor], wrap: Callable[[Callable], Callable],
-              params: int, madds: int, compare) -> list[Row]:
-    """ONNX Runtime fp32 (and int8) rows for ``model`` exported on ``example``; a failure skips the rows, loudly."""
-    try:
+              size: Callable[[], tuple[int, int]], compare) -> list[Row]:
+    """ONNX Runtime fp32 (and int8) rows for ``model`` exported on ``example``."""
+    path, q_path = work / f"{task}_{label}.onnx", work / f"{task}_{label}.int8.onnx"
+
+    def export() -> str:
         # the exporter prints the whole TorchScript graph on failure: keep it out of the table
         with quiet_output():
-            path = export_onnx(model, example, work / f"{task}_{label}.onnx")
-    except Exception as err:  # noqa: BLE001 - reported, and the other rows still run
-        print(f"# SKIPPED {task} {name} onnxruntime rows: export failed: {type(err).__name__}: "
-              f"{str(err).splitlines()[0][:300]}", flush=True)
-        return []
-    fp32 = OnnxModel(path, threads=threads)
-    rows = [Row(task, "ours onnxruntime", name, "", wrap(fp32), params, madds, compare)]
-    if int8:
+            export_onnx(model, example, path)
+        return f"wrote {path.name}"
+
+    def export_int8() -> str:
         start = time.perf_counter()
-        q_path = quantize_int8(path, work / f"{task}_{label}.int8.onnx", calibration)
-        print(f"# {task} {name}: int8 quantization with {len(calibration)} calibration inputs took "
-              f"{time.perf_counter() - start:.1f} s", flush=True)
-        q = OnnxModel(q_path, threads=threads)
-        rows.append(Row(task, "ours onnxruntime int8", name, "", wrap(q), params, madds, compare))
+        quantize_int8(path, q_path, calibration)
+        return f"int8 quantization with {len(calibration)} calibration inputs took {time.perf_counter() - start:.1f} s"
+
+    rows = [Row(task, "ours onnxruntime", name, lambda: wrap(OnnxModel(path, threads=threads)), size, compare,
+                export)]
+    if int8:
+        rows.append(Row(task, "ours onnxruntime int8", name, lambda: wrap(OnnxModel(q_path, threads=threads)), size,
+                        compare, export_int8))
     return rows
 
 
 def executorch_rows(task: str, model: torch.nn.Module, example: Tensor, *, label: str, name: str, work: Path,
                     threads: int, int8: bool, calibration: list[Tensor], wrap: Callable[[Callable], Callable],
-                    params: int, madds: int, compare, reuse: bool = False) -> list[Row]:
-    """ExecuTorch XNNPACK fp32 (and int8) rows; a failure skips the rows, loudly.
+                    size: Callable[[], tuple[int, int]], compare, reuse: bool = False) -> list[Row]:
+    """ExecuTorch XNNPACK fp32 (and int8) rows.
 
     ``reuse``: run a ``.pte`` already in ``work`` instead of exporting again (each task's weights
     depend only on ``--seed``: the ``max diff`` column shows a mismatch where it applies).
@@ -149,78 +167,85 @@ def executorch_rows(task: str, model: torch.nn.Module, example: Tensor, *, label
     rows = []
     variants = [("ours executorch", None)] + ([("ours executorch int8", calibration)] if int8 else [])
     for row_name, calib in variants:
-        suffix = ".int8.pte" if calib is not None else ".pte"
-        path = work / f"{task}_{label}{suffix}"
-        if reuse and path.is_file():
-            print(f"# {task} {name} {row_name}: reusing {path}", flush=True)
-            rows.append(Row(task, row_name, name, "", wrap(ExecuTorchModel(path, task=task, threads=threads)),
-                            params, madds, compare))
-            continue
-        try:
+        path = work / f"{task}_{label}{'.int8.pte' if calib is not None else '.pte'}"
+
+        def export(path: Path = path, calib: list[Tensor] | None = calib) -> str:
+            if reuse and path.is_file():
+                return f"reusing {path}"
             with quiet_output():
-                result = export_executorch(model, example, work / f"{task}_{label}{suffix}", task=task,
-                                           int8_calibration=calib)
-        except Exception as err:  # noqa: BLE001 - reported, and the other rows still run
-            print(f"# SKIPPED {task} {name} {row_name}: export failed: {type(err).__name__}: "
-                  f"{str(err).splitlines()[0][:300]}", flush=True)
-            continue
-        print(f"# {task} {name} {row_name}: export took {result.seconds:.1f} s; {result.delegation_summary()}",
-              flush=True)
-        runtime = ExecuTorchModel(result.path, task=task, threads=threads)
-        rows.append(Row(task, row_name, name, "", wrap(runtime), params, madds, compare))
+                result = export_executorch(model, example, path, task=task, int8_calibration=calib)
+            return f"export took {result.seconds:.1f} s; {result.delegation_summary()}"
+
+        rows.append(Row(task, row_name, name, lambda path=path: wrap(ExecuTorchModel(path, task=task, threads=threads)),
+                        size, compare, export))
     return rows
 
 
-def classify_rows(args: argparse.Namespace, work: Path) -> list[Row]:
+# ---------------------------------------------------------------------------------------------- tasks
+# Each task: ``<task>_state(args)`` draws the weights and inputs (seeded, once, in the parent; the
+# workers load them), ``<task>_rows(args, work, state)`` builds the rows from them (models are cheap
+# to build; files are only read by ``make``).
+def classify_state(args: argparse.Namespace) -> dict:
+    size = args.size or (64 if args.quick else 224)
+    tv = getattr(torchvision.models, f"mobilenet_v3_{args.arch}")()
+    return {"tv": tv.state_dict(), "x": torch.rand(1, 3, size, size),
+            "calibration": [torch.rand(1, 3, size, size) for _ in range(args.calibration)]}
+
+
+def classify_rows(args: argparse.Namespace, work: Path, state: dict) -> list[Row]:
     import mbv3_dense
 
-    size = args.size or (64 if args.quick else 224)
-    x = torch.rand(1, 3, size, size)
+    x = state["x"]
     tv = getattr(torchvision.models, f"mobilenet_v3_{args.arch}")().eval()
+    tv.load_state_dict(state["tv"])
     ours = getattr(mbv3_dense, f"mobilenet_v3_{args.arch}")().eval()
-    load_state_dict_strict(ours, from_torchvision_classifier(tv.state_dict()), "torchvision classifier")
-    folded = fold_batchnorm(ours)
+    load_state_dict_strict(ours, from_torchvision_classifier(state["tv"]), "torchvision classifier")
     name = f"mobilenet_v3_{args.arch}"
-    params, madds = count_params(ours), count_madds(ours, x)
+    size = sizes_of(ours, x)
     rows = [
-        Row("classify", BASELINE, name, "", torch_call(tv, x), count_params(tv), count_madds(tv, x), max_abs),
-        Row("classify", "ours eager", name, "", torch_call(ours, x), params, madds, max_abs),
-        Row("classify", "ours folded", name, "", torch_call(folded, x), params, madds, max_abs),
+        Row("classify", BASELINE, name, lambda: torch_call(tv, x), sizes_of(tv, x), max_abs),
+        Row("classify", "ours eager", name, lambda: torch_call(ours, x), size, max_abs),
+        Row("classify", "ours folded", name, lambda: torch_call(fold_batchnorm(ours), x), size, max_abs),
     ]
     if args.channels_last:
-        cl = ChannelsLast(to_channels_last(folded)).eval()
-        rows.append(Row("classify", "ours folded channels_last", name, "", torch_call(cl, x), params, madds, max_abs))
-    calibration = [torch.rand(1, 3, size, size) for _ in range(args.calibration)]
-    rows += onnx_rows("classify", ours, x, label=name, name=name, work=work, threads=args.threads,
-                      int8=args.int8, calibration=calibration, wrap=lambda m: (lambda: m(x)), params=params,
-                      madds=madds, compare=max_abs)
+        rows.append(Row("classify", "ours folded channels_last", name,
+                        lambda: torch_call(ChannelsLast(to_channels_last(fold_batchnorm(ours))).eval(), x), size,
+                        max_abs))
+    common = {"label": name, "name": name, "work": work, "threads": args.threads, "int8": args.int8,
+              "calibration": state["calibration"], "wrap": lambda m: (lambda: m(x)), "size": size,
+              "compare": max_abs}
+    rows += onnx_rows("classify", ours, x, **common)
     if args.executorch:
-        rows += executorch_rows("classify", ours, x, label=name, name=name, work=work, threads=args.threads,
-                                int8=args.int8, calibration=calibration, wrap=lambda m: (lambda: m(x)),
-                                params=params, madds=madds, compare=max_abs, reuse=args.reuse_exports)
+        rows += executorch_rows("classify", ours, x, **common, reuse=args.reuse_exports)
     for r in rows:
-        r.input = f"{size}x{size}"
+        r.input = f"{x.shape[-2]}x{x.shape[-1]}"
     return rows
 
 
-def detect_rows(args: argparse.Namespace, work: Path) -> list[Row]:
+def detect_state(args: argparse.Namespace) -> dict:
+    if args.arch != "large":
+        raise SystemExit("detect: torchvision has only ssdlite320_mobilenet_v3_large; use --arch large")
+    h, w = (120, 160) if args.quick else (480, 640)
+    tv = torchvision.models.detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None)
+    return {"tv": tv.state_dict(), "image": torch.rand(3, h, w),
+            "calibration": [torch.rand(3, h, w) for _ in range(args.calibration)]}
+
+
+def detect_rows(args: argparse.Namespace, work: Path, state: dict) -> list[Row]:
     import detection
     from detection.weights import from_torchvision_ssdlite
 
-    h, w = (120, 160) if args.quick else (480, 640)
-    image = torch.rand(3, h, w)
-    builder = torchvision.models.detection.ssdlite320_mobilenet_v3_large
-    if args.arch != "large":
-        raise SystemExit("detect: torchvision has only ssdlite320_mobilenet_v3_large; use --arch large")
-    tv = builder(weights=None, weights_backbone=None).eval()
+    image = state["image"]
+    h, w = image.shape[-2:]
+    tv = torchvision.models.detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None).eval()
+    tv.load_state_dict(state["tv"])
     ours = detection.ssdlite_mobilenet_v3_large().eval()
     c4 = ours.backbone.feature_info["c4_expand"].index
-    load_state_dict_strict(ours, from_torchvision_ssdlite(tv.state_dict(), c4), "torchvision ssdlite")
-    folded = fold_batchnorm(ours)
+    load_state_dict_strict(ours, from_torchvision_ssdlite(state["tv"], c4), "torchvision ssdlite")
     name = "ssdlite320_mobilenet_v3_large"
     net_in = ours.preprocess([image])
-    size = [(h, w)]
-    params, madds = count_params(ours), count_madds(ours, net_in)
+    sizes = [(h, w)]
+    size = sizes_of(ours, net_in)
 
     def compare(a: list[dict], b: list[dict]) -> float | None:
         if a[0]["boxes"].shape != b[0]["boxes"].shape or not torch.equal(a[0]["labels"], b[0]["labels"]):
@@ -228,100 +253,212 @@ def detect_rows(args: argparse.Namespace, work: Path) -> list[Row]:
         return (a[0]["boxes"] - b[0]["boxes"]).abs().max().item() if len(a[0]["boxes"]) else 0.0
 
     def deployed(raw_fn: Callable[[Tensor], dict]) -> Callable[[], list[dict]]:
-        return lambda: ours.postprocess(raw_fn(ours.preprocess([image])), size)
+        return lambda: ours.postprocess(raw_fn(ours.preprocess([image])), sizes)
 
     rows = [
-        Row("detect", BASELINE, name, "", lambda: tv([image]), count_params(tv),
-            count_madds(lambda t: tv([t[0]]), image[None]), compare),
-        Row("detect", "ours eager", name, "", lambda: ours.predict([image]), params, madds, compare),
-        Row("detect", "ours folded", name, "", deployed(folded), params, madds, compare),
+        Row("detect", BASELINE, name, lambda: (lambda: tv([image])), sizes_of(tv, image[None], lambda t: tv([t[0]])),
+            compare),
+        Row("detect", "ours eager", name, lambda: (lambda: ours.predict([image])), size, compare),
+        Row("detect", "ours folded", name, lambda: deployed(fold_batchnorm(ours)), size, compare),
     ]
     rows += onnx_rows("detect", ours, net_in, label=name, name=name, work=work, threads=args.threads, int8=False,
-                      calibration=[], wrap=deployed, params=params, madds=madds, compare=compare)
+                      calibration=[], wrap=deployed, size=size, compare=compare)
     if args.executorch:
-        calibration = [ours.preprocess([torch.rand(3, h, w)]) for _ in range(args.calibration)]
+        calibration = [ours.preprocess([img]) for img in state["calibration"]]
         rows += executorch_rows("detect", ours, net_in, label=name, name=name, work=work, threads=args.threads,
-                                int8=args.int8, calibration=calibration, wrap=deployed, params=params, madds=madds,
-                                compare=compare, reuse=args.reuse_exports)
+                                int8=args.int8, calibration=calibration, wrap=deployed, size=size, compare=compare,
+                                reuse=args.reuse_exports)
     for r in rows:
         r.input = f"{h}x{w} image"
     return rows
 
 
-def segment_rows(args: argparse.Namespace, work: Path) -> list[Row]:
+def segment_state(args: argparse.Namespace) -> dict:
+    import segmentation
+
+    builder = getattr(torchvision.models.segmentation, f"lraspp_mobilenet_v3_{args.arch}", None)
+    if builder is None:
+        raise SystemExit("segment: torchvision has only lraspp_mobilenet_v3_large; use --arch large")
+    h, w = (128, 256) if args.quick else (1024, 2048)
+    tv = builder(weights=None, weights_backbone=None, num_classes=19)
+    paper = getattr(segmentation, f"lraspp_mobilenet_v3_{args.arch}")(variant="paper")
+    return {"tv": tv.state_dict(), "paper": paper.state_dict(), "x": torch.rand(1, 3, h, w),
+            "calibration": [torch.rand(1, 3, h, w) for _ in range(max(1, min(args.calibration, 2)))]}
+
+
+def segment_rows(args: argparse.Namespace, work: Path, state: dict) -> list[Row]:
     import segmentation
     from segmentation.weights import from_torchvision_lraspp
 
-    h, w = (128, 256) if args.quick else (1024, 2048)
-    x = torch.rand(1, 3, h, w)
-    tv = getattr(torchvision.models.segmentation, f"lraspp_mobilenet_v3_{args.arch}", None)
-    if tv is None:
-        raise SystemExit("segment: torchvision has only lraspp_mobilenet_v3_large; use --arch large")
-    tv = tv(weights=None, weights_backbone=None, num_classes=19).eval()
+    x = state["x"]
+    tv = torchvision.models.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None,
+                                                                   num_classes=19).eval()
+    tv.load_state_dict(state["tv"])
     build = getattr(segmentation, f"lraspp_mobilenet_v3_{args.arch}")
     ours_tv = build(variant="torchvision").eval()
-    load_state_dict_strict(ours_tv, from_torchvision_lraspp(tv.state_dict()), "torchvision lraspp")
+    load_state_dict_strict(ours_tv, from_torchvision_lraspp(state["tv"]), "torchvision lraspp")
     paper = build(variant="paper").eval()
-    folded_paper = fold_batchnorm(paper)
+    paper.load_state_dict(state["paper"])
     tv_name, tv_variant, paper_name = (f"lraspp_mobilenet_v3_{args.arch}", "ours torchvision variant",
                                        "ours paper variant (reduced tail)")
-    tv_params, tv_madds = count_params(ours_tv), count_madds(ours_tv, x)
-    p_params, p_madds = count_params(paper), count_madds(paper, x)
-
+    tv_size, p_size = sizes_of(ours_tv, x), sizes_of(paper, x)
     rows = [
-        Row("segment", BASELINE, tv_name, "", lambda: tv(x)["out"], count_params(tv), count_madds(tv, x), max_abs),
-        Row("segment", "ours eager", tv_variant, "", torch_call(ours_tv, x), tv_params, tv_madds, max_abs),
-        Row("segment", "ours eager", paper_name, "", torch_call(paper, x), p_params, p_madds, None),
-        Row("segment", "ours folded", paper_name, "", torch_call(folded_paper, x), p_params, p_madds, None),
+        Row("segment", BASELINE, tv_name, lambda: (lambda: tv(x)["out"]), sizes_of(tv, x), max_abs),
+        Row("segment", "ours eager", tv_variant, lambda: torch_call(ours_tv, x), tv_size, max_abs),
+        Row("segment", "ours eager", paper_name, lambda: torch_call(paper, x), p_size, None),
+        Row("segment", "ours folded", paper_name, lambda: torch_call(fold_batchnorm(paper), x), p_size, None),
     ]
     if args.channels_last:
-        cl = ChannelsLast(to_channels_last(folded_paper)).eval()
-        rows.append(Row("segment", "ours folded channels_last", paper_name, "", torch_call(cl, x), p_params,
-                        p_madds, None))
+        rows.append(Row("segment", "ours folded channels_last", paper_name,
+                        lambda: torch_call(ChannelsLast(to_channels_last(fold_batchnorm(paper))).eval(), x), p_size,
+                        None))
+    wrap = lambda m: (lambda: m(x))  # noqa: E731
     rows += onnx_rows("segment", ours_tv, x, label="torchvision_variant", name=tv_variant, work=work,
-                      threads=args.threads, int8=False, calibration=[], wrap=lambda m: (lambda: m(x)),
-                      params=tv_params, madds=tv_madds, compare=max_abs)
-    calibration = [torch.rand(1, 3, h, w) for _ in range(max(1, min(args.calibration, 2)))]
+                      threads=args.threads, int8=False, calibration=[], wrap=wrap, size=tv_size, compare=max_abs)
     rows += onnx_rows("segment", paper, x, label="paper", name=paper_name, work=work, threads=args.threads,
-                      int8=args.int8, calibration=calibration, wrap=lambda m: (lambda: m(x)), params=p_params,
-                      madds=p_madds, compare=None)
+                      int8=args.int8, calibration=state["calibration"], wrap=wrap, size=p_size, compare=None)
     if args.executorch:
         rows += executorch_rows("segment", paper, x, label="paper", name=paper_name, work=work,
-                                threads=args.threads, int8=args.int8, calibration=calibration,
-                                wrap=lambda m: (lambda: m(x)), params=p_params, madds=p_madds, compare=None,
-                                reuse=args.reuse_exports)
+                                threads=args.threads, int8=args.int8, calibration=state["calibration"], wrap=wrap,
+                                size=p_size, compare=None, reuse=args.reuse_exports)
     for r in rows:
-        r.input = f"{h}x{w}"
+        r.input = f"{x.shape[-2]}x{x.shape[-1]}"
     return rows
 
 
+STATES = {"classify": classify_state, "detect": detect_state, "segment": segment_state}
 BUILDERS = {"classify": classify_rows, "detect": detect_rows, "segment": segment_rows}
 
 
-def run_task(task: str, args: argparse.Namespace, work: Path) -> list[Row]:
-    # Seeded per task: a task's random weights do not depend on the task list or on what the
-    # exports of an earlier task drew (torch.export consumes the global generator).
+# ---------------------------------------------------------------------------------------------- timing
+def time_calls(call: Callable[[], object], *, warmup: int, runs: int) -> list[float]:
+    """Wall time in milliseconds of ``runs`` calls after ``warmup`` untimed ones."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            call()
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - start) * 1000.0)
+    return times
+
+
+def state_path(work: Path, task: str) -> Path:
+    return work / f"{task}.state.pt"
+
+
+def output_path(work: Path, task: str, index: int) -> Path:
+    return work / f"{task}.{index}.output.pt"
+
+
+def worker(args: argparse.Namespace) -> int:
+    """One timing in this process: the contender ``--worker TASK:INDEX`` alone."""
+    task, _, index = args.worker.partition(":")
+    state = torch.load(state_path(args.work, task), weights_only=True)
+    with torch.inference_mode():
+        row = BUILDERS[task](args, args.work, state)[int(index)]
+        call = row.make()
+        times = time_calls(call, warmup=args.warmup_now, runs=args.runs_now)
+        if args.save_output:
+            torch.save(call(), output_path(args.work, task, int(index)))
+    print(WORKER_TAG + json.dumps({"times": times}), flush=True)
+    return 0
+
+
+def worker_command(args: argparse.Namespace, task: str, index: int, *, runs: int, warmup: int,
+                   save_output: bool) -> list[str]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", f"{task}:{index}", "--work", str(args.work),
+           "--threads", str(args.threads), "--arch", args.arch, "--seed", str(args.seed),
+           "--runs-now", str(runs), "--warmup-now", str(warmup)]
+    for flag, on in (("--quick", args.quick), ("--no-int8", not args.int8), ("--channels-last", args.channels_last),
+                     ("--no-executorch", not args.executorch), ("--save-output", save_output)):
+        if on:
+            cmd.append(flag)
+    if args.size is not None:
+        cmd += ["--size", str(args.size)]
+    return cmd
+
+
+def run_worker(cmd: list[str]) -> list[float]:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(WORKER_TAG)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"timing process failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+    return json.loads(lines[-1][len(WORKER_TAG):])["times"]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def run_task(task: str, args: argparse.Namespace) -> list[dict]:
+    # Seeded per task: a task's random weights do not depend on the task list.
     torch.manual_seed(args.seed)
     with torch.inference_mode():
-        rows = BUILDERS[task](args, work)
+        state = STATES[task](args)
+    torch.save(state, state_path(args.work, task))
+    with torch.inference_mode():
+        rows = BUILDERS[task](args, args.work, state)
+    indices = []
+    for i, row in enumerate(rows):
+        if row.export is not None:
+            try:
+                with torch.inference_mode():
+                    note = row.export()
+            except Exception as err:  # noqa: BLE001 - reported, and the other rows still run
+                print(f"# SKIPPED {task} {row.model} {row.name}: export failed: {type(err).__name__}: "
+                      f"{str(err).splitlines()[0][:300] if str(err) else ''}", flush=True)
+                continue
+            print(f"# {task} {row.model} {row.name}: {note}", flush=True)
+        indices.append(i)
+    if rows[0].export is not None or 0 not in indices:
+        raise SystemExit(f"{task}: the baseline row could not be built")
     runs = args.runs if task != "segment" else args.segment_runs
     warmup = args.warmup if task != "segment" else min(args.warmup, 1)
-    keys = [f"{i}:{r.name}" for i, r in enumerate(rows)]
-    latency = interleaved_latency(dict(zip(keys, (r.call for r in rows), strict=True)), warmup=warmup, runs=runs)
-    with torch.inference_mode():
-        reference = rows[0].call()
-        for key, row in zip(keys, rows, strict=True):
-            lat = latency[key]
-            diff = row.compare(reference, row.call()) if row.compare is not None and row is not rows[0] else None
-            row.result = {"task": task, "row": row.name, "model": row.model, "input": row.input,
-                          "median_ms": round(lat.median_ms, 3), "p90_ms": round(lat.p90_ms, 3), "runs": lat.runs,
-                          "threads": lat.threads, "device": device_name(),
-                          "params_M": round(row.params / 1e6, 3), "madds_G": round(row.madds / 1e9, 3),
-                          "max_diff": diff}
-    base = rows[0].result["median_ms"]
-    for row in rows:
-        row.result["ratio"] = round(row.result["median_ms"] / base, 3)
-    return rows
+    times: dict[int, list[list[float]]] = {i: [] for i in indices}
+    outputs: dict[int, object] = {}
+    if args.in_process:
+        with torch.inference_mode():
+            calls = {i: rows[i].make() for i in indices}
+            for _ in range(warmup):
+                for i in indices:
+                    calls[i]()
+            for _ in range(args.rounds):
+                per_round: dict[int, list[float]] = {i: [] for i in indices}
+                for _ in range(runs):
+                    for i in indices:  # A B C A B C ... call by call
+                        per_round[i] += time_calls(calls[i], warmup=0, runs=1)
+                for i in indices:
+                    times[i].append(per_round[i])
+            outputs = {i: calls[i]() for i in indices}
+    else:
+        steps = [(r, i) for r in range(args.rounds) for i in indices]
+        for r, i in progress(steps, desc=f"{task}: {len(indices)} contenders x {args.rounds} rounds", unit="process"):
+            cmd = worker_command(args, task, i, runs=runs, warmup=warmup, save_output=r == 0)
+            times[i].append(run_worker(cmd))
+        outputs = {i: torch.load(output_path(args.work, task, i), weights_only=True) for i in indices}
+    base = indices[0]
+    results = []
+    for i in indices:
+        row = rows[i]
+        flat = [t for per_round in times[i] for t in per_round]
+        medians = [statistics.median(t) for t in times[i]]
+        round_ratios = [m / b for m, b in zip(medians, (statistics.median(t) for t in times[base]), strict=True)]
+        diff = row.compare(outputs[base], outputs[i]) if row.compare is not None and i != base else None
+        params, madds = row.size()
+        results.append({
+            "task": task, "row": row.name, "model": row.model, "input": row.input,
+            "median_ms": round(statistics.median(flat), 3), "p90_ms": round(_percentile(flat, 0.9), 3),
+            "round_medians_ms": [round(m, 3) for m in medians], "runs": runs, "rounds": args.rounds,
+            "threads": args.threads, "device": device_name(),
+            "timing": "one process, interleaved" if args.in_process else "own process per contender and round",
+            "params_M": round(params / 1e6, 3), "madds_G": round(madds / 1e9, 3), "max_diff": diff,
+            "ratio_min": round(min(round_ratios), 3), "ratio_max": round(max(round_ratios), 3)})
+    for r in results:
+        r["ratio"] = round(r["median_ms"] / results[0]["median_ms"], 3)
+    return results
 
 
 def device_name() -> str:
@@ -334,16 +471,17 @@ def device_name() -> str:
     return "cpu: " + (platform.processor() or platform.machine())
 
 
-def print_table(rows: list[Row]) -> None:
-    header = f"{'task':9} {'row':28} {'model':36} {'input':14} {'median ms':>10} {'p90 ms':>9} {'ratio':>6} " \
-             f"{'params M':>9} {'MAdds G':>8} {'max diff':>10}"
+def print_table(results: list[dict]) -> None:
+    header = (f"{'task':9} {'row':26} {'model':34} {'input':13} {'median ms':>10} {'p90 ms':>8} "
+              f"{'rounds min-max':>16} {'ratio':>6} {'ratio range':>12} {'MAdds G':>8} {'max diff':>9}")
     print(header)
     print("-" * len(header))
-    for row in rows:
-        r = row.result
+    for r in results:
         diff = "" if r["max_diff"] is None else f"{r['max_diff']:.1e}"
-        print(f"{r['task']:9} {r['row']:28} {r['model']:36} {r['input']:14} {r['median_ms']:10.2f} "
-              f"{r['p90_ms']:9.2f} {r['ratio']:6.2f} {r['params_M']:9.3f} {r['madds_G']:8.3f} {diff:>10}")
+        spread = f"{min(r['round_medians_ms']):.2f}-{max(r['round_medians_ms']):.2f}"
+        ratio_range = f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}"
+        print(f"{r['task']:9} {r['row']:26} {r['model'][:34]:34} {r['input']:13} {r['median_ms']:10.2f} "
+              f"{r['p90_ms']:8.2f} {spread:>16} {r['ratio']:6.2f} {ratio_range:>12} {r['madds_G']:8.3f} {diff:>9}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -352,10 +490,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", type=task_list, default=",".join(TASKS),
                         help="comma-separated subset of " + ", ".join(TASKS))
     parser.add_argument("--arch", choices=("large", "small"), default="large")
-    parser.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime threads (default: torch's)")
-    parser.add_argument("--runs", type=int, default=20, help="timed runs per row (classify, detect)")
-    parser.add_argument("--segment-runs", type=int, default=5, help="timed runs per row at 1024x2048")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch, ONNX Runtime and XNNPACK threads "
+                        "(default: torch's)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of timing, each contender once per round "
+                        "(A B C A B C ...)")
+    parser.add_argument("--runs", type=int, default=20, help="timed calls per contender and round (classify, detect)")
+    parser.add_argument("--segment-runs", type=int, default=5, help="timed calls per contender and round at 1024x2048")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls first, in each timing")
+    parser.add_argument("--in-process", action="store_true",
+                        help="time every contender in this one process, interleaved (the old way, to compare)")
     parser.add_argument("--size", type=int, default=None, help="classify input side (default 224)")
     parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 rows")
     parser.add_argument("--channels-last", action="store_true", help="add folded + channels-last rows")
@@ -363,18 +506,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="skip the ExecuTorch (XNNPACK) rows")
     parser.add_argument("--calibration", type=int, default=8, help="int8 calibration inputs (2 at most for segment)")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny inputs and 3 runs (a smoke test; the figures mean nothing)")
+                        help="tiny inputs, 2 rounds of 3 runs (a smoke test; the figures mean nothing)")
     parser.add_argument("--json", type=Path, default=None, help="also write one JSON object per row here")
     parser.add_argument("--keep-onnx", type=Path, default=None,
-                        help="keep the exported .onnx and .pte files in this folder")
+                        help="keep the exported .onnx and .pte files (and the weights) in this folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of every task's random weights and inputs")
     parser.add_argument("--reuse-exports", action="store_true",
                         help="with --keep-onnx: run .pte files already there instead of exporting again")
+    # The timing processes' own options (set by the parent).
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--runs-now", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup-now", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--save-output", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.reuse_exports and args.keep_onnx is None:
         parser.error("--reuse-exports needs --keep-onnx DIR")
+    for name in ("rounds", "runs", "segment_runs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0 or (args.threads is not None and args.threads < 1):
+        parser.error("--warmup must be >= 0 and --threads >= 1")
+    if args.worker is not None and (args.work is None or args.runs_now is None or args.warmup_now is None):
+        parser.error("--worker is the benchmark's own timing process")
     if args.quick:
         args.runs, args.segment_runs, args.warmup, args.calibration = 3, 2, 1, 2
+        args.rounds = min(args.rounds, 2)
     return args
 
 
@@ -385,35 +542,45 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()
     try:
+        from importlib.metadata import version
+
+        version("executorch")
+    except Exception:  # noqa: BLE001 - any failure means: not usable
+        args.executorch = False
+    if args.worker is not None:
+        return worker(args)
+    try:
         import onnxruntime
 
         ort_version = onnxruntime.__version__
     except ImportError:
         ort_version = "not installed"
-    try:
+    et_version = "not installed"
+    if args.executorch:
         from importlib.metadata import version
 
         et_version = version("executorch")
-    except Exception:  # noqa: BLE001 - any failure means: not usable
-        et_version = "not installed"
-        args.executorch = False
+    timing = ("one process, interleaved" if args.in_process
+              else f"each contender in its own process, {args.rounds} rounds (A B C A B C ...)")
     print(f"# {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}  {device_name()}  "
           f"threads {args.threads}  torch {torch.__version__}  torchvision {torchvision.__version__}  "
-          f"onnxruntime {ort_version}  executorch {et_version}  batch 1")
+          f"onnxruntime {ort_version}  executorch {et_version}  batch 1  timing: {timing}")
     print(f"# command: python {' '.join(sys.argv)}")
-    all_rows: list[Row] = []
+    results: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        work = args.keep_onnx or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
+        args.work = args.keep_onnx or Path(tmp)
+        args.work.mkdir(parents=True, exist_ok=True)
         for task in args.tasks:
-            all_rows += run_task(task, args, work)
-    print_table(all_rows)
-    lines = [json.dumps(r.result) for r in all_rows]
+            results += run_task(task, args)
+    print_table(results)
+    lines = [json.dumps(r) for r in results]
     for line in lines:
         print("JSON " + line)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text("\n".join(lines) + "\n")
+        partial = args.json.with_name(args.json.name + ".partial")
+        partial.write_text("\n".join(lines) + "\n")
+        os.replace(partial, args.json)
     return 0
 
 

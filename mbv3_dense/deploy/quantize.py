@@ -1,4 +1,5 @@
-"""ONNX Runtime static int8 quantization, calibrated on a few preprocessed inputs."""
+"""int8 quantization: ONNX Runtime static quantization calibrated on a few preprocessed inputs, and the
+PT2E quantizer for XNNPACK (:func:`xnnpack_quantizer`) that post-training and quantization-aware int8 share."""
 
 from __future__ import annotations
 
@@ -99,3 +100,19 @@ def _copy_metadata(source: Path, target: Path) -> None:
             entry = dst.metadata_props.add()
             entry.key, entry.value = prop.key, prop.value
     onnx.save(dst, str(target))
+
+
+def xnnpack_quantizer(*, per_channel: bool = True, qat: bool = False):  # noqa: ANN201 - executorch's XNNPACKQuantizer
+    """ExecuTorch's ``XNNPACKQuantizer`` for the whole graph: symmetric int8 weights (one scale per output
+    channel, or one per tensor), int8 activations with static ranges.
+
+    ``qat=True`` gives the quantization-aware variant (fake-quantize modules with moving-average
+    observers, for ``prepare_qat_pt2e``); ``False`` the post-training one (min/max observers, for
+    ``prepare_pt2e``).
+    """
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+
+    return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel, is_qat=qat))
