@@ -54,7 +54,7 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
-from mbv3_dense.deploy.executorch_export import META_METHOD, META_VERSION, ExecuTorchExport, _delegation
+from mbv3_dense.deploy.executorch_export import META_METHOD, META_VERSION, ExecuTorchExport, delegation_of
 from mbv3_dense.deploy.onnx_export import _Flat, flatten_outputs, unflatten_outputs
 from mbv3_dense.deploy.quantize import xnnpack_quantizer
 
@@ -315,17 +315,18 @@ def write_pte(network: nn.Module, example: Tensor, path: str | Path, *, task: st
     path.parent.mkdir(parents=True, exist_ok=True)
     example = example.detach().cpu().float().contiguous()
     meta = {"format": "mbv3_dense.executorch", "version": META_VERSION, "task": task,
-            "input_shape": list(example.shape), "outputs": structure, "int8": bool(int8)}
+            "input_shape": list(example.shape), "outputs": structure, "int8": bool(int8),
+            "dynamic_size": None, "preprocess": False}
     with _graph_work():
         exported = torch.export.export(network, (example,), strict=False)
         edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()],
                                            constant_methods={META_METHOD: list(json.dumps(meta).encode())})
-        delegated, not_delegated, constant_only = _delegation(edge.exported_program())
+        delegation = delegation_of(edge.exported_program())
         program = edge.to_executorch()
     partial = path.with_name(path.name + ".partial")
     partial.write_bytes(program.buffer)
     os.replace(partial, path)
-    return ExecuTorchExport(path, meta, delegated, not_delegated, constant_only, time.perf_counter() - start)
+    return ExecuTorchExport(path, meta, delegation, time.perf_counter() - start)
 
 
 def export_qat_pte(qat: QATNetwork, path: str | Path, *, task: str | None) -> tuple[ExecuTorchExport, float]:
