@@ -25,8 +25,8 @@ from torch import Tensor, nn
 
 from mbv3_dense.backbone import Arch, MobileNetV3
 from mbv3_dense.classes import network_class_names
-from mbv3_dense.classification.model import normalize_imagenet
-from mbv3_dense.layers import NormLayer, default_norm_layer
+from mbv3_dense.constants import IMAGENET_MEAN, IMAGENET_STD
+from mbv3_dense.layers import Normalize, NormLayer, default_norm_layer
 
 Variant = Literal["paper", "torchvision"]
 
@@ -116,9 +116,9 @@ class LRASPPHead(nn.Module):
 class LRASPP(nn.Module):
     """MobileNetV3 backbone + LR-ASPP decoder.
 
-    Input: float ``[N, 3, H, W]`` normalised with ImageNet mean/std
-    (:data:`mbv3_dense.classification.model.IMAGENET_MEAN` / ``IMAGENET_STD``). Output: logits
-    ``[N, num_classes, H, W]`` over Cityscapes trainIds (0..18) at input size, bilinearly upsampled.
+    Input: float ``[N, 3, H, W]`` normalised with ImageNet mean/std by :attr:`normalize` (a
+    :class:`~mbv3_dense.layers.Normalize` of :data:`~mbv3_dense.constants.IMAGENET_MEAN` / ``IMAGENET_STD``).
+    Output: logits ``[N, num_classes, H, W]`` over Cityscapes trainIds (0..18) at input size, bilinearly upsampled.
 
     Args:
         backbone: a :class:`MobileNetV3` whose ``out_features`` are ``(low_feature, high_feature)``.
@@ -141,15 +141,12 @@ class LRASPP(nn.Module):
         self.high_feature = high_feature
         self.num_classes = head.low_classifier.out_channels
         self.class_names = network_class_names(class_names, self.num_classes)
+        self.normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD)
 
     def forward(self, x: Tensor) -> Tensor:
         features = self.backbone(x)
         out = self.head(features[self.low_feature], features[self.high_feature])
         return F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
-
-    def normalize(self, x: Tensor) -> Tensor:
-        """``[N, 3, H, W]`` (or ``[3, H, W]``) in [0, 1] -> the network's input (ImageNet mean/std)."""
-        return normalize_imagenet(x)
 
     def class_layers(self) -> tuple[str, ...]:
         """The layers whose outputs are the classes (re-initialised for another class list)."""

@@ -11,17 +11,17 @@ from torch import Tensor, nn
 from mbv3_dense.backbone import HEAD_CHANNELS, Arch, MobileNetV3
 from mbv3_dense.classes import network_class_names
 from mbv3_dense.constants import IMAGENET_MEAN, IMAGENET_STD
-from mbv3_dense.layers import init_weights, make_divisible
+from mbv3_dense.layers import Normalize, init_weights, make_divisible
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MobileNetV3Classifier", "mobilenet_v3_large", "mobilenet_v3_small",
-           "normalize_imagenet"]
+__all__ = ["MobileNetV3Classifier", "mobilenet_v3_large", "mobilenet_v3_small"]
 
 
 class MobileNetV3Classifier(nn.Module):
     """MobileNetV3 image classifier, numerically the same as torchvision's ``MobileNetV3``.
 
-    Input: float ``[N, 3, H, W]`` normalised with ImageNet mean/std (:data:`IMAGENET_MEAN`,
-    :data:`IMAGENET_STD`). Output: logits ``[N, num_classes]``.
+    Input: float ``[N, 3, H, W]`` normalised with ImageNet mean/std by :attr:`normalize` (a
+    :class:`~mbv3_dense.layers.Normalize` of :data:`~mbv3_dense.constants.IMAGENET_MEAN` /
+    ``IMAGENET_STD``). Output: logits ``[N, num_classes]``.
 
     Args:
         backbone: a :class:`MobileNetV3` whose ``out_features`` is ``("c5",)``.
@@ -49,25 +49,15 @@ class MobileNetV3Classifier(nn.Module):
             nn.Linear(hidden_channels, num_classes),
         )
         init_weights(self.classifier)
+        self.normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD)
 
     def forward(self, x: Tensor) -> Tensor:
         features = self.backbone(x)["c5"]
         return self.classifier(torch.flatten(self.avgpool(features), 1))
 
-    def normalize(self, x: Tensor) -> Tensor:
-        """``[N, 3, H, W]`` (or ``[3, H, W]``) in [0, 1] -> the network's input (ImageNet mean/std)."""
-        return normalize_imagenet(x)
-
     def class_layers(self) -> tuple[str, ...]:
         """The layers whose outputs are the classes (re-initialised for another class list)."""
         return ("classifier.3",)
-
-
-def normalize_imagenet(x: Tensor) -> Tensor:
-    """``[..., 3, H, W]`` in [0, 1] -> normalised with :data:`IMAGENET_MEAN` / :data:`IMAGENET_STD`."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    return (x - mean) / std
 
 
 def _build(
