@@ -32,7 +32,8 @@ from PIL import Image
 from torch import Tensor
 
 from mbv3_dense.classes import check_class_info
-from mbv3_dense.predict import ImageFile, PredictionWriter
+from mbv3_dense.listing import ImageFile
+from mbv3_dense.predict import PredictionWriter
 from segmentation.labels import cityscapes_class_info, is_cityscapes_class_info
 from segmentation.mask_classes import distinct_palette
 
