@@ -49,6 +49,7 @@ class DetectionModule(TaskModule):
     """
 
     task = "detect"
+    monitor = "val/map"
     end_to_end_export = True
 
     def __init__(self, *, model: SSDLite, optimizer: OptimizerCallable = torch.optim.SGD,

@@ -7,7 +7,6 @@ the YAML file, so this module imports neither ``detection`` nor ``segmentation``
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
@@ -26,13 +25,10 @@ from mbv3_dense.checkpoint_io import AtomicCheckpointIO
 from mbv3_dense.cluster import prepare_trainer
 from mbv3_dense.errors import InputError
 from mbv3_dense.guards import FiniteCheckpointGuard
-from mbv3_dense.model_record import ModelRecord, read_model_record
+from mbv3_dense.model_record import ModelRecord, import_object, read_model_record
 from mbv3_dense.progress import progress_bar_for
 
 log = logging.getLogger(__name__)
-
-# The metric each task's best checkpoint keeps (``--checkpoints.best``), as the task module logs it.
-TASK_METRICS = {"classify": "val/top1", "detect": "val/map", "segment": "val/miou"}
 
 
 def auto_precision(accelerator: object) -> tuple[str, str]:
@@ -252,7 +248,7 @@ class MBV3CLI(LightningCLI):
         options = self._run_config().get("checkpoints") or Namespace()
         every_n_steps = options.get("every_n_train_steps", 500)
         checkpoints: list[Callback] = []
-        metric = options.get("monitor") or TASK_METRICS.get(getattr(type(self.model), "task", None))
+        metric = options.get("monitor") or getattr(type(self.model), "monitor", None)
         if options.get("best", True) and metric is not None:
             position = "step{step:06d}" if getattr(self.model, "scheduler_interval", "epoch") == "step" \
                 else "epoch{epoch:03d}"
@@ -338,12 +334,6 @@ def default_loggers(root: str | os.PathLike) -> list[Logger]:
     writing into one folder, ``<root>/lightning_logs/version_N``."""
     tensorboard = TensorBoardLogger(save_dir=root, name="lightning_logs", default_hp_metric=False)
     return [tensorboard, CSVLogger(save_dir=root, name="lightning_logs", version=tensorboard.version)]
-
-
-def import_object(path: str) -> Any:  # noqa: ANN401 - a class or function named in the config
-    """The object a dotted path names (``package.module.Name``)."""
-    module_name, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module_name), name)
 
 
 def _shown(value: object, limit: int = 8) -> str:

@@ -76,7 +76,7 @@ def _build(
     model = MobileNetV3Classifier(backbone=backbone, num_classes=num_classes, dropout=dropout,
                                   hidden_channels=hidden, class_names=class_names)
     if weights is not None:
-        from mbv3_dense.weights import load_classifier_weights
+        from mbv3_dense.classification.weights import load_classifier_weights
 
         load_classifier_weights(model, weights, keep_class_rows=keep_class_rows)
     return model
