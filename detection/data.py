@@ -25,15 +25,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from detection.annotations import (  # noqa: F401 - also this module's names for them
+from detection.annotations import (
     AnnotationError,
     CategoryMap,
     ImageRecord,
-    LoadStats,
     load_coco,
     missing_image_files,
     read_categories,
-    validate_coco_dict,
 )
 from detection.transforms import train_transform
 from mbv3_dense.classes import ClassInfo

@@ -16,11 +16,10 @@ from mbv3_dense.classification.model import MobileNetV3Classifier, mobilenet_v3_
 _LAZY = {
     "ClassificationModule": "mbv3_dense.classification.module",
     "ImageFolderDataModule": "mbv3_dense.classification.data",
-    "ImageNetDataModule": "mbv3_dense.classification.data",
 }
 
-__all__ = ["ClassificationModule", "ImageFolderDataModule", "ImageNetDataModule", "MobileNetV3Classifier",
-           "mobilenet_v3_large", "mobilenet_v3_small"]
+__all__ = ["ClassificationModule", "ImageFolderDataModule", "MobileNetV3Classifier", "mobilenet_v3_large",
+           "mobilenet_v3_small"]
 
 
 def __getattr__(name: str) -> Any:  # noqa: ANN401 - a class

@@ -350,7 +350,3 @@ class ImageFolderDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return eval_loader(self.val_set, trainer=self.trainer, batch_size=self.batch_size,
                            num_workers=self.num_workers, collate_fn=collate_skipping, pin_memory=self.pin_memory)
-
-
-# The name used before the class took any image folder (configs and code that still say it work).
-ImageNetDataModule = ImageFolderDataModule
