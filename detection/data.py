@@ -25,20 +25,19 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from detection.annotations import (  # noqa: F401 - also this module's names for them
+from detection.annotations import (
     AnnotationError,
     CategoryMap,
     ImageRecord,
-    LoadStats,
     load_coco,
     missing_image_files,
     read_categories,
-    validate_coco_dict,
 )
 from detection.transforms import train_transform
 from mbv3_dense.classes import ClassInfo
 from mbv3_dense.image_io import decode_image_rgb, read_image_rgb
-from mbv3_dense.predict import DEFAULT_MAX_PIXELS, ImageList, predict_images_for, predict_loader
+from mbv3_dense.listing import ImageList, predict_images_for
+from mbv3_dense.predict import DEFAULT_MAX_PIXELS, predict_loader
 from mbv3_dense.sampling import SampleKey, as_sample_key, eval_loader, sample_randomness, train_loader
 from mbv3_dense.streaming import ChunkReader, ChunkRecord, ChunkSource, StreamingDataError, open_split
 
@@ -185,7 +184,7 @@ class CocoDataModule(L.LightningDataModule):
         hflip_p: probability of a horizontal flip.
         min_box_size: boxes smaller than this (pixels) after clamping/augmenting are dropped.
         predict_images: what ``lightning predict`` runs on: a folder (read recursively), a glob or a
-            text file of paths (:func:`mbv3_dense.predict.list_images`); images at their original
+            text file of paths (:func:`mbv3_dense.listing.list_images`); images at their original
             sizes, in batches of ``val_batch_size``. Category ids and names come from the validation
             (else training) annotation file's ``categories`` when one exists.
         predict_max_pixels: images with more pixels are skipped with a warning naming them.

@@ -7,8 +7,8 @@ with a depthwise-separable classification and box head. Numerically the same as 
 
 Contracts:
 
-- ``normalize(x)``: maps [0, 1] images to the network's input range ([-1, 1]: ``image_mean`` and
-  ``image_std`` are buffers of the model, the one owner of input normalisation).
+- ``normalize(x)``: maps [0, 1] images to the network's input range ([-1, 1] by default: a
+  :class:`~mbv3_dense.layers.Normalize` of ``image_mean`` and ``image_std``, as every network's).
 - ``forward(x)``: ``x`` float ``[N, 3, H, W]``, normalised and resized to ``image_size``. Returns raw
   outputs ``{"box_regression": [N, A, 4], "cls_logits": [N, A, C]}`` for the ``A`` default boxes of
   :meth:`SSDLite.default_boxes`; class 0 is background.
@@ -34,7 +34,7 @@ from detection.anchors import DefaultBoxes
 from detection.box_coder import BoxCoder
 from mbv3_dense.backbone import MobileNetV3
 from mbv3_dense.classes import network_class_names
-from mbv3_dense.layers import ConvNormAct, NormLayer
+from mbv3_dense.layers import ConvNormAct, Normalize, NormLayer
 
 
 def batched_nms_best(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float, max_keep: int,
@@ -174,8 +174,6 @@ class SSDLite(nn.Module):
         self.detections_per_img = detections_per_img
         self.box_coder = box_coder or BoxCoder()
         self.default_box_generator = default_boxes or DefaultBoxes()
-        self.register_buffer("image_mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("image_std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
 
         c4, c5 = backbone.feature_info["c4_expand"], backbone.feature_info["c5"]
         channels = [c4.channels, c5.channels]
@@ -199,6 +197,7 @@ class SSDLite(nn.Module):
         normal_init(self.extra)
         normal_init(self.cls_head)
         normal_init(self.box_head)
+        self.normalize = Normalize(image_mean, image_std)
 
     def class_layers(self) -> list[str]:
         """The layers whose outputs are per class: each map's class predictor (``B x num_classes`` channels,
@@ -207,7 +206,7 @@ class SSDLite(nn.Module):
 
     # ------------------------------------------------------------------ raw network
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        """Args: x: ``[N, 3, H, W]`` normalised (:meth:`normalize`).
+        """Args: x: ``[N, 3, H, W]`` normalised (:attr:`normalize`).
 
         Returns: ``box_regression [N, A, 4]`` (box codes), ``cls_logits [N, A, C]``.
         """
@@ -239,15 +238,9 @@ class SSDLite(nn.Module):
         height = height or self.image_size[0]
         width = width or self.image_size[1]
         boxes = self.default_box_generator(self.grid_sizes(height, width), (height, width))
-        return boxes.to(device or self.image_mean.device)
+        return boxes.to(device or self.normalize.mean.device)
 
     # ------------------------------------------------------------------ inference
-    def normalize(self, x: Tensor) -> Tensor:
-        """``[N, 3, H, W]`` (or ``[3, H, W]``) in [0, 1] -> the network's input range."""
-        if x.dim() == 3:
-            return (x - self.image_mean[0]) / self.image_std[0]
-        return (x - self.image_mean) / self.image_std
-
     def preprocess(self, images: list[Tensor]) -> Tensor:
         """Normalise each ``[3, H, W]`` image in [0, 1], resize it to ``image_size`` (bilinear) and stack."""
         for i, img in enumerate(images):

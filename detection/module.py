@@ -49,6 +49,7 @@ class DetectionModule(TaskModule):
     """
 
     task = "detect"
+    monitor = "val/map"
     end_to_end_export = True
 
     def __init__(self, *, model: SSDLite, optimizer: OptimizerCallable = torch.optim.SGD,
@@ -182,6 +183,3 @@ class DetectionModule(TaskModule):
             for group, lr in zip(optimizer.param_groups, lrs, strict=True):
                 group["lr"] = lr
 
-
-# The name before the three task modules were named alike (configs and code that still say it work).
-SSDLiteModule = DetectionModule

@@ -25,7 +25,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from mbv3_dense.predict import ImageFile, PredictionWriter, draw_text_block, font_for, to_pil
+from mbv3_dense.listing import ImageFile
+from mbv3_dense.predict import PredictionWriter, draw_text_block, font_for, to_pil
 
 Detections = dict[str, Tensor]
 

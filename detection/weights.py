@@ -92,3 +92,12 @@ def load_ssdlite_weights(model: nn.Module, path: str | Path, *, keep_class_rows:
     c4_index = model.backbone.feature_info["c4_expand"].index
     load_checkpoint_state(model, to_ssdlite_layout(state, container, c4_index, str(path)), str(path),
                           task="detect", checkpoint=checkpoint, always_kept=(0,), keep_class_rows=keep_class_rows)
+
+
+def count_classes(state: Mapping[str, Tensor], container: str, probe: nn.Module, source: str) -> int | None:
+    """The class count (background included) of an SSDLite state dict (any layout :func:`load_ssdlite_weights`
+    reads), or None. ``probe``: an SSDLite of the same architecture (where its C4 tap is)."""
+    state = to_ssdlite_layout(state, container, probe.backbone.feature_info["c4_expand"].index, source)
+    cls, box = state.get("cls_head.0.1.weight"), state.get("box_head.0.1.weight")
+    # The first map's head predicts B boxes x C classes and B boxes x 4 coordinates.
+    return None if cls is None or box is None else int(cls.shape[0]) * 4 // int(box.shape[0])

@@ -7,7 +7,6 @@ the YAML file, so this module imports neither ``detection`` nor ``segmentation``
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
@@ -26,13 +25,10 @@ from mbv3_dense.checkpoint_io import AtomicCheckpointIO
 from mbv3_dense.cluster import prepare_trainer
 from mbv3_dense.errors import InputError
 from mbv3_dense.guards import FiniteCheckpointGuard
-from mbv3_dense.model_record import ModelRecord, read_model_record
+from mbv3_dense.model_record import ModelRecord, import_object, read_model_record
 from mbv3_dense.progress import progress_bar_for
 
 log = logging.getLogger(__name__)
-
-# The metric each task's best checkpoint keeps (``--checkpoints.best``), as the task module logs it.
-TASK_METRICS = {"classify": "val/top1", "detect": "val/map", "segment": "val/miou"}
 
 
 def auto_precision(accelerator: object) -> tuple[str, str]:
@@ -49,43 +45,17 @@ def auto_precision(accelerator: object) -> tuple[str, str]:
 
 
 class MBV3CLI(LightningCLI):
-    """LightningCLI with the project's defaults: any LightningModule / LightningDataModule by
-    ``class_path``, the resolved config saved next to the logs (overwriting on resume).
+    """LightningCLI with the project's defaults, which every run gets without a line of YAML (README, "Tasks";
+    docs/robustness.md; each option's ``--help``):
 
-    Every run gets, without a line of YAML:
-
-    - the precision for the machine when ``trainer.precision`` is null (the configs): bf16 mixed precision
-      on GPUs that have bf16, fp16 with a gradient scaler on other GPUs, fp32 on a CPU (logged; name
-      ``--trainer.precision 32-true`` to force one);
-
-    - the scheduler's length from the trainer: ``T_max`` / ``total_iters`` = ``trainer.max_epochs`` for
-      a module whose scheduler steps every epoch, ``trainer.max_steps`` for one stepping every iteration;
-    - the network's class count from the data: when the data module knows its classes
-      (``data.num_classes``: an image folder's class folders, COCO's label layout) and the network
-      builder takes ``num_classes``, the builder gets the data's value (logged when it changes it);
-    - the safety callbacks, unless ``--safety_callbacks false``: :class:`~mbv3_dense.callbacks.ResumeState`
-      (random states in checkpoints; a resumed epoch continues where it stopped),
-      :class:`~mbv3_dense.guards.FiniteCheckpointGuard` (no checkpoint with NaN/inf weights) and the
-      :class:`~mbv3_dense.checkpoint_io.AtomicCheckpointIO` plugin (write beside, then rename);
-    - in ``fit``, the run's checkpoints, unless the config lists a ``ModelCheckpoint`` of its own
-      (then it is in charge): the best by the task's metric (``--checkpoints.best``; ``val/top1``,
-      ``val/map``, ``val/miou``, or ``--checkpoints.monitor``: ``--ckpt_path best``), and ``last.ckpt``
-      at the end of every epoch and every ``--checkpoints.every_n_train_steps`` optimizer steps (500;
-      0: epoch ends only), from which ``--ckpt_path last`` resumes (``--checkpoints.last false``
-      writes none);
-    - in ``fit``, a ``LearningRateMonitor`` at the scheduler's interval when the module has a scheduler
-      and the run a logger (``--lr_monitor false`` to leave it out);
-    - checkpoints under ``<trainer.default_root_dir>/checkpoints`` for every ``ModelCheckpoint``
-      that names no ``dirpath``, so two runs with different roots never share a folder and
-      ``--ckpt_path last`` finds the last checkpoint of that root;
-    - the network's builder and arguments in every checkpoint (:mod:`mbv3_dense.model_record`),
-      so the evaluation, export and prediction scripts rebuild it from the ``.ckpt`` alone.
-
-    ``predict`` writes files: when the config names no ``BasePredictionWriter`` callback, the
-    module's own writer (``model.prediction_writer(...)``) is added, configured by
-    ``--writer.output_dir`` (default ``<default_root_dir>/predictions``), ``--writer.overwrite`` and
-    ``--writer.pictures``, on one device (the writer writes its files from one process); predictions
-    are written batch by batch and not kept in memory (``return_predictions`` defaults to false).
+    - any LightningModule / LightningDataModule by ``class_path``; the resolved config saved beside the logs;
+    - ``trainer.precision: null``: the machine's precision (:func:`auto_precision`, logged);
+    - the scheduler's length from ``trainer.max_epochs`` or ``max_steps``; the network's classes from the
+      checkpoint's model record (validate/test/predict ``--ckpt_path``), else from the data module;
+    - the safety callbacks (``--safety_callbacks``); in ``fit``, the best and last checkpoints
+      (``--checkpoints.*``, under ``<default_root_dir>/checkpoints``), the LR monitor and validation pictures;
+    - the network's builder and arguments in every checkpoint (:mod:`mbv3_dense.model_record`);
+    - ``predict``: the module's own prediction writer (``--writer.*``) on one device when the config names none.
     """
 
     def __init__(self, args: list[str] | None = None, **kwargs) -> None:
@@ -120,16 +90,6 @@ class MBV3CLI(LightningCLI):
         if not self._classes_from_checkpoint(config):
             self._classes_from_data(config)
         self._schedule_length_from_trainer(config)
-
-    def _run_subcommand(self, subcommand: str) -> None:
-        """A problem with the user's input (:class:`~mbv3_dense.errors.InputError`: a checkpoint that does not
-        fit, a bad annotation, mask or class list) ends the run with one line naming it, exit status 2."""
-        try:
-            super()._run_subcommand(subcommand)
-        except InputError as err:
-            log.debug("input error", exc_info=err)
-            print(f"error: {err}", file=sys.stderr, flush=True)
-            raise SystemExit(2) from err
 
     def instantiate_classes(self) -> None:
         """As LightningCLI's, but an error raised while building the network, the module or the data reaches
@@ -252,7 +212,7 @@ class MBV3CLI(LightningCLI):
         options = self._run_config().get("checkpoints") or Namespace()
         every_n_steps = options.get("every_n_train_steps", 500)
         checkpoints: list[Callback] = []
-        metric = options.get("monitor") or TASK_METRICS.get(getattr(type(self.model), "task", None))
+        metric = options.get("monitor") or getattr(type(self.model), "monitor", None)
         if options.get("best", True) and metric is not None:
             position = "step{step:06d}" if getattr(self.model, "scheduler_interval", "epoch") == "step" \
                 else "epoch{epoch:03d}"
@@ -313,9 +273,14 @@ class MBV3CLI(LightningCLI):
         return [*callbacks, make(output_dir=options.get("output_dir"), overwrite=bool(options.get("overwrite")),
                                  pictures=options.get("pictures", True) is not False)]
 
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
-        """Progress as periodic lines when standard output is not a terminal (CI, ``> log``); the tqdm bar
-        in a terminal, or whatever progress bar the config names."""
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The Trainer with the project's precision, loggers, callbacks and cluster checks. Progress as periodic
+        lines when standard output is not a terminal (CI, ``> log``); the tqdm bar in a terminal, or whatever
+        progress bar the config names."""
+        config = {**self.config_init.get(str(self.subcommand), self.config_init).get("trainer", {}), **kwargs}
+        listed = config.get("callbacks") or []
+        config["callbacks"] = list(listed) if isinstance(listed, (list, tuple)) else [listed]
+        callbacks: list[Callback] = []
         if config.get("precision") is None:
             config["precision"], why = auto_precision(config.get("accelerator", "auto"))
             log.info("precision %s (trainer.precision null: %s)", config["precision"], why)
@@ -330,7 +295,8 @@ class MBV3CLI(LightningCLI):
             if bar is not None:
                 callbacks = [*callbacks, bar]
         callbacks = prepare_trainer(config, callbacks)  # multi-node checks, DDP timeout (mbv3_dense/cluster.py)
-        return super()._instantiate_trainer(config, callbacks)
+        config["callbacks"] = [*config["callbacks"], *callbacks]
+        return super().instantiate_trainer(**config)
 
 
 def default_loggers(root: str | os.PathLike) -> list[Logger]:
@@ -338,12 +304,6 @@ def default_loggers(root: str | os.PathLike) -> list[Logger]:
     writing into one folder, ``<root>/lightning_logs/version_N``."""
     tensorboard = TensorBoardLogger(save_dir=root, name="lightning_logs", default_hp_metric=False)
     return [tensorboard, CSVLogger(save_dir=root, name="lightning_logs", version=tensorboard.version)]
-
-
-def import_object(path: str) -> Any:  # noqa: ANN401 - a class or function named in the config
-    """The object a dotted path names (``package.module.Name``)."""
-    module_name, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module_name), name)
 
 
 def _shown(value: object, limit: int = 8) -> str:
@@ -372,7 +332,14 @@ def _raised_outside_jsonargparse(err: BaseException) -> BaseException | None:
 def main(args: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_float32_matmul_precision("high")
-    MBV3CLI(args=args)
+    try:
+        MBV3CLI(args=args)
+    except InputError as err:
+        # A problem with the user's input (a checkpoint that does not fit, a bad annotation, mask or class
+        # list) ends the run with one line naming it, exit status 2.
+        log.debug("input error", exc_info=err)
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from err
 
 
 if __name__ == "__main__":

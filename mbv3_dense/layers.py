@@ -149,6 +149,23 @@ class InvertedResidual(nn.Module):
         return (out + x if self.use_residual else out), expanded
 
 
+class Normalize(nn.Module):
+    """``[N, 3, H, W]`` (or ``[3, H, W]``) images in [0, 1] -> ``(x - mean) / std`` per channel: a network's input.
+
+    The one owner of input normalisation: each network holds one as its ``normalize`` (ImageNet
+    statistics for the classifier and LR-ASPP, [-1, 1] for SSDLite). ``mean`` and ``std`` are
+    non-persistent buffers, so they follow the network's device and dtype and are not in its state dict.
+    """
+
+    def __init__(self, mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(3, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
 def hardswish_layer(inplace: bool = True) -> nn.Module:
     return nn.Hardswish(inplace=inplace)
 

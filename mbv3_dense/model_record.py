@@ -72,11 +72,20 @@ def read_model_record(checkpoint: Mapping[str, Any], source: str | Path = "<chec
     return dict(record)
 
 
+def import_object(path: str) -> Any:  # noqa: ANN401 - whatever the path names
+    """The object a dotted path names (``package.module.Name``): a config's ``class_path``, a record's builder.
+
+    Raises:
+        ImportError / AttributeError / ValueError: no such module, no such name in it, or no module part.
+    """
+    module_name, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module_name), name)
+
+
 def build_from_record(record: Mapping[str, Any], source: str | Path = "<checkpoint>") -> nn.Module:
     """A fresh network (random weights) built as the record says; pretrained-weight paths are dropped."""
-    module_name, _, name = record["builder"].rpartition(".")
     try:
-        builder = getattr(importlib.import_module(module_name), name)
+        builder = import_object(record["builder"])
     except (ImportError, AttributeError, ValueError) as err:
         raise ValueError(f"{source}: cannot import the network builder {record['builder']!r}: {err}") from err
     kwargs = {k: v for k, v in record["init_args"].items() if k not in _FILE_ARGUMENTS}

@@ -1,13 +1,8 @@
-"""Prediction on a user's own images: listing, tolerant reading, batching, and the writer base class.
+"""Prediction on a user's own images: tolerant reading, batching, and the writer base class.
 
 The three tasks share everything here; each task package adds its writer (what to write for one
-image) and its LightningModule's ``predict_step``.
+image) and its LightningModule's ``predict_step``. The images come from :func:`mbv3_dense.listing.list_images`.
 
-- :func:`list_images` turns what the user typed (a folder, read recursively; a glob; a text file of
-  paths, one a line, relative ones taken from the text file's folder; a single image) into a sorted
-  list of image files, each with a unique output name (its path under the common folder, without
-  the extension) and an ``image_id`` (the file name when every name is a distinct number, as COCO's
-  ``000000397133.jpg``, else a running id from 1 in sorted order).
 - :class:`PredictImageDataset` reads each file at its original size. A file that cannot be used
   (not an image, truncated, missing, more than ``max_pixels``) does not stop the run: it travels
   in the batch as a :class:`SkippedFile` with the reason, and the writer warns naming it and counts
@@ -21,10 +16,8 @@ image) and its LightningModule's ``predict_step``.
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
-import os
 import shutil
 import time
 from collections import Counter
@@ -40,8 +33,8 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from mbv3_dense.errors import InputError
 from mbv3_dense.image_io import ImageReadError, read_image_rgb
+from mbv3_dense.listing import ImageFile
 from mbv3_dense.sampling import worker_init
 
 log = logging.getLogger(__name__)
@@ -49,20 +42,6 @@ log = logging.getLogger(__name__)
 #: Images with more pixels than this are skipped (a 1024x2048 Cityscapes frame is 2.1M; a 50 MP
 #: photo still fits). LR-ASPP's logits alone take 19 x 4 bytes a pixel.
 DEFAULT_MAX_PIXELS = 50_000_000
-LIST_SUFFIXES = (".txt", ".lst")
-_GLOB_CHARS = set("*?[")
-
-
-class ImageListError(InputError, FileNotFoundError):
-    """The images to predict on cannot be listed: a missing path, or nothing to predict on (names it)."""
-
-
-class ImageFile(NamedTuple):
-    """One image to predict on. ``name``: unique output name (posix path, no extension)."""
-
-    path: Path
-    name: str
-    image_id: int
 
 
 class SkippedFile(NamedTuple):
@@ -71,12 +50,6 @@ class SkippedFile(NamedTuple):
     path: Path
     reason: str
     message: str
-
-
-class ImageList(NamedTuple):
-    files: list[ImageFile]
-    root: Path  # the folder output names are relative to
-    ignored: list[Path]  # files in a listed folder that are not images by their extension
 
 
 class PredictBatch(NamedTuple):
@@ -93,77 +66,6 @@ class PredictBatch(NamedTuple):
     files: list[ImageFile]
     notes: list[str | None]
     skipped: list[SkippedFile]
-
-
-# ---------------------------------------------------------------------------------------------- listing
-def _extensions() -> tuple[str, ...]:
-    # Imported here: the classification data module imports this one.
-    from mbv3_dense.classification.data import IMAGE_EXTENSIONS
-
-    return IMAGE_EXTENSIONS
-
-
-def _is_image_name(path: Path) -> bool:
-    return path.name.lower().endswith(_extensions()) and not path.name.startswith(".")
-
-
-def list_images(spec: str | Path) -> ImageList:
-    """The image files that ``spec`` names, sorted, with output names and image ids.
-
-    Raises:
-        ImageListError: ``spec`` does not exist, is an empty folder / a glob matching no image / an
-            empty list file, or is a file that is neither an image nor a ``.txt``/``.lst`` list.
-    """
-    text = str(spec)
-    ignored: list[Path] = []
-    if any(c in _GLOB_CHARS for c in text) and not Path(text).exists():
-        matches = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
-        paths = [p for p in matches if _is_image_name(p)]
-        ignored = [p for p in matches if not _is_image_name(p)]
-        if not paths:
-            raise ImageListError(f"{text}: the pattern matches no image file ({', '.join(_extensions())})")
-    else:
-        path = Path(text).expanduser()
-        if path.is_dir():
-            paths = []
-            for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                for filename in sorted(filenames):
-                    (paths if _is_image_name(Path(filename)) else ignored).append(Path(dirpath) / filename)
-            if not paths:
-                what = f"only {len(ignored)} files that are not images by their extension" if ignored else "no files"
-                raise ImageListError(f"{path}: no image files to predict on (the folder holds {what}; "
-                                     f"image extensions: {', '.join(_extensions())})")
-        elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
-            lines = [line.strip() for line in path.read_text().splitlines()]
-            paths = [(path.parent / line) if not Path(line).is_absolute() else Path(line)
-                     for line in lines if line and not line.startswith("#")]
-            if not paths:
-                raise ImageListError(f"{path}: the list file names no image")
-        elif path.is_file():
-            if not _is_image_name(path):
-                raise ImageListError(f"{path}: neither an image ({', '.join(_extensions())}), a folder, "
-                                     f"nor a list of paths ({', '.join(LIST_SUFFIXES)})")
-            paths = [path]
-        else:
-            raise ImageListError(f"{path}: no such file or folder")
-    paths = sorted(dict.fromkeys(paths))
-    root = Path(os.path.commonpath([str(p.absolute().parent) for p in paths]))
-    return ImageList(_name_files(paths, root), root, ignored)
-
-
-def _name_files(paths: list[Path], root: Path) -> list[ImageFile]:
-    rel = [p.absolute().relative_to(root).as_posix() for p in paths]
-    stems = [r.rsplit(".", 1)[0] if "." in Path(r).name else r for r in rel]
-    clashes = {s for s, n in Counter(stems).items() if n > 1}
-    # Two files that differ only by extension keep it (``a_png``, ``a_jpg``): no output is overwritten.
-    names = [r.replace(".", "_") if s in clashes else s for r, s in zip(rel, stems, strict=True)]
-    numeric = [Path(p).stem for p in paths]
-    if all(s.isdigit() for s in numeric) and len(set(map(int, numeric))) == len(numeric):
-        ids = [int(s) for s in numeric]
-    else:
-        ids = list(range(1, len(paths) + 1))
-    return [ImageFile(p, n, i) for p, n, i in zip(paths, names, ids, strict=True)]
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -217,7 +119,7 @@ class PredictImageDataset(Dataset):
     """Items ``(ImageFile, uint8 [3, H, W] or None, transformed input or None, note or SkippedFile)``.
 
     Args:
-        files: the images (:func:`list_images`).
+        files: the images (:func:`~mbv3_dense.listing.list_images`).
         transform: maps the uint8 ``[3, H, W]`` image to what ``predict_step`` takes as ``inputs`` (``None``:
             the model's own preprocessing runs in ``predict_step``).
         max_pixels: larger images are skipped.
@@ -451,28 +353,3 @@ def summary_line(summary: dict) -> str:
             f"{summary['skipped']} skipped{f' ({reasons})' if reasons else ''}, {summary['converted']} converted "
             f"(CMYK, 16-bit, ...), {summary.get('ignored_not_images', 0)} other files left out (not images by "
             f"extension){f'; {rate:.2f} images/s' if rate else ''}")
-
-
-def note_ignored(images: ImageList, source: str) -> None:
-    """Log the files of a listed folder that were left out because they are not images by extension."""
-    if images.ignored:
-        shown = ", ".join(str(p) for p in images.ignored[:5])
-        log.warning("%s: %d files are not images by their extension and were left out: %s%s", source,
-                    len(images.ignored), shown, ", ..." if len(images.ignored) > 5 else "")
-    log.info("%s: %d images to predict on", source, len(images.files))
-
-
-def predict_images_for(spec: str | Path | None) -> ImageList:
-    """A data module's ``predict_images`` for ``lightning predict``: the listed images, with the files
-    left out noted.
-
-    Raises:
-        ValueError: no ``--data.predict_images`` given.
-        FileNotFoundError: nothing there (:func:`list_images`).
-    """
-    if spec is None:
-        raise ValueError("lightning predict needs the images: --data.predict_images PATH (a folder, a glob or a "
-                         "text file of paths)")
-    images = list_images(spec)
-    note_ignored(images, spec)
-    return images

@@ -17,33 +17,38 @@ are named by import path, as in the configs, so this module imports neither task
 from __future__ import annotations
 
 import argparse
-import importlib
 import inspect
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from torch import Tensor, nn
+from torch import nn
 
 from mbv3_dense.errors import InputError
-from mbv3_dense.model_record import RECORD_KEY, TASKS, build_from_record, read_model_record
+from mbv3_dense.model_record import RECORD_KEY, TASKS, build_from_record, import_object, read_model_record
 from mbv3_dense.weights import WeightsError, extract_state_dict, read_checkpoint
 
 if TYPE_CHECKING:
     from mbv3_dense.latency import Latency
 
 ARCHS = ("large", "small")
-# Each task's builders (``{arch}`` filled in) and weight loader, for files without a model record.
+# Each task's builders (``{arch}`` filled in), for files without a model record, and its weight loader.
 BUILDERS = {
     "classify": "mbv3_dense.mobilenet_v3_{arch}",
     "detect": "detection.ssdlite_mobilenet_v3_{arch}",
     "segment": "segmentation.lraspp_mobilenet_v3_{arch}",
 }
 LOADERS = {
-    "classify": "mbv3_dense.weights.load_classifier_weights",
+    "classify": "mbv3_dense.classification.weights.load_classifier_weights",
     "detect": "detection.weights.load_ssdlite_weights",
     "segment": "segmentation.weights.load_lraspp_weights",
+}
+# Each task's count of the classes in a state dict of any layout its loader reads, for files without a record.
+CLASS_COUNTERS = {
+    "classify": "mbv3_dense.classification.weights.count_classes",
+    "detect": "detection.weights.count_classes",
+    "segment": "segmentation.weights.count_classes",
 }
 # The command-line option of each network argument, for the messages.
 OPTIONS = {"arch": "--arch", "num_classes": "--num-classes", "width_mult": "--width-mult",
@@ -67,11 +72,6 @@ class Resolved(NamedTuple):
     classes: dict[str, Any] | None = None
 
 
-def _attribute(path: str) -> Callable[..., Any]:
-    module_name, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module_name), name)
-
-
 def _call(builder: str, init_args: Mapping[str, Any]) -> str:
     """``builder(arg=value, ...)`` for messages: the arguments that are set, weight files left out."""
     shown = ", ".join(f"{k}={v!r}" for k, v in init_args.items()
@@ -82,7 +82,7 @@ def _call(builder: str, init_args: Mapping[str, Any]) -> str:
 def _recorded_values(model: nn.Module, record: Mapping[str, Any]) -> dict[str, Any]:
     """The values of the network arguments for the network a record built."""
     try:
-        signature = inspect.signature(_attribute(record["builder"]))
+        signature = inspect.signature(import_object(record["builder"]))
         arguments = {name: p.default for name, p in signature.parameters.items() if p.default is not p.empty}
     except (TypeError, ValueError):
         arguments = {}
@@ -92,25 +92,6 @@ def _recorded_values(model: nn.Module, record: Mapping[str, Any]) -> dict[str, A
             "width_mult": getattr(backbone, "width_mult", None),
             "reduced_tail": getattr(backbone, "reduced_tail", None), "variant": arguments.get("variant"),
             "score_activation": getattr(model, "score_activation", None)}
-
-
-def _classes_in(task: str, state: dict[str, Tensor], container: str, probe: nn.Module, source: str) -> int | None:
-    """The class count of a state dict of ``task`` (any layout the task's loader reads), or None."""
-    if task == "classify":
-        from mbv3_dense.weights import to_classifier_layout
-
-        state, _ = to_classifier_layout(state, container, probe.backbone.features, source)
-        weight = state.get("classifier.3.weight")
-        return None if weight is None else int(weight.shape[0])
-    if task == "detect":
-        to_layout = _attribute("detection.weights.to_ssdlite_layout")
-        state = to_layout(state, container, probe.backbone.feature_info["c4_expand"].index, source)
-        cls, box = state.get("cls_head.0.1.weight"), state.get("box_head.0.1.weight")
-        # The first map's head predicts B boxes x C classes and B boxes x 4 coordinates.
-        return None if cls is None or box is None else int(cls.shape[0]) * 4 // int(box.shape[0])
-    weight = _attribute("segmentation.weights.to_lraspp_layout")(state, container, source).get(
-        "head.low_classifier.weight")
-    return None if weight is None else int(weight.shape[0])
 
 
 def _build(record: Mapping[str, Any], source: str) -> nn.Module:
@@ -172,7 +153,7 @@ def resolve_model(task: str | None, weights: str | Path | None, *, arch: str | N
         if checkpoint is not None and "num_classes" not in init_args:
             state, container = extract_state_dict(checkpoint, source)
             probe = _build({"task": task, "builder": builder, "init_args": init_args}, source)
-            found = _classes_in(task, state, container, probe, source)
+            found = import_object(CLASS_COUNTERS[task])(state, container, probe, source)
             if found is not None:
                 init_args["num_classes"] = found
         model = _build({"task": task, "builder": builder, "init_args": init_args}, source)
@@ -184,7 +165,7 @@ def resolve_model(task: str | None, weights: str | Path | None, *, arch: str | N
 
     if weights is not None:
         try:
-            _attribute(LOADERS[task])(model, weights)
+            import_object(LOADERS[task])(model, weights)
         except WeightsError as err:
             if record is not None:
                 raise

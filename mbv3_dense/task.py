@@ -99,6 +99,7 @@ class TaskModule(L.LightningModule):
     """
 
     task: ClassVar[str]  # "classify" | "detect" | "segment", recorded in checkpoints (mbv3_dense.model_record)
+    monitor: ClassVar[str]  # the logged metric (higher is better) the run's best checkpoint keeps (mbv3_dense.cli)
     scheduler_interval: ClassVar[Literal["epoch", "step"]] = "epoch"
     # Exported latency runs ``model.preprocess`` -> runtime -> ``model.postprocess`` (detection: the
     # network alone is not what a user runs); otherwise the runtime alone.

@@ -327,27 +327,6 @@ def to_classifier_layout(state: Mapping[str, Tensor], container: str, features: 
     return dict(state), layout
 
 
-def load_classifier_weights(model: nn.Module, path: str | Path, *, keep_class_rows: bool = True) -> str:
-    """Load a classifier checkpoint of any supported layout into ``model``.
-
-    Strict, except that a checkpoint with other classes (count or names) loads into a network with a new
-    last Linear (:func:`mbv3_dense.transfer.load_checkpoint_state`: rows of classes named alike kept,
-    logged). Returns the detected layout. timm checkpoints switch every BN to timm's eps (1e-5).
-    """
-    from mbv3_dense.transfer import check_task, load_checkpoint_state
-
-    checkpoint = read_checkpoint(path)
-    check_task(checkpoint, "classify", str(path))
-    state, container = extract_state_dict(checkpoint, path)
-    state, layout = to_classifier_layout(state, container, model.backbone.features, str(path))
-    load_checkpoint_state(model, state, str(path), task="classify", checkpoint=checkpoint,
-                          keep_class_rows=keep_class_rows)
-    if layout == "timm":
-        count = set_bn_eps(model, 1e-5)
-        log.info("%s: timm checkpoint: BatchNorm eps set to 1e-5 on %d layers (timm's value)", path, count)
-    return layout
-
-
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> str:
     """Load the backbone part of a classifier checkpoint into a bare :class:`MobileNetV3`.
 

@@ -55,7 +55,6 @@ import argparse
 import contextlib
 import datetime
 import functools
-import importlib
 import json
 import math
 import os
@@ -81,7 +80,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from mbv3_dense.constants import IMAGENET_MEAN, IMAGENET_STD
-from mbv3_dense.model_record import TASKS, task_list
+from mbv3_dense.model_record import TASKS, import_object, task_list
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {
@@ -149,17 +148,12 @@ def load_config(task: str) -> dict:
     return yaml.safe_load(CONFIGS[task].read_text())
 
 
-def import_path(class_path: str) -> Callable:
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
 def instantiate(spec: object) -> object:
     """Build ``{"class_path": ..., "init_args": {...}}`` (nested ones too), as LightningCLI would."""
     if not (isinstance(spec, dict) and "class_path" in spec):
         return spec
     kwargs = {key: instantiate(value) for key, value in (spec.get("init_args") or {}).items()}
-    return import_path(spec["class_path"])(**kwargs)
+    return import_object(spec["class_path"])(**kwargs)
 
 
 def scaled_lr(init_args: dict, batch: int) -> float:
@@ -174,12 +168,12 @@ def build_module(config: dict, batch: int) -> tuple[nn.Module, type, dict]:
     the optimizer's class and arguments, which the torchvision loop gets too."""
     init = dict(config["model"]["init_args"])
     optimizer = init["optimizer"]
-    opt_class = import_path(optimizer["class_path"])
+    opt_class = import_object(optimizer["class_path"])
     opt_args = dict(optimizer.get("init_args") or {})
     opt_args["lr"] = scaled_lr(init, batch)
     kwargs = {key: instantiate(value) for key, value in init.items()
               if key not in ("optimizer", "scheduler", "lr_batch_size")}
-    module = import_path(config["model"]["class_path"])(
+    module = import_object(config["model"]["class_path"])(
         **kwargs, optimizer=functools.partial(opt_class, **opt_args), lr_batch_size=None)
     return module, opt_class, opt_args
 
@@ -189,7 +183,7 @@ def build_datamodule(config: dict, root: Path, batch: int, overrides: dict) -> o
     init = dict(config["data"]["init_args"])
     init.update(root=str(root), batch_size=batch, num_workers=0)
     init.update({key: value for key, value in overrides.items() if key in init})
-    datamodule = import_path(config["data"]["class_path"])(**init)
+    datamodule = import_object(config["data"]["class_path"])(**init)
     datamodule.setup("fit")
     return datamodule
 

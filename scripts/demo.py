@@ -111,13 +111,6 @@ def read_metrics(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def last_value(rows: list[dict[str, str]], key: str) -> float | None:
-    for row in reversed(rows):
-        if row.get(key) not in (None, ""):
-            return float(row[key])
-    return None
-
-
 def checkpoint(run_dir: Path) -> Path:
     found = sorted(run_dir.glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
     if not found:

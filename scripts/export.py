@@ -187,7 +187,7 @@ def _image_folder_split(root: Path) -> Path:
 
 
 def is_image_folder(root: Path) -> bool:
-    from mbv3_dense.classification.data import IMAGE_EXTENSIONS
+    from mbv3_dense.listing import IMAGE_EXTENSIONS
 
     split = _image_folder_split(root)
     return any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS

@@ -60,14 +60,8 @@ from mbv3_dense.deploy import ExecuTorchFileError, ExecuTorchModel, make_backend
 from mbv3_dense.deploy.backend import BACKENDS, detect  # noqa: E402
 from mbv3_dense.deploy.dynamic import DynamicSizeError, parse_size_range  # noqa: E402
 from mbv3_dense.deploy.executorch_runtime import ExecuTorchInputError  # noqa: E402
-from mbv3_dense.predict import (  # noqa: E402
-    DEFAULT_MAX_PIXELS,
-    PredictBatch,
-    PredictionWriter,
-    list_images,
-    note_ignored,
-    predict_loader,
-)
+from mbv3_dense.listing import list_images, note_ignored  # noqa: E402
+from mbv3_dense.predict import DEFAULT_MAX_PIXELS, PredictBatch, PredictionWriter, predict_loader  # noqa: E402
 from mbv3_dense.progress import progress  # noqa: E402
 from mbv3_dense.resolve import add_model_arguments, model_from_arguments  # noqa: E402
 

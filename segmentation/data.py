@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from mbv3_dense.classes import ClassInfo
 from mbv3_dense.image_io import ImageReadError, decode_image_rgb, decode_label_png, read_image_rgb, read_label_png
-from mbv3_dense.predict import DEFAULT_MAX_PIXELS, ImageList, predict_images_for, predict_loader
+from mbv3_dense.listing import ImageList, predict_images_for
+from mbv3_dense.predict import DEFAULT_MAX_PIXELS, predict_loader
 from mbv3_dense.sampling import SampleKey, as_sample_key, eval_loader, sample_randomness, train_loader
 from mbv3_dense.streaming import ChunkReader, ChunkRecord, ChunkSource, open_split
 from segmentation.labels import CLASS_NAMES, NUM_CLASSES, cityscapes_class_info, label_ids_to_train_ids
@@ -228,7 +229,7 @@ class CityscapesDataModule(L.LightningDataModule):
             an error naming the files if a label is missing, coloured, 16-bit or of another size
             than its image (about a second for Cityscapes' 3475 pairs on a local disk).
         predict_images: what ``lightning predict`` runs on: a folder (read recursively), a glob or a
-            text file of paths (:func:`mbv3_dense.predict.list_images`); each image at its own size,
+            text file of paths (:func:`mbv3_dense.listing.list_images`); each image at its own size,
             one forward pass per image, ``val_batch_size`` images per loader batch.
         predict_max_pixels: images with more pixels are skipped with a warning naming them.
         streaming: train and validate from ``scripts/prepare_streaming.py --task segment``'s chunks in this folder

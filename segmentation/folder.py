@@ -10,7 +10,7 @@ Layout, one of two (``layout="auto"`` takes the first when ``root/images/<train_
 
 An image pairs with the mask of the same relative path without its extension
 (``images/train/a/x.jpg`` <-> ``masks/train/a/x.png``); images may be any format
-:data:`~mbv3_dense.classification.data.IMAGE_EXTENSIONS` names, masks are PNG (lossless: JPEG would
+:data:`~mbv3_dense.listing.IMAGE_EXTENSIONS` names, masks are PNG (lossless: JPEG would
 change the class values). A list file names one image a line, relative to ``images/``, with or without
 its extension (``a/x`` or ``a/x.jpg``); blank lines and ``#`` comments are skipped.
 
@@ -49,9 +49,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from mbv3_dense.classes import ClassInfo
-from mbv3_dense.classification.data import IMAGE_EXTENSIONS
 from mbv3_dense.image_io import ImageReadError, decode_image_rgb, decode_label_png, read_image_rgb
-from mbv3_dense.predict import DEFAULT_MAX_PIXELS, ImageList, predict_images_for, predict_loader
+from mbv3_dense.listing import IMAGE_EXTENSIONS, ImageList, predict_images_for
+from mbv3_dense.predict import DEFAULT_MAX_PIXELS, predict_loader
 from mbv3_dense.sampling import SampleKey, as_sample_key, eval_loader, sample_randomness, train_loader
 from mbv3_dense.streaming import ChunkReader, ChunkRecord, ChunkSource, StreamingDataError, open_split
 from segmentation.mask_classes import (

@@ -16,17 +16,15 @@ Which taps are read is part of the variant (see :data:`VARIANT_TAPS` and docs/se
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
-from pathlib import Path
 from typing import Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mbv3_dense.backbone import Arch, MobileNetV3
+from mbv3_dense.backbone import MobileNetV3
 from mbv3_dense.classes import network_class_names
-from mbv3_dense.classification.model import normalize_imagenet
-from mbv3_dense.layers import NormLayer, default_norm_layer
+from mbv3_dense.constants import IMAGENET_MEAN, IMAGENET_STD
+from mbv3_dense.layers import Normalize, NormLayer, default_norm_layer
 
 Variant = Literal["paper", "torchvision"]
 
@@ -116,9 +114,9 @@ class LRASPPHead(nn.Module):
 class LRASPP(nn.Module):
     """MobileNetV3 backbone + LR-ASPP decoder.
 
-    Input: float ``[N, 3, H, W]`` normalised with ImageNet mean/std
-    (:data:`mbv3_dense.classification.model.IMAGENET_MEAN` / ``IMAGENET_STD``). Output: logits
-    ``[N, num_classes, H, W]`` over Cityscapes trainIds (0..18) at input size, bilinearly upsampled.
+    Input: float ``[N, 3, H, W]`` normalised with ImageNet mean/std by :attr:`normalize` (a
+    :class:`~mbv3_dense.layers.Normalize` of :data:`~mbv3_dense.constants.IMAGENET_MEAN` / ``IMAGENET_STD``).
+    Output: logits ``[N, num_classes, H, W]`` over Cityscapes trainIds (0..18) at input size, bilinearly upsampled.
 
     Args:
         backbone: a :class:`MobileNetV3` whose ``out_features`` are ``(low_feature, high_feature)``.
@@ -141,90 +139,13 @@ class LRASPP(nn.Module):
         self.high_feature = high_feature
         self.num_classes = head.low_classifier.out_channels
         self.class_names = network_class_names(class_names, self.num_classes)
+        self.normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD)
 
     def forward(self, x: Tensor) -> Tensor:
         features = self.backbone(x)
         out = self.head(features[self.low_feature], features[self.high_feature])
         return F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
-    def normalize(self, x: Tensor) -> Tensor:
-        """``[N, 3, H, W]`` (or ``[3, H, W]``) in [0, 1] -> the network's input (ImageNet mean/std)."""
-        return normalize_imagenet(x)
-
     def class_layers(self) -> tuple[str, ...]:
         """The layers whose outputs are the classes (re-initialised for another class list)."""
         return ("head.low_classifier", "head.high_classifier")
-
-
-def _build(arch: Arch, *, num_classes: int, variant: Variant, reduced_tail: bool | None, output_stride: int,
-           head_channels: int, width_mult: float, weights: str | Path | None,
-           weights_backbone: str | Path | None, class_names: Sequence[str] | None,
-           keep_class_rows: bool) -> LRASPP:
-    if variant not in VARIANT_TAPS:
-        raise ValueError(f"variant must be 'paper' or 'torchvision', got {variant!r}")
-    if reduced_tail is None:
-        reduced_tail = variant == "paper"
-    low, high = VARIANT_TAPS[variant]
-    backbone = MobileNetV3(arch=arch, width_mult=width_mult, reduced_tail=reduced_tail,
-                           output_stride=output_stride, out_features=(low, high))
-    if weights_backbone is not None and weights is None:
-        from mbv3_dense.weights import load_backbone_weights
-
-        load_backbone_weights(backbone, weights_backbone)
-    if variant == "paper":
-        pool: dict = {"pool_kernel": PAPER_POOL_KERNEL, "pool_stride": PAPER_POOL_STRIDE,
-                      "norm_layer": default_norm_layer}
-    else:  # torchvision's head: global pooling, nn.BatchNorm2d defaults (eps 1e-5, momentum 0.1)
-        pool = {"pool_kernel": None, "pool_stride": None, "norm_layer": partial(nn.BatchNorm2d)}
-    head = LRASPPHead(low_channels=backbone.feature_info[low].channels,
-                      high_channels=backbone.feature_info[high].channels,
-                      num_classes=num_classes, head_channels=head_channels, **pool)
-    model = LRASPP(backbone=backbone, head=head, low_feature=low, high_feature=high, class_names=class_names)
-    if weights is not None:
-        from segmentation.weights import load_lraspp_weights
-
-        load_lraspp_weights(model, weights, keep_class_rows=keep_class_rows)
-    return model
-
-
-def lraspp_mobilenet_v3_large(*, num_classes: int = 19, variant: Variant = "paper",
-                              reduced_tail: bool | None = None, output_stride: int = 16,
-                              head_channels: int = 128, width_mult: float = 1.0,
-                              weights: str | None = None, weights_backbone: str | None = None,
-                              class_names: list[str] | None = None, keep_class_rows: bool = True) -> LRASPP:
-    """LR-ASPP on MobileNetV3-Large.
-
-    Args:
-        num_classes: output classes (19 Cityscapes trainIds; 21 for torchvision's checkpoints).
-        variant: ``"paper"`` (Fig. 10 decoder) or ``"torchvision"`` (global pooling).
-        reduced_tail: halve the last stage (the paper's RF2); default on for ``paper``, off for
-            ``torchvision``.
-        output_stride: 16 (the paper, Table 7) or 8; the last stage is dilated.
-        head_channels: width of the decoder branches (128, Table 7 "head filters").
-        width_mult: backbone width multiplier.
-        weights: an LR-ASPP checkpoint (torchvision's ``lraspp_mobilenet_v3_large`` state dict or
-            one of our Lightning ``.ckpt``). One with other classes loads too: everything but the two
-            classifiers as it is, those afresh except the rows of classes named alike in ``class_names``
-            and the checkpoint (torchvision's files: the 21 Pascal VOC classes; :mod:`mbv3_dense.transfer`).
-        weights_backbone: an ImageNet classifier checkpoint (any layout :mod:`mbv3_dense.weights`
-            reads); its head is dropped. Ignored when ``weights`` is given.
-        class_names: the name of each class, in output order (Cityscapes: the 19 trainId names).
-        keep_class_rows: with ``weights`` of other classes, the pretrained rows of the classes named alike
-            are kept (False: the whole class layer starts fresh).
-    """
-    return _build("large", num_classes=num_classes, variant=variant, reduced_tail=reduced_tail,
-                  output_stride=output_stride, head_channels=head_channels, width_mult=width_mult,
-                  weights=weights, weights_backbone=weights_backbone, class_names=class_names,
-                  keep_class_rows=keep_class_rows)
-
-
-def lraspp_mobilenet_v3_small(*, num_classes: int = 19, variant: Variant = "paper",
-                              reduced_tail: bool | None = None, output_stride: int = 16,
-                              head_channels: int = 128, width_mult: float = 1.0,
-                              weights: str | None = None, weights_backbone: str | None = None,
-                              class_names: list[str] | None = None, keep_class_rows: bool = True) -> LRASPP:
-    """LR-ASPP on MobileNetV3-Small; arguments as :func:`lraspp_mobilenet_v3_large`."""
-    return _build("small", num_classes=num_classes, variant=variant, reduced_tail=reduced_tail,
-                  output_stride=output_stride, head_channels=head_channels, width_mult=width_mult,
-                  weights=weights, weights_backbone=weights_backbone, class_names=class_names,
-                  keep_class_rows=keep_class_rows)

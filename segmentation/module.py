@@ -68,6 +68,7 @@ class SegmentationModule(TaskModule):
     """
 
     task = "segment"
+    monitor = "val/miou"
     scheduler_interval = "step"
 
     def __init__(self, *, model: nn.Module, optimizer: OptimizerCallable = torch.optim.SGD,

@@ -17,8 +17,8 @@ and for any other class info (e.g. a mask folder's classes file, :mod:`segmentat
 Class colours come from the class info; classes without colours get
 :func:`segmentation.mask_classes.distinct_palette` (Pascal VOC's colour map).
 
-The network sees each image at its own size, normalised with its own ``normalize`` (ImageNet mean/std:
-:func:`preprocess` for scripts), one image at a time (sizes differ).
+The network sees each image at its own size, normalised with its own ``normalize`` (ImageNet mean/std),
+one image at a time (sizes differ).
 """
 
 from __future__ import annotations
@@ -28,27 +28,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 from torch import Tensor
 
 from mbv3_dense.classes import check_class_info
-from mbv3_dense.constants import IMAGENET_MEAN, IMAGENET_STD
-from mbv3_dense.predict import ImageFile, PredictionWriter
+from mbv3_dense.listing import ImageFile
+from mbv3_dense.predict import PredictionWriter
 from segmentation.labels import cityscapes_class_info, is_cityscapes_class_info
 from segmentation.mask_classes import distinct_palette
 
 OVERLAY_ALPHA = 0.5
 CITYSCAPES_FOLDER = "labelIds"
 LABELS_FOLDER = "labels"
-
-
-def preprocess(image: Tensor) -> Tensor:
-    """uint8 ``[3, H, W]`` RGB -> float ``[1, 3, H, W]`` normalised with ImageNet mean/std (the
-    model's input; the same numbers as the evaluation transform of :mod:`segmentation.transforms`)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=image.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=image.device).view(3, 1, 1)
-    return ((image.float() / 255.0 - mean) / std)[None]
 
 
 def class_colors(info: Mapping[str, Any]) -> np.ndarray:
@@ -121,4 +112,4 @@ class SegmentationWriter(PredictionWriter):
         pass
 
 
-__all__ = ["SegmentationWriter", "preprocess"]
+__all__ = ["SegmentationWriter"]

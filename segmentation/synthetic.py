@@ -193,9 +193,6 @@ def generate_cityscapes(root: str | Path, spec: CityscapesSpec = CityscapesSpec(
     }
 
 
-# The name before the three generators were named alike.
-SyntheticSpec = CityscapesSpec
-
 
 # ---------------------------------------------------------------------------------------------- mask folders
 #: Surfaces the folder generator paints in place of the sidewalks.

@@ -68,3 +68,10 @@ def load_lraspp_weights(model: nn.Module, path: str | Path, *, keep_class_rows: 
     state, container = extract_state_dict(checkpoint, path)
     load_checkpoint_state(model, to_lraspp_layout(state, container, str(path)), str(path), task="segment",
                           checkpoint=checkpoint, keep_class_rows=keep_class_rows)
+
+
+def count_classes(state: Mapping[str, Tensor], container: str, probe: nn.Module, source: str) -> int | None:
+    """The class count of an LR-ASPP state dict (any layout :func:`load_lraspp_weights` reads), or None.
+    ``probe`` (a network of the same architecture) is not needed: the arguments are those of every task's."""
+    weight = to_lraspp_layout(state, container, source).get("head.low_classifier.weight")
+    return None if weight is None else int(weight.shape[0])

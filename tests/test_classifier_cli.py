@@ -70,11 +70,11 @@ def test_wrong_class_count_is_explained(tiny_imagefolder: Path) -> None:
     import lightning as L
 
     import mbv3_dense
-    from mbv3_dense.classification.data import ImageNetDataModule
+    from mbv3_dense.classification.data import ImageFolderDataModule
     from mbv3_dense.classification.module import ClassificationModule
 
     module = ClassificationModule(model=mbv3_dense.mobilenet_v3_small(num_classes=5, width_mult=0.5))
-    dm = ImageNetDataModule(root=tiny_imagefolder, batch_size=2, num_workers=0, crop_size=32, val_resize_size=32)
+    dm = ImageFolderDataModule(root=tiny_imagefolder, batch_size=2, num_workers=0, crop_size=32, val_resize_size=32)
     trainer = L.Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False)
     with pytest.raises(ValueError, match="the data has 3 classes"):
         trainer.fit(module, datamodule=dm)

@@ -162,9 +162,10 @@ def test_generated_data_is_deterministic_and_distinct(tmp_path: Path) -> None:
     assert len(set(pixels)) == len(pixels)  # no two images alike, train and val included
 
 
-def test_old_names_still_import() -> None:
-    """Configs and code written before the classification package keep working."""
-    from mbv3_dense.classification import ClassificationModule, ImageNetDataModule
+def test_package_names_are_the_modules() -> None:
+    """``mbv3_dense.classification`` names (loaded on first use) are the classes of its modules."""
+    from mbv3_dense.classification import ClassificationModule, ImageFolderDataModule
+    from mbv3_dense.classification.data import ImageFolderDataModule as Folder
     from mbv3_dense.classification.module import ClassificationModule as Module
 
-    assert ImageNetDataModule is ImageFolderDataModule and ClassificationModule is Module
+    assert ImageFolderDataModule is Folder and ClassificationModule is Module

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from detection.data import AnnotationError, CategoryMap, CocoDataModule, load_coco
+from detection.annotations import AnnotationError, CategoryMap, load_coco
+from detection.data import CocoDataModule
 from detection.synthetic import DetectionSpec, generate_coco
 from detection.transforms import RandomIoUCrop, ZoomOut, train_transform
 from mbv3_dense.image_io import ImageReadError

@@ -224,11 +224,11 @@ def test_ddp_each_index_gets_its_augmentation_on_any_rank_and_resumes_mid_epoch(
             ranks_per_epoch.setdefault(row["epoch"], set()).add(rank)
     assert ranks_per_epoch == {0: {0, 1}, 1: {0, 1}}
     assert all(len(d) == 1 for d in seen.values()), "one sample index got two augmentations"
-    from mbv3_dense.classification.data import ImageNetDataModule
+    from mbv3_dense.classification.data import ImageFolderDataModule
     from mbv3_dense.sampling import SampleKey
 
     cfg = yaml.safe_load((straight / "c.yaml").read_text())["data"]["init_args"]
-    module = ImageNetDataModule(**{k: v for k, v in cfg.items() if k != "num_workers"}, num_workers=0)
+    module = ImageFolderDataModule(**{k: v for k, v in cfg.items() if k != "num_workers"}, num_workers=0)
     module.setup("fit")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -213,7 +213,6 @@ def test_segment(images: Path, tmp_path: Path):
     from segmentation import lraspp_mobilenet_v3_small
     from segmentation.labels import train_ids_to_label_ids
     from segmentation.module import SegmentationModule
-    from segmentation.predict import preprocess
 
     torch.manual_seed(0)
     net = lraspp_mobilenet_v3_small(width_mult=0.5)
@@ -235,7 +234,7 @@ def test_segment(images: Path, tmp_path: Path):
         image = reference_image(images, rel)
         assert written.shape == tuple(image.shape[-2:])  # full size
         with torch.no_grad():
-            logits = net(preprocess(image))[0]
+            logits = net(net.normalize(image.float() / 255)[None])[0]
         ref = train_ids_to_label_ids(logits.argmax(0).numpy().astype(np.uint8))
         # Equal, except where the two best classes tie to 1e-4 (float sums in another order, e.g. with
         # another thread count, may pick either): there either of the two is right.
@@ -250,15 +249,15 @@ def test_segment(images: Path, tmp_path: Path):
     assert len(seen) > 1  # the comparison would prove little on a constant map
 
 
-def test_segmentation_preprocess_is_the_eval_transform():
+def test_segmentation_eval_transform_keeps_the_pixels():
     from segmentation import lraspp_mobilenet_v3_small
-    from segmentation.predict import preprocess
     from segmentation.transforms import eval_transform
 
     image = np.random.default_rng(1).integers(0, 256, (33, 47, 3), dtype=np.uint8)
     frame, _ = eval_transform()(image, image[..., 0], random.Random(0))  # uint8, normalised on the device
-    ref = lraspp_mobilenet_v3_small().normalize(frame.float() / 255)
-    got = preprocess(torch.from_numpy(image).permute(2, 0, 1))[0]
+    net = lraspp_mobilenet_v3_small()
+    ref = net.normalize(frame.float() / 255)
+    got = net.normalize(torch.from_numpy(image).permute(2, 0, 1).float() / 255)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
 
 

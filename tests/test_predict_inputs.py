@@ -10,13 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mbv3_dense.predict import (
-    ImageListError,
-    PredictImageDataset,
-    collate_predict,
-    list_images,
-    read_for_prediction,
-)
+from mbv3_dense.listing import ImageListError, list_images
+from mbv3_dense.predict import PredictImageDataset, collate_predict, read_for_prediction
 
 
 def png(path: Path, size: tuple[int, int] = (8, 6)) -> Path:

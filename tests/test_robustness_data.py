@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detection.data import AnnotationError, CocoDataModule, load_coco
+from detection.annotations import AnnotationError, load_coco
+from detection.data import CocoDataModule
 from detection.synthetic import DetectionSpec, generate_coco
 from mbv3_dense.classification.synthetic import write_imagefolder
 from segmentation.data import CityscapesDataError, CityscapesDataModule

@@ -15,7 +15,7 @@ import torch
 from parity_utils import calibrate_and_perturb
 
 from detection.synthetic import DetectionSpec, generate_coco
-from mbv3_dense.classification.data import ImageNetDataModule
+from mbv3_dense.classification.data import ImageFolderDataModule
 from mbv3_dense.classification.synthetic import write_imagefolder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def test_detection_ddp_validation_counts_each_image_once(tmp_path: Path) -> None
 
 def test_classification_validation_sampler_is_unpadded(tmp_path: Path) -> None:
     root = write_imagefolder(tmp_path, num_classes=2, train_per_class=2, val_per_class=3, size=32, seed=0)
-    dm = ImageNetDataModule(root=root, batch_size=2, num_workers=0, crop_size=32, val_resize_size=32)
+    dm = ImageFolderDataModule(root=root, batch_size=2, num_workers=0, crop_size=32, val_resize_size=32)
     dm.setup("validate")
     shards = []
     for rank in range(4):  # 6 images over 4 ranks: a padded sampler would hand out 8

@@ -22,7 +22,8 @@ from PIL import Image
 
 from mbv3_dense.classes import ClassInfoError, check_class_info
 from mbv3_dense.image_io import ImageReadError
-from mbv3_dense.predict import ImageFile, PredictBatch
+from mbv3_dense.listing import ImageFile
+from mbv3_dense.predict import PredictBatch
 from segmentation.folder import MaskFolderDataModule, MaskFolderError
 from segmentation.labels import CLASS_NAMES, PALETTE, TRAIN_TO_LABEL_ID
 from segmentation.mask_classes import ClassesFileError, MaskValueError, distinct_palette, read_classes_file

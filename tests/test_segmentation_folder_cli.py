@@ -25,7 +25,6 @@ from test_determinism import (
 
 from mbv3_dense.image_io import read_image_rgb
 from mbv3_dense.model_record import build_from_record, read_model_record
-from segmentation.predict import preprocess
 from segmentation.synthetic import MaskFolderSpec, folder_class_color, generate_mask_folders
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +69,7 @@ def test_fit_validate_and_predict_with_a_classes_file(lightning, tmp_path: Path)
             written = np.asarray(png)
         image = torch.from_numpy(read_image_rgb(image_path)).permute(2, 0, 1)
         with torch.no_grad():
-            logits = net(preprocess(image))[0]
+            logits = net(net.normalize(image.float() / 255)[None])[0]
         # Equal to the network's argmax, except where its two best classes tie to 1e-4 (sums in another order).
         top2 = logits.topk(2, dim=0)
         near_tie = (top2.values[0] - top2.values[1] < 1e-4).numpy()

@@ -222,7 +222,8 @@ def test_cli_shows_a_build_error_as_its_first_line(tiny_imagefolder: Path, tmp_p
 
 
 def test_coco_file_with_more_categories_than_the_model_holds(tmp_path: Path) -> None:
-    from detection.data import AnnotationError, CocoDataModule
+    from detection.annotations import AnnotationError
+    from detection.data import CocoDataModule
 
     data = _coco_with_own_categories(tmp_path / "coco")
     with pytest.raises(AnnotationError, match=r"instances_val2017.json: 3 categories \(ids up to 250\) are more "

@@ -3,7 +3,7 @@
 Layout: ``root/train/<class>/**/<image>`` and ``root/val/<class>/**/<image>`` (ImageNet's
 ``ILSVRC2012_img_val`` sorted into class folders, as torchvision's reference scripts expect).
 Class indices are the sorted training folder names. Files are recognised by extension (case
-insensitive, :data:`IMAGE_EXTENSIONS`); anything else is counted and ignored. Images are
+insensitive, :data:`~mbv3_dense.listing.IMAGE_EXTENSIONS`); anything else is counted and ignored. Images are
 decoded by :func:`mbv3_dense.image_io.read_image_rgb` (EXIF orientation applied; grayscale,
 palette, RGBA, CMYK, 16-bit converted to RGB).
 
@@ -35,13 +35,13 @@ from torchvision.transforms import v2
 from mbv3_dense.classes import ClassInfo, check_class_info
 from mbv3_dense.classification.transforms import eval_transform, train_transform
 from mbv3_dense.image_io import ImageReadError, decode_image_rgb, read_image_rgb
-from mbv3_dense.predict import DEFAULT_MAX_PIXELS, ImageList, predict_images_for, predict_loader
+from mbv3_dense.listing import IMAGE_EXTENSIONS, ImageList, is_image_name, predict_images_for
+from mbv3_dense.predict import DEFAULT_MAX_PIXELS, predict_loader
 from mbv3_dense.sampling import SampleKey, as_sample_key, eval_loader, sample_randomness, train_loader
 from mbv3_dense.streaming import ChunkReader, ChunkRecord, ChunkSource, StreamingDataError, open_split
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 BadImagePolicy = Literal["error", "skip"]
 
 
@@ -83,7 +83,7 @@ def scan_image_folder(split_dir: Path, class_to_idx: dict[str, int]) -> FolderSc
             for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
                 dirnames.sort()
                 for filename in sorted(filenames):
-                    if filename.lower().endswith(IMAGE_EXTENSIONS) and not filename.startswith("."):
+                    if is_image_name(filename):
                         samples.append((Path(dirpath) / filename, label))
                         found += 1
                     else:
@@ -197,7 +197,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             drop it from its batch, count it).
         pin_memory: pin host memory for faster copies to the GPU.
         predict_images: what ``lightning predict`` runs on: a folder (read recursively), a glob or a
-            text file of paths (:func:`mbv3_dense.predict.list_images`). Each image goes through the
+            text file of paths (:func:`mbv3_dense.listing.list_images`). Each image goes through the
             validation transform (short side ``val_resize_size``, centre crop ``crop_size``), in
             batches of ``batch_size``; class names come from ``root/train`` when it exists.
         predict_max_pixels: images with more pixels are skipped with a warning naming them.
@@ -350,7 +350,3 @@ class ImageFolderDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return eval_loader(self.val_set, trainer=self.trainer, batch_size=self.batch_size,
                            num_workers=self.num_workers, collate_fn=collate_skipping, pin_memory=self.pin_memory)
-
-
-# The name used before the class took any image folder (configs and code that still say it work).
-ImageNetDataModule = ImageFolderDataModule

@@ -68,6 +68,7 @@ class ClassificationModule(TaskModule):
     """
 
     task = "classify"
+    monitor = "val/top1"
 
     def __init__(
         self,

@@ -19,7 +19,8 @@ from typing import NamedTuple
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from mbv3_dense.predict import ImageFile, PredictionWriter, draw_text_block, font_for, to_pil
+from mbv3_dense.listing import ImageFile
+from mbv3_dense.predict import PredictionWriter, draw_text_block, font_for, to_pil
 
 
 class TopK(NamedTuple):

@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from mbv3_dense.deploy.backend import BACKENDS
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+from mbv3_dense.listing import IMAGE_EXTENSIONS
 
 
 def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,9 +68,9 @@ def check_backend_arguments(parser: argparse.ArgumentParser, args: argparse.Name
 def calibration_files(folder: str | Path, count: int) -> list[Path]:
     """``count`` image files spread over ``folder`` (searched recursively, sorted; classes are usually sorted)."""
     folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
-        raise FileNotFoundError(f"{folder}: no .jpg/.png images for int8 calibration")
+        raise FileNotFoundError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) for int8 calibration")
     step = max(1, len(files) // count)
     return files[::step][:count]
 
