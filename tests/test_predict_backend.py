@@ -69,3 +69,39 @@ def test_bad_backend_name_is_an_error(detector: tuple, images: Path, tmp_path: P
     assert proc.returncode != 0
     assert "predict_backend" in proc.stderr and "tensorrt" in proc.stderr
     assert not (tmp_path / "run/predictions/summary.json").exists()
+
+
+def test_classify_and_segment_steps_on_each_backend():
+    """The classifier (ONNX Runtime: one export for the crop size) and the segmenter (folded: one copy for
+    every image size; ONNX Runtime: one export per size) give eager's outputs from ``predict_step``."""
+    from mbv3_dense import mobilenet_v3_small
+    from mbv3_dense.classification.module import ClassificationModule
+    from mbv3_dense.predict import PredictBatch
+    from segmentation import lraspp_mobilenet_v3_small
+    from segmentation.module import SegmentationModule
+
+    torch.manual_seed(0)
+    classifier = mobilenet_v3_small(num_classes=7, width_mult=0.5)
+    segmenter = lraspp_mobilenet_v3_small(num_classes=5, width_mult=0.5)
+    with torch.no_grad():
+        calibrate_and_perturb(classifier, torch.randn(4, 3, 64, 64), seed=1)
+        calibrate_and_perturb(segmenter, torch.randn(2, 3, 64, 96), seed=3)
+    crops = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    pictures = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in ((64, 96), (80, 64), (64, 96))]
+    with torch.inference_mode():
+        eager = ClassificationModule(model=classifier).eval().predict_step(PredictBatch([], crops, [], [], []), 0)
+        onnx = ClassificationModule(model=classifier, predict_backend="onnxruntime").eval()
+        got = onnx.predict_step(PredictBatch([], crops, [], [], []), 0)
+        assert len(onnx._predict_nets) == 1
+        for a, b in zip(eager, got, strict=True):
+            torch.testing.assert_close(b.probabilities, a.probabilities, atol=2e-5, rtol=0)
+        reference = SegmentationModule(model=segmenter).eval().predict_step(PredictBatch(pictures, None, [], [], []), 0)
+        logits = [segmenter.eval()(segmenter.normalize(img.float()[None] / 255)) for img in pictures]
+        for backend, nets in (("folded", 1), ("onnxruntime", 2)):
+            module = SegmentationModule(model=segmenter, predict_backend=backend).eval()
+            masks = module.predict_step(PredictBatch(pictures, None, [], [], []), 0)
+            assert len(module._predict_nets) == nets  # folded: any size; exported: one per distinct size
+            for mask, ref, lg in zip(masks, reference, logits, strict=True):
+                top2 = lg[0].topk(2, dim=0).values
+                tie = (top2[0] - top2[1]) < 1e-3  # the sums' order differs: near-ties may go either way
+                assert torch.equal(mask[~tie], ref[~tie]), backend
