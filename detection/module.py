@@ -17,7 +17,7 @@ from detection.model import SSDLite
 from detection.predict import DetectionWriter, draw_detections
 from mbv3_dense.guards import NonFinitePolicy, check_loss
 from mbv3_dense.predict import PredictBatch
-from mbv3_dense.task import TaskModule
+from mbv3_dense.task import PredictBackend, TaskModule
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ class DetectionModule(TaskModule):
         nonfinite_loss: ``"stop"`` raises :class:`~mbv3_dense.guards.NonFiniteLossError` naming the
             step and the box/class losses at the first NaN/inf loss; ``"skip"`` skips that batch's
             update and counts it (``train/skipped_nonfinite``).
-        channels_last, compile, freeze_backbone_epochs, backbone_lr_multiplier, freeze_bn_statistics: as
+        channels_last, compile, freeze_backbone_epochs, backbone_lr_multiplier, freeze_bn_statistics,
+            predict_backend: as
             :class:`~mbv3_dense.task.TaskModule`.
     """
 
@@ -58,11 +59,12 @@ class DetectionModule(TaskModule):
                  weight_decay_norm_bias: bool = False, nonfinite_loss: NonFinitePolicy = "stop",
                  channels_last: bool | None = None, compile: bool = False,  # noqa: A002 - the option's name
                  freeze_backbone_epochs: int = 0, backbone_lr_multiplier: float = 1.0,
-                 freeze_bn_statistics: bool = False) -> None:
+                 freeze_bn_statistics: bool = False, predict_backend: PredictBackend = "torch") -> None:
         super().__init__(model=model, optimizer=optimizer, scheduler=scheduler, lr_batch_size=lr_batch_size,
                          weight_decay_norm_bias=weight_decay_norm_bias, nonfinite_loss=nonfinite_loss,
                          channels_last=channels_last, compile=compile, freeze_backbone_epochs=freeze_backbone_epochs,
-                         backbone_lr_multiplier=backbone_lr_multiplier, freeze_bn_statistics=freeze_bn_statistics)
+                         backbone_lr_multiplier=backbone_lr_multiplier, freeze_bn_statistics=freeze_bn_statistics,
+                         predict_backend=predict_backend)
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "loss"])
         self.loss = loss or SSDLoss()
         if (self.loss.classification == "focal") != (model.score_activation == "sigmoid"):
@@ -147,9 +149,16 @@ class DetectionModule(TaskModule):
 
     def predict_step(self, batch: PredictBatch, batch_idx: int) -> list[dict[str, Tensor]]:
         """:meth:`SSDLite.predict` on the batch's images (uint8, original sizes): per image XYXY boxes in
-        its own pixels, scores and model labels, on the CPU."""
+        its own pixels, scores and model labels, on the CPU. The network runs on ``predict_backend``
+        (exported ones at ``image_size``, the size every image is resized to); preprocess and postprocess
+        are the model's own."""
+        if not batch.images:
+            return []
         images = [img.float().div(255) for img in batch.images]
-        detections = self.model.predict(images)
+        x = self.model.preprocess(images)
+        raw = self.predict_network(x)(x)
+        detections = self.model.postprocess({k: v.to(x.device) for k, v in raw.items()},
+                                            [(int(img.shape[-2]), int(img.shape[-1])) for img in images])
         return [{k: v.cpu() for k, v in det.items()} for det in detections]
 
     def draw_predictions(self, images: list[Tensor], threshold: float = 0.3) -> list[Image.Image]:

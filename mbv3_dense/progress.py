@@ -110,7 +110,9 @@ class LineProgressBar(ProgressBar):
         if now - self._last_line < self.every_n_seconds:
             return
         self._last_line = now
-        total = self.total_predict_batches_current_dataloader
+        # Lightning's total_predict_batches_current_dataloader is set by its own batch-start hook, which this
+        # bar does not run: read the count for this dataloader directly.
+        total = trainer.num_predict_batches[dataloader_idx]
         done = batch_idx + 1
         share = f"{done}/{int(total)} ({100 * done / total:.0f}%)" if total not in (None, float("inf")) else f"{done}"
         self._print(f"[predict] batch {share}  {done / max(now - self._predict_start, 1e-9):.2f} it/s")

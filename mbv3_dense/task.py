@@ -10,6 +10,9 @@ batch, weight decay, the non-finite loss policy, and the hooks the callbacks cal
 from __future__ import annotations
 
 import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import lightning as L
@@ -25,6 +28,9 @@ from mbv3_dense.predict import data_class_info
 log = logging.getLogger(__name__)
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+PredictBackend = Literal["torch", "folded", "onnxruntime", "executorch"]
+PREDICT_BACKENDS: tuple[str, ...] = ("torch", "folded", "onnxruntime", "executorch")
 
 
 @runtime_checkable
@@ -96,6 +102,13 @@ class TaskModule(L.LightningModule):
         freeze_bn_statistics: every BatchNorm keeps its running statistics (the pretrained ones) instead
             of averaging the batches': for small batches, where batch statistics are noise. Their scale
             and shift still train.
+        predict_backend: what ``lightning predict`` runs the network on, prepared once, at the first batch:
+            ``"torch"`` (eager, as trained), ``"folded"`` (batch norms folded into the convolutions and
+            channels-last memory format, eager PyTorch), ``"onnxruntime"`` or ``"executorch"`` (exported to a
+            temporary ``.onnx`` / ``.pte`` lowered to XNNPACK, CPU only). Exported programs have a fixed spatial
+            size: the input size of the first batch (detection: the network's ``image_size``; segmentation,
+            whose images keep their own sizes: one export per distinct size, the last four kept). The task's
+            pre- and postprocessing stay in PyTorch.
     """
 
     task: ClassVar[str]  # "classify" | "detect" | "segment", recorded in checkpoints (mbv3_dense.model_record)
@@ -110,8 +123,10 @@ class TaskModule(L.LightningModule):
                  weight_decay_norm_bias: bool = False, nonfinite_loss: NonFinitePolicy = "stop",
                  channels_last: bool | None = None, compile: bool = False,  # noqa: A002 - the option's name
                  freeze_backbone_epochs: int = 0, backbone_lr_multiplier: float = 1.0,
-                 freeze_bn_statistics: bool = False) -> None:
+                 freeze_bn_statistics: bool = False, predict_backend: PredictBackend = "torch") -> None:
         super().__init__()
+        if predict_backend not in PREDICT_BACKENDS:
+            raise ValueError(f"predict_backend must be one of {', '.join(PREDICT_BACKENDS)}, got {predict_backend!r}")
         if nonfinite_loss not in ("stop", "skip"):
             raise ValueError(f"nonfinite_loss must be 'stop' or 'skip', got {nonfinite_loss!r}")
         if lr_batch_size is not None and lr_batch_size <= 0:
@@ -137,6 +152,8 @@ class TaskModule(L.LightningModule):
         self._memory_format = torch.contiguous_format
         self._compiled = False
         self._class_info: ClassInfo | None = None
+        self.predict_backend = predict_backend
+        self._predict_nets: OrderedDict[tuple[int, ...] | None, Callable[[Tensor], object]] = OrderedDict()
 
     # ------------------------------------------------------------------ classes
     @property
@@ -243,6 +260,53 @@ class TaskModule(L.LightningModule):
         if not images.is_floating_point():
             images = self.model.normalize(images.float().div_(255))
         return images.contiguous(memory_format=self._memory_format)
+
+    # ------------------------------------------------------------------ prediction backend
+    def on_predict_start(self) -> None:
+        self._predict_nets.clear()
+        if self.predict_backend in ("onnxruntime", "executorch") and self.device.type != "cpu":
+            raise ValueError(f"predict_backend {self.predict_backend!r} runs on the CPU, but the run is on "
+                             f"{self.device}: add --trainer.accelerator cpu, or use predict_backend 'folded'")
+        log.info("predict backend: %s", {
+            "torch": "torch (eager, as trained)", "folded": "folded (eager PyTorch, batch norms folded, channels-last)",
+            "onnxruntime": "onnxruntime (the network exported to ONNX, CPU)",
+            "executorch": "executorch (the network exported to a .pte lowered to XNNPACK, CPU)"}[self.predict_backend])
+
+    def on_predict_end(self) -> None:
+        self._predict_nets.clear()  # exported sessions and folded copies are not kept past the run
+
+    def predict_network(self, example: Tensor) -> Callable[[Tensor], object]:
+        """The callable ``predict_step`` runs the network through: :attr:`eval_model` itself for
+        ``predict_backend="torch"``, else its deployed form (:func:`mbv3_dense.deploy.make_backend`), built on
+        the first call and reused: once for ``"folded"`` (any input size), once per input size (height,
+        width) for the exported backends. ``example``: a network input of the size about to be run. Under a
+        trainer that is not predicting (pictures drawn during validation) it is always :attr:`eval_model`."""
+        if self.predict_backend == "torch" or (self._trainer is not None and not self.trainer.predicting):
+            return self.eval_model
+        exported = self.predict_backend in ("onnxruntime", "executorch")
+        key = (int(example.shape[-2]), int(example.shape[-1])) if exported else None
+        if key not in self._predict_nets:
+            self._predict_nets[key] = self._build_predict_network(example)
+            while len(self._predict_nets) > 4:
+                self._predict_nets.popitem(last=False)
+        self._predict_nets.move_to_end(key)
+        return self._predict_nets[key]
+
+    def _build_predict_network(self, example: Tensor) -> Callable[[Tensor], object]:
+        from mbv3_dense.deploy.backend import make_backend  # the exporters are imported only when used
+
+        start = time.perf_counter()
+        net = self.eval_model.eval()
+        example = example[:1].detach().float().contiguous()
+        if self.predict_backend == "folded":
+            backend = make_backend("torch", net, example, fold=True, channels_last=True)
+        else:
+            backend = make_backend(self.predict_backend, net, example.cpu(), threads=torch.get_num_threads(),
+                                   task=self.task if self.predict_backend == "executorch" else None)
+        log.info("predict backend %s prepared for %s inputs in %.1f s", self.predict_backend,
+                 "x".join(map(str, example.shape[-2:])) if self.predict_backend != "folded" else "any",
+                 time.perf_counter() - start)
+        return backend
 
     # ------------------------------------------------------------------ hooks used by callbacks
     def forward(self, x: Tensor) -> object:

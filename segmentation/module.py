@@ -27,7 +27,7 @@ from torchmetrics.classification import MulticlassJaccardIndex
 from mbv3_dense.classes import ClassInfoError, check_class_info
 from mbv3_dense.guards import NonFinitePolicy, check_loss
 from mbv3_dense.predict import PredictBatch
-from mbv3_dense.task import TaskModule
+from mbv3_dense.task import PredictBackend, TaskModule
 from segmentation.labels import IGNORE_INDEX, NUM_CLASSES, cityscapes_class_info
 from segmentation.predict import SegmentationWriter, class_colors, overlay
 
@@ -64,7 +64,7 @@ class SegmentationModule(TaskModule):
         optimizer, scheduler (stepped every iteration; poly LR:
             ``torch.optim.lr_scheduler.PolynomialLR(total_iters=<max_steps>, power=0.9)``), lr_batch_size,
             weight_decay_norm_bias, nonfinite_loss, channels_last, compile, freeze_backbone_epochs,
-            backbone_lr_multiplier, freeze_bn_statistics: as :class:`~mbv3_dense.task.TaskModule`.
+            backbone_lr_multiplier, freeze_bn_statistics, predict_backend: as :class:`~mbv3_dense.task.TaskModule`.
     """
 
     task = "segment"
@@ -76,11 +76,12 @@ class SegmentationModule(TaskModule):
                  weight_decay_norm_bias: bool = False, nonfinite_loss: NonFinitePolicy = "stop",
                  channels_last: bool | None = None, compile: bool = False,  # noqa: A002 - the option's name
                  freeze_backbone_epochs: int = 0, backbone_lr_multiplier: float = 1.0,
-                 freeze_bn_statistics: bool = False) -> None:
+                 freeze_bn_statistics: bool = False, predict_backend: PredictBackend = "torch") -> None:
         super().__init__(model=model, optimizer=optimizer, scheduler=scheduler, lr_batch_size=lr_batch_size,
                          weight_decay_norm_bias=weight_decay_norm_bias, nonfinite_loss=nonfinite_loss,
                          channels_last=channels_last, compile=compile, freeze_backbone_epochs=freeze_backbone_epochs,
-                         backbone_lr_multiplier=backbone_lr_multiplier, freeze_bn_statistics=freeze_bn_statistics)
+                         backbone_lr_multiplier=backbone_lr_multiplier, freeze_bn_statistics=freeze_bn_statistics,
+                         predict_backend=predict_backend)
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
         self.num_classes = int(model.num_classes)
         #: Class names by index for ``val/iou/<name>`` (``None``: the indices); set by :meth:`use_class_info`.
@@ -174,8 +175,11 @@ class SegmentationModule(TaskModule):
         """Per image of ``batch`` (uint8, original sizes; one forward pass each, since sizes differ):
         the argmax class indices, uint8 ``[H, W]`` at the image's size, on the CPU (normalised by the
         network's own ``normalize``, :meth:`~mbv3_dense.task.TaskModule.images_to_input`)."""
-        return [self.model(self.images_to_input(image[None])).argmax(1)[0].to(torch.uint8).cpu()
-                for image in batch.images]
+        out = []
+        for image in batch.images:
+            x = self.images_to_input(image[None])
+            out.append(torch.as_tensor(self.predict_network(x)(x)).argmax(1)[0].to(torch.uint8).cpu())
+        return out
 
     def prediction_writer(self, **options) -> SegmentationWriter:  # noqa: ANN003 - the writer's options
         """The writer ``lightning predict`` adds when the config names none (class info from the data module)."""

@@ -16,7 +16,7 @@ from mbv3_dense.classification.data import ClassificationBatch
 from mbv3_dense.classification.predict import ClassificationWriter, TopK, draw_top5
 from mbv3_dense.guards import NonFinitePolicy, check_loss
 from mbv3_dense.predict import PredictBatch
-from mbv3_dense.task import TaskModule
+from mbv3_dense.task import PredictBackend, TaskModule
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class ClassificationModule(TaskModule):
         ema_decay: per-step decay of the weight average; ``None`` disables it.
         optimizer, scheduler (stepped once per epoch), lr_batch_size, weight_decay_norm_bias,
             nonfinite_loss, channels_last, compile, freeze_backbone_epochs, backbone_lr_multiplier,
-            freeze_bn_statistics: as :class:`~mbv3_dense.task.TaskModule`.
+            freeze_bn_statistics, predict_backend: as :class:`~mbv3_dense.task.TaskModule`.
     """
 
     task = "classify"
@@ -86,11 +86,13 @@ class ClassificationModule(TaskModule):
         freeze_backbone_epochs: int = 0,
         backbone_lr_multiplier: float = 1.0,
         freeze_bn_statistics: bool = False,
+        predict_backend: PredictBackend = "torch",
     ) -> None:
         super().__init__(model=model, optimizer=optimizer, scheduler=scheduler, lr_batch_size=lr_batch_size,
                          weight_decay_norm_bias=weight_decay_norm_bias, nonfinite_loss=nonfinite_loss,
                          channels_last=channels_last, compile=compile, freeze_backbone_epochs=freeze_backbone_epochs,
-                         backbone_lr_multiplier=backbone_lr_multiplier, freeze_bn_statistics=freeze_bn_statistics)
+                         backbone_lr_multiplier=backbone_lr_multiplier, freeze_bn_statistics=freeze_bn_statistics,
+                         predict_backend=predict_backend)
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
         # The metrics need the class count: read it off the network's output once.
         self.num_classes = num_classes = count_outputs(model)
@@ -181,7 +183,8 @@ class ClassificationModule(TaskModule):
         ``inputs`` the data module's validation transform made; uses the weight average when kept."""
         if batch.inputs is None:
             return []
-        probabilities = self.eval_model(self.images_to_input(batch.inputs)).float().softmax(dim=1)
+        x = self.images_to_input(batch.inputs)
+        probabilities = torch.as_tensor(self.predict_network(x)(x)).float().softmax(dim=1)
         top = probabilities.topk(min(5, self.num_classes), dim=1)
         return [TopK(p, i) for p, i in zip(top.values.cpu(), top.indices.cpu(), strict=True)]
 
