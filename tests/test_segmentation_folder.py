@@ -23,9 +23,11 @@ from PIL import Image
 from mbv3_dense.classes import ClassInfoError, check_class_info
 from mbv3_dense.image_io import ImageReadError
 from mbv3_dense.predict import ImageFile, PredictBatch
-from segmentation.folder import MaskFolderDataModule, MaskFolderError
+from segmentation.folder import MaskFolderDataModule
+from segmentation.folder_pairs import MaskFolderError
 from segmentation.labels import CLASS_NAMES, PALETTE, TRAIN_TO_LABEL_ID
-from segmentation.mask_classes import ClassesFileError, MaskValueError, distinct_palette, read_classes_file
+from segmentation.mask_classes import ClassesFileError, distinct_palette, read_classes_file
+from segmentation.mask_decoder import MaskValueError
 from segmentation.synthetic import MaskFolderSpec, folder_class_color, generate_mask_folders
 
 ROOT = Path(__file__).resolve().parents[1]
