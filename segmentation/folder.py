@@ -38,7 +38,8 @@ from mbv3_dense.classes import ClassInfo
 from mbv3_dense.image_io import ImageReadError, decode_image_rgb, decode_label_png, read_image_rgb
 from mbv3_dense.predict import DEFAULT_MAX_PIXELS, ImageList, predict_images_for, predict_loader
 from mbv3_dense.sampling import SampleKey, as_sample_key, eval_loader, sample_randomness, train_loader
-from mbv3_dense.streaming import ChunkReader, ChunkRecord, ChunkSource, StreamingDataError, open_split
+from mbv3_dense.streaming.read import ChunkReader, open_split
+from mbv3_dense.streaming.record import ChunkRecord, ChunkSource, StreamingDataError
 from segmentation.folder_pairs import MaskFolderError, Pair, list_folder_pairs, list_listed_pairs, raise_problems
 from segmentation.mask_classes import MaskClasses, find_classes_file, read_classes_file
 from segmentation.mask_decoder import MaskDecoder, MaskFormat, MaskValueError, UnknownValuePolicy, image_size
