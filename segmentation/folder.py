@@ -42,7 +42,14 @@ from mbv3_dense.streaming.read import ChunkReader, open_split
 from mbv3_dense.streaming.record import ChunkRecord, ChunkSource, StreamingDataError
 from segmentation.folder_pairs import MaskFolderError, Pair, list_folder_pairs, list_listed_pairs, raise_problems
 from segmentation.mask_classes import MaskClasses, find_classes_file, read_classes_file
-from segmentation.mask_decoder import MaskDecoder, MaskFormat, MaskValueError, UnknownValuePolicy, image_size
+from segmentation.mask_decoder import (
+    MaskDecoder,
+    MaskFormat,
+    MaskValueError,
+    UnknownValuePolicy,
+    check_mask_options,
+    image_size,
+)
 from segmentation.transforms import Transform, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
@@ -217,10 +224,7 @@ class MaskFolderDataModule(L.LightningDataModule):
         super().__init__()
         self.streaming = streaming
         self._chunks: dict[str, ChunkReader] = {}
-        if mask_format not in ("index", "color"):
-            raise ValueError(f"mask_format must be 'index' or 'color', got {mask_format!r}")
-        if on_unknown_value not in ("error", "ignore"):
-            raise ValueError(f"on_unknown_value must be 'error' or 'ignore', got {on_unknown_value!r}")
+        check_mask_options(mask_format, on_unknown_value)
         if layout not in ("auto", "folders", "lists"):
             raise ValueError(f"layout must be 'auto', 'folders' or 'lists', got {layout!r}")
         self.root = Path(root)

@@ -66,6 +66,14 @@ def image_size(path: Path) -> tuple[int, int]:
     return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
 
 
+def check_mask_options(mask_format: str, on_unknown_value: str) -> None:
+    """Raise ``ValueError`` naming the option when ``mask_format`` or ``on_unknown_value`` is not one it takes."""
+    if mask_format not in ("index", "color"):
+        raise ValueError(f"mask_format must be 'index' or 'color', got {mask_format!r}")
+    if on_unknown_value not in ("error", "ignore"):
+        raise ValueError(f"on_unknown_value must be 'error' or 'ignore', got {on_unknown_value!r}")
+
+
 class MaskDecoder:
     """Mask files of one format -> ``[H, W]`` uint8 class indices (``classes.ignore_index`` where ignored).
 
@@ -83,10 +91,7 @@ class MaskDecoder:
 
     def __init__(self, classes: MaskClasses, *, mask_format: MaskFormat = "index",
                  on_unknown_value: UnknownValuePolicy = "error") -> None:
-        if mask_format not in ("index", "color"):
-            raise ValueError(f"mask_format must be 'index' or 'color', got {mask_format!r}")
-        if on_unknown_value not in ("error", "ignore"):
-            raise ValueError(f"on_unknown_value must be 'error' or 'ignore', got {on_unknown_value!r}")
+        check_mask_options(mask_format, on_unknown_value)
         if mask_format == "color" and classes.colors is None:
             raise MaskValueError(f"{classes.source}: mask_format is 'color' but the classes file gives no colours; "
                                  "give every class a color: [r, g, b] (a .yaml or .json classes file)")
