@@ -39,7 +39,8 @@ from mbv3_dense.image_io import decode_image_rgb, read_image_rgb
 from mbv3_dense.listing import ImageList, predict_images_for
 from mbv3_dense.predict import DEFAULT_MAX_PIXELS, predict_loader
 from mbv3_dense.sampling import SampleKey, as_sample_key, eval_loader, sample_randomness, train_loader
-from mbv3_dense.streaming import ChunkReader, ChunkRecord, ChunkSource, StreamingDataError, open_split
+from mbv3_dense.streaming.read import ChunkReader, open_split
+from mbv3_dense.streaming.record import ChunkRecord, ChunkSource, StreamingDataError
 
 log = logging.getLogger(__name__)
 

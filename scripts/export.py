@@ -62,233 +62,40 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detection.gate import coco_gate, is_coco
+from mbv3_dense.classification.gate import image_folder_gate, is_image_folder
 from mbv3_dense.deploy import ExecuTorchModel, OnnxModel, export_executorch, export_onnx, quantize_int8
-from mbv3_dense.deploy.backend import detect
-from mbv3_dense.deploy.dynamic import DynamicSizeError, SizeRange, fit_size, parse_size_range
+from mbv3_dense.deploy.calibration import detection_agreement, int8_agreement, load_calibration, report_checks
+from mbv3_dense.deploy.dynamic import DynamicSizeError, parse_size_range
 from mbv3_dense.deploy.gate import (
     DEFAULT_MAX_DROP,
     GateData,
     GateDataError,
+    check_gate_sizes,
     environment,
     gate_verdict,
+    report_forms,
     run_gate,
     write_report,
 )
-from mbv3_dense.deploy.measure import measure_program
-from mbv3_dense.deploy.parity import FP32_TOLERANCE, check_inputs, check_program
-from mbv3_dense.image_io import read_image_rgb
-from mbv3_dense.progress import progress
+from mbv3_dense.deploy.parity import FP32_TOLERANCE, check_inputs
 from mbv3_dense.resolve import add_model_arguments, model_from_arguments
+from segmentation.gate import cityscapes_gate, is_cityscapes
 
 # Default input sizes of the networks that take any size (SSDLite has its own, ``image_size``).
 DEFAULT_SIZE = {"classify": (224, 224), "segment": (1024, 2048)}
 INT8_ONNX_DETECT = "--int8 with --format onnx is offered for classify and segment only (use --format executorch)"
 
 
-def load_calibration(folder: Path, count: int, size: tuple[int, int], task: str, model: nn.Module, *,
-                     dynamic: SizeRange | None = None) -> list[Tensor]:
-    """``count`` images from ``folder`` as ``[1, 3, H, W]`` inputs, preprocessed as the task's model expects.
-
-    Classify and segment: resized to ``size`` and normalised by ``model.normalize`` (ImageNet mean
-    and std). Detect: ``model.preprocess`` (SSDLite's own normalisation, [-1, 1], and resize to its
-    ``image_size``). With a dynamic range, each image keeps its size, each side brought into the range
-    (segment: normalised; detect: the image in [0, 1] itself, which its program takes).
-    """
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    if not files:
-        raise SystemExit(f"{folder}: no .jpg/.png images for int8 calibration")
-    step = max(1, len(files) // count)  # spread over the folder (classes are usually sorted)
-    inputs = []
-    for path in files[::step][:count]:
-        x = torch.from_numpy(read_image_rgb(path)).permute(2, 0, 1)[None].float() / 255.0
-        with torch.no_grad():
-            if dynamic is not None:
-                x = fit_size(x, dynamic)
-                inputs.append(x if task == "detect" else model.normalize(x))
-            elif task == "detect":
-                inputs.append(model.preprocess([x[0]]))
-            else:
-                inputs.append(model.normalize(F.interpolate(x, size=size, mode="bilinear", align_corners=False)))
-    return inputs
-
-
-def report_checks(task: str, model: nn.Module, runtime, inputs: list[Tensor], tolerance: float,  # noqa: ANN001
-                  name: str) -> bool:
-    """Print the fp32 checks of ``runtime`` against ``model`` (:func:`check_program`); True when all pass."""
-    ok = True
-    for x, checks in zip(inputs, check_program(task, model, runtime, inputs, tolerance), strict=True):
-        shape = "x".join(str(v) for v in x.shape[-2:])
-        for check in checks:
-            print(f"{name} vs PyTorch, {shape} input: {check}")
-            ok = ok and check.ok
-    return ok
-
-
-def int8_agreement(task: str, fp32, int8, inputs: list[Tensor]) -> str:  # noqa: ANN001
-    """How often the int8 model's decisions equal the float model's on ``inputs``."""
-    agree, total = 0, 0
-    for x in inputs:
-        a, b = fp32(x), int8(x)
-        if task == "detect":  # the top class of every default box
-            a, b = a["cls_logits"].argmax(-1), b["cls_logits"].argmax(-1)
-        else:
-            a, b = (a, b) if isinstance(a, Tensor) else (a[0], b[0])
-            a, b = a.argmax(1), b.argmax(1)
-        agree += (a == b).sum().item()
-        total += a.numel()
-    what = {"classify": "top-1 labels", "segment": "pixels", "detect": "default boxes' top classes"}[task]
-    return f"int8 vs float {what} agreeing on {len(inputs)} calibration images: {agree / max(1, total):.2%}"
-
-
-def detection_agreement(model: nn.Module, fp32, int8, inputs: list[Tensor], threshold: float = 0.3) -> str:  # noqa: ANN001
-    """Detections above ``threshold`` of the float model that int8 finds too (same label, IoU >= 0.5)."""
-    from torchvision.ops import box_iou
-
-    found, total = 0, 0
-    for x in inputs:
-        image = x[0] if getattr(fp32, "takes_image", False) else None
-        if image is None:
-            size = [tuple(model.image_size)]
-            a, b = model.postprocess(fp32(x), size)[0], model.postprocess(int8(x), size)[0]
-        else:
-            a, b = detect(model, fp32, [image])[0], detect(model, int8, [image])[0]
-        a_keep, b_keep = a["scores"] > threshold, b["scores"] > threshold
-        boxes_a, labels_a = a["boxes"][a_keep], a["labels"][a_keep]
-        boxes_b, labels_b = b["boxes"][b_keep], b["labels"][b_keep]
-        total += len(boxes_a)
-        if len(boxes_a) and len(boxes_b):
-            iou = box_iou(boxes_a, boxes_b) * (labels_a[:, None] == labels_b[None, :])
-            found += int((iou.max(1).values >= 0.5).sum())
-    return (f"float detections (score > {threshold}) on the calibration images also found by int8 "
-            f"(same label, IoU >= 0.5): {found}/{total}")
-
-
-def _tensors(out: object) -> list[Tensor]:
-    if isinstance(out, Tensor):
-        return [out]
-    return list(out.values()) if isinstance(out, dict) else list(out)
-
-
 # ---------------------------------------------------------------------------------------------- gate data
-# One function per layout of held-out data: (name, task, is_layout(folder), read(folder, model, size) -> GateData).
-# The mask-folder layout of segmentation (images/ + masks/) is one more entry.
-def _image_folder_split(root: Path) -> Path:
-    """``root/val`` when it holds the class folders, else ``root`` itself."""
-    val = root / "val"
-    return val if val.is_dir() and any(p.is_dir() for p in val.iterdir()) else root
-
-
-def is_image_folder(root: Path) -> bool:
-    from mbv3_dense.listing import IMAGE_EXTENSIONS
-
-    split = _image_folder_split(root)
-    return any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-               for d in split.iterdir() if d.is_dir() for p in d.rglob("*"))
-
-
-def is_coco(root: Path) -> bool:
-    return any((root / "annotations").glob("instances_*.json"))
-
-
-def is_cityscapes(root: Path) -> bool:
-    return (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir()
-
-
-def image_folder_gate(root: Path, model: nn.Module, size: tuple[int, int]) -> GateData:
-    """Top-1 (%) on an ImageFolder split (``root/<class>/*`` or ``root/val/<class>/*``), classes in sorted order;
-    images resized (short side ``size * 256 / 224``) and centre-cropped to ``size``, as in validation."""
-    from torchmetrics.classification import MulticlassAccuracy
-
-    from mbv3_dense.classification.data import find_classes, scan_image_folder
-    from mbv3_dense.classification.transforms import eval_transform
-
-    split = _image_folder_split(root)
-    classes = find_classes(split)
-    if len(classes) != model.num_classes:
-        raise GateDataError(f"{split}: {len(classes)} class folders, but the classifier has {model.num_classes} "
-                            f"classes")
-    samples = scan_image_folder(split, {c: i for i, c in enumerate(classes)}).samples
-    if size[0] != size[1]:
-        raise GateDataError(f"{split}: the classifier gate centre-crops a square; export with --size S S")
-    transform = eval_transform(resize_size=round(size[0] * 256 / 224), crop_size=size[0])
-
-    def evaluate(network, description: str) -> dict[str, float]:  # noqa: ANN001
-        top1 = MulticlassAccuracy(num_classes=model.num_classes, top_k=1, average="micro")
-        with torch.inference_mode():
-            for path, label in progress(samples, desc=description, unit="img"):
-                image = transform(torch.from_numpy(read_image_rgb(path)).permute(2, 0, 1).contiguous())
-                top1.update(torch.as_tensor(network(model.normalize(image[None].float() / 255))), torch.tensor([label]))
-        return {"top1": 100 * float(top1.compute())}
-
-    return GateData("classify", "image folder", root, "top1", len(samples), evaluate, (size,))
-
-
-def coco_gate(root: Path, model: nn.Module, size: tuple[int, int]) -> GateData:
-    """COCO mAP@[.5:.95] and mAP@0.5 (%, torchmetrics with faster_coco_eval, crowd flags and areas from the
-    annotations) on ``root/annotations/instances_val*.json`` (else the only ``instances_*.json``) and its images
-    folder (``val2017/`` for ``instances_val2017.json``)."""
-    from torchmetrics.detection import MeanAveragePrecision
-
-    from detection.data import eval_dataset
-
-    files = sorted((root / "annotations").glob("instances_val*.json")) or sorted((root / "annotations").glob(
-        "instances_*.json"))
-    if len(files) != 1:
-        raise GateDataError(f"{root}/annotations: expected one instances_val*.json, found "
-                            f"{[f.name for f in files]}")
-    images = root / files[0].stem.removeprefix("instances_")
-    dataset, _ = eval_dataset(images, files[0], model.num_classes)
-    if not len(dataset):
-        raise GateDataError(f"{files[0]}: lists no images")
-
-    def evaluate(network, description: str) -> dict[str, float]:  # noqa: ANN001
-        metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="faster_coco_eval")
-        with torch.inference_mode():
-            for index in progress(range(len(dataset)), desc=description, unit="img"):
-                image, target = dataset[index]
-                found = detect(model, network, [image.float() / 255])[0]
-                metric.update([found], [{"boxes": target["boxes"], "labels": target["labels"],
-                                         "iscrowd": target["iscrowd"].long(), "area": target["area"]}])
-        result = metric.compute()
-        return {"map": 100 * float(result["map"]), "map_50": 100 * float(result["map_50"])}
-
-    return GateData("detect", "COCO", root, "map", len(dataset), evaluate)
-
-
-def cityscapes_gate(root: Path, model: nn.Module, size: tuple[int, int]) -> GateData:
-    """mIoU (%, torchmetrics, 19 trainIds, 255 ignored) on the ``val`` split of a Cityscapes tree, each image at
-    its own size."""
-    from PIL import Image
-
-    from segmentation.data import list_split, read_train_ids
-    from segmentation.module import miou_metric
-
-    pairs = list_split(root, "val")
-    sizes = []
-    for image_path, _ in pairs:
-        with Image.open(image_path) as img:
-            sizes.append((img.height, img.width))
-
-    def evaluate(network, description: str) -> dict[str, float]:  # noqa: ANN001
-        metric = miou_metric()
-        with torch.inference_mode():
-            for image_path, label_path in progress(pairs, desc=description, unit="img"):
-                x = model.normalize(torch.from_numpy(read_image_rgb(image_path)).permute(2, 0, 1)[None].float() / 255)
-                target = torch.as_tensor(read_train_ids(label_path), dtype=torch.int64)
-                metric.update(torch.as_tensor(network(x)).argmax(1), target[None])
-        return {"miou": 100 * float(metric.compute())}
-
-    return GateData("segment", "Cityscapes", root, "miou", len(pairs), evaluate, tuple(sorted(set(sizes))))
-
-
+# One reader per layout of held-out data, in its task's package: (name, task, is_layout(folder),
+# read(folder, model, size) -> GateData). The mask-folder layout of segmentation (images/ + masks/) is one more entry.
 LAYOUTS = (
     ("Cityscapes tree (root/leftImg8bit/val, root/gtFine/val)", "segment", is_cityscapes, cityscapes_gate),
     ("COCO tree (root/annotations/instances_val*.json, root/val*/)", "detect", is_coco, coco_gate),
@@ -425,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = report_checks(args.task, model, onnx_model, check_inputs(args.task, model, size, None), args.tolerance,
                        "ONNX Runtime")
     if args.int8:
-        inputs = load_calibration(args.calibration_images, args.calibration_count, size, args.task, model)
+        inputs = calibration_inputs(args, size, model)
         q_path = quantize_int8(path, path.with_name(path.stem + ".int8.onnx"), inputs)
         print(f"wrote {q_path} ({q_path.stat().st_size / 1e6:.2f} MB), calibrated on {len(inputs)} images")
         print(int8_agreement(args.task, onnx_model, OnnxModel(q_path, threads=args.threads), inputs))
@@ -448,19 +255,14 @@ def choose_size(args: argparse.Namespace, model: nn.Module) -> tuple[int, int]:
     return size
 
 
-def check_gate_sizes(gate: GateData, size: tuple[int, int], dynamic: SizeRange | None) -> None:
-    """Segmentation runs each gate image at its own size: the program must take them all."""
-    if gate.task != "segment":
-        return
-    if dynamic is not None:
-        outside = [s for s in gate.sizes if not dynamic.contains(*s)]
-        if outside:
-            raise GateDataError(f"--gate {gate.root}: images of {outside[0][0]}x{outside[0][1]} are outside "
-                                f"--dynamic-size {dynamic}")
-    elif any(s != tuple(size) for s in gate.sizes):
-        shown = ", ".join(f"{h}x{w}" for h, w in gate.sizes[:4])
-        raise GateDataError(f"--gate {gate.root}: images of {shown}, but the program is exported at {size[0]}x"
-                            f"{size[1]}: give --size H W of the images, or --dynamic-size MIN:MAX")
+def calibration_inputs(args: argparse.Namespace, size: tuple[int, int], model: nn.Module) -> list[Tensor]:
+    """The int8 calibration inputs (:func:`~mbv3_dense.deploy.calibration.load_calibration`); exit naming the folder
+    when it holds no image."""
+    try:
+        return load_calibration(args.calibration_images, args.calibration_count, size, args.task, model,
+                                dynamic=args.dynamic_size)
+    except FileNotFoundError as err:
+        raise SystemExit(str(err)) from err
 
 
 def export_pte(args: argparse.Namespace, model: nn.Module, example: Tensor, size: tuple[int, int],
@@ -482,8 +284,7 @@ def export_pte(args: argparse.Namespace, model: nn.Module, example: Tensor, size
                        "ExecuTorch (XNNPACK)")
     if not args.int8:
         return 0 if ok else 1
-    inputs = load_calibration(args.calibration_images, args.calibration_count, size, args.task, model,
-                              dynamic=dynamic)
+    inputs = calibration_inputs(args, size, model)
     q = export_executorch(model, example, path.with_name(path.stem + ".int8.pte"), task=args.task,
                           int8_calibration=inputs, dynamic_size=dynamic, preprocess=takes_image)
     print(f"wrote {q.path} ({q.path.stat().st_size / 1e6:.2f} MB), int8 (PT2E, XNNPACKQuantizer, "
@@ -511,21 +312,9 @@ def export_pte(args: argparse.Namespace, model: nn.Module, example: Tensor, size
 
 def build_report(args: argparse.Namespace, description: str, size: tuple[int, int], gate: GateData,
                  metrics: dict, verdict: dict, exports: dict) -> dict:
-    """The export report: metric of each form, and per program its size, load time, latency at 1 thread and
-    at all threads, peak memory and XNNPACK coverage (each program timed in a process of its own)."""
-    all_threads = len(os.sched_getaffinity(0))
-    forms: dict[str, dict] = {"eager": {"file": None, "metrics": metrics["eager"]}}
-    for name, exported in exports.items():
-        threads = sorted({1, all_threads})
-        print(f"timing {exported.path.name} at {' and '.join(map(str, threads))} thread(s), {args.latency_runs} runs, "
-              "in a process of its own")
-        timing = measure_program(exported.path, threads=threads, size=size, runs=args.latency_runs,
-                                 warmup=min(5, args.latency_runs))
-        forms[name] = {"file": exported.path.name, "metrics": metrics[name],
-                       "size_mb": exported.path.stat().st_size / 1e6, "load_ms": timing["load_ms"],
-                       "latency": timing["latency"],
-                       "memory": {k: timing[k] for k in ("peak_rss_mb", "baseline_rss_mb", "peak_over_baseline_mb")},
-                       "delegation": exported.delegation.as_dict(), "export_seconds": round(exported.seconds, 1)}
+    """The export report: this run's model, input and calibration, the gate's verdict, and each form's metrics and
+    costs (:func:`~mbv3_dense.deploy.gate.report_forms`)."""
+    forms = report_forms(metrics, exports, size=size, runs=args.latency_runs)
     return {"model": description, "task": args.task, "weights": str(args.weights) if args.weights else None,
             "input": {"size": list(size), "dynamic_size": list(args.dynamic_size) if args.dynamic_size else None,
                       "takes_image": bool(args.dynamic_size) and args.task == "detect"},

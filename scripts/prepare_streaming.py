@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 from mbv3_dense.errors import InputError
-from mbv3_dense.streaming import DEFAULT_CHUNK_BYTES, SPLITS, StreamingDataError, is_url, remove_folder, write_chunks
+from mbv3_dense.streaming.record import DEFAULT_CHUNK_BYTES, SPLITS, StreamingDataError, is_url
+from mbv3_dense.streaming.write import remove_folder, write_chunks
 
 
 def data_module(args: argparse.Namespace):  # noqa: ANN201 - one of the four data modules

@@ -32,7 +32,8 @@ from mbv3_dense.image_io import ImageReadError, decode_image_rgb, decode_label_p
 from mbv3_dense.listing import ImageList, predict_images_for
 from mbv3_dense.predict import DEFAULT_MAX_PIXELS, predict_loader
 from mbv3_dense.sampling import SampleKey, as_sample_key, eval_loader, sample_randomness, train_loader
-from mbv3_dense.streaming import ChunkReader, ChunkRecord, ChunkSource, open_split
+from mbv3_dense.streaming.read import ChunkReader, open_split
+from mbv3_dense.streaming.record import ChunkRecord, ChunkSource
 from segmentation.labels import CLASS_NAMES, NUM_CLASSES, cityscapes_class_info, label_ids_to_train_ids
 from segmentation.transforms import Transform, eval_transform, train_transform
 

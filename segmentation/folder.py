@@ -1,21 +1,9 @@
 """Your own segmentation data: image and mask folders, a classes file, and the LightningDataModule.
 
-Layout, one of two (``layout="auto"`` takes the first when ``root/images/<train_split>/`` exists)::
-
-    folders                                     lists
-    root/classes.yaml                           root/classes.yaml
-    root/images/train/<path>.jpg                root/images/<path>.jpg
-    root/masks/train/<path>.png                 root/masks/<path>.png
-    root/images/val/...  root/masks/val/...     root/train.txt  root/val.txt
-
-An image pairs with the mask of the same relative path without its extension
-(``images/train/a/x.jpg`` <-> ``masks/train/a/x.png``); images may be any format
-:data:`~mbv3_dense.listing.IMAGE_EXTENSIONS` names, masks are PNG (lossless: JPEG would
-change the class values). A list file names one image a line, relative to ``images/``, with or without
-its extension (``a/x`` or ``a/x.jpg``); blank lines and ``#`` comments are skipped.
-
-The classes file and the two mask formats (``index``: class indices; ``color``: RGB colours) are
-:mod:`segmentation.mask_classes`'. Batches are those of the Cityscapes module: images uint8
+Layouts and pair listing (``folders``: ``root/images/<split>/`` and ``root/masks/<split>/``; ``lists``:
+``root/images/``, ``root/masks/`` and list files) are :mod:`segmentation.folder_pairs`'.
+The classes file is :mod:`segmentation.mask_classes`', the two mask formats (``index``: class indices; ``color``:
+RGB colours) :mod:`segmentation.mask_decoder`'s. Batches are those of the Cityscapes module: images uint8
 ``[N, 3, H, W]``, masks uint8 ``[N, H, W]`` class indices (0..num_classes-1) with the classes file's
 ignore value (255 by default); the augmentation (:mod:`segmentation.transforms`, padding with the
 ignore value) draws from ``(seed, epoch, index)`` (:mod:`mbv3_dense.sampling`).
@@ -35,11 +23,9 @@ are applied once, by the preparer); the classes file's content travels in the ch
 from __future__ import annotations
 
 import logging
-import os
-from collections import defaultdict
 from functools import cached_property, partial
-from pathlib import Path, PurePosixPath
-from typing import Literal, NamedTuple
+from pathlib import Path
+from typing import Literal
 
 import cv2
 import lightning as L
@@ -50,166 +36,26 @@ from torch.utils.data import DataLoader, Dataset
 
 from mbv3_dense.classes import ClassInfo
 from mbv3_dense.image_io import ImageReadError, decode_image_rgb, decode_label_png, read_image_rgb
-from mbv3_dense.listing import IMAGE_EXTENSIONS, ImageList, predict_images_for
+from mbv3_dense.listing import ImageList, predict_images_for
 from mbv3_dense.predict import DEFAULT_MAX_PIXELS, predict_loader
 from mbv3_dense.sampling import SampleKey, as_sample_key, eval_loader, sample_randomness, train_loader
-from mbv3_dense.streaming import ChunkReader, ChunkRecord, ChunkSource, StreamingDataError, open_split
-from segmentation.mask_classes import (
-    MaskClasses,
+from mbv3_dense.streaming.read import ChunkReader, open_split
+from mbv3_dense.streaming.record import ChunkRecord, ChunkSource, StreamingDataError
+from segmentation.folder_pairs import MaskFolderError, Pair, list_folder_pairs, list_listed_pairs, raise_problems
+from segmentation.mask_classes import MaskClasses, find_classes_file, read_classes_file
+from segmentation.mask_decoder import (
     MaskDecoder,
     MaskFormat,
     MaskValueError,
     UnknownValuePolicy,
-    find_classes_file,
+    check_mask_options,
     image_size,
-    read_classes_file,
 )
 from segmentation.transforms import Transform, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
 Layout = Literal["auto", "folders", "lists"]
-MASK_SUFFIX = ".png"
-# Errors show this many problems (and the count of all).
-_SHOWN = 5
-
-
-class MaskFolderError(ValueError):
-    """The folders, list files or file pairs are not what the layout promises; names the file(s)."""
-
-
-class Pair(NamedTuple):
-    """An image and its mask; ``name`` is the relative path without extension that pairs them."""
-
-    image: Path
-    mask: Path
-    name: str
-
-
-def _raise_problems(what: str, problems: list[str], total: int) -> None:
-    if problems:
-        shown = "; ".join(problems[:_SHOWN])
-        more = f" (and {len(problems) - _SHOWN} more)" if len(problems) > _SHOWN else ""
-        raise MaskFolderError(f"{what}: {len(problems)} of {total} are unusable: {shown}{more}")
-
-
-def _walk(folder: Path) -> list[Path]:
-    """Every file under ``folder`` (symlinks followed, hidden files and folders left out), sorted."""
-    files = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
-    return files
-
-
-def _stem(path: Path, folder: Path) -> str:
-    return PurePosixPath(path.relative_to(folder).as_posix()).with_suffix("").as_posix()
-
-
-def list_folder_pairs(root: str | Path, split: str) -> list[Pair]:
-    """The pairs of ``root/images/<split>/`` and ``root/masks/<split>/``, sorted by name.
-
-    Raises:
-        MaskFolderError: a missing or imageless folder; an image without a mask or a mask without an image
-            (naming the file and the path it was looked for at); a mask that is not PNG; two images (or
-            masks) with one name.
-    """
-    root = Path(root)
-    image_dir, mask_dir = root / "images" / split, root / "masks" / split
-    for folder in (image_dir, mask_dir):
-        if not folder.is_dir():
-            raise MaskFolderError(f"{folder}: no such folder (expected root/images/{split}/ and root/masks/{split}/, "
-                                  f"or list files with layout: lists)")
-    images: dict[str, list[Path]] = defaultdict(list)
-    other = []
-    for path in _walk(image_dir):
-        (images[_stem(path, image_dir)].append(path) if path.suffix.lower() in IMAGE_EXTENSIONS
-         else other.append(path))
-    if not images:
-        raise MaskFolderError(f"{image_dir}: holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    if other:
-        log.warning("%s: %d files are not images by their extension and were left out: %s", image_dir, len(other),
-                    ", ".join(str(p) for p in other[:5]))
-    masks: dict[str, list[Path]] = defaultdict(list)
-    problems = []
-    for path in _walk(mask_dir):
-        if path.suffix.lower() == MASK_SUFFIX:
-            masks[_stem(path, mask_dir)].append(path)
-        elif path.suffix.lower() in IMAGE_EXTENSIONS:
-            problems.append(f"{path}: masks must be PNG (lossless; JPEG compression changes class values)")
-    for name, paths in sorted(images.items()):
-        if len(paths) > 1:
-            problems.append(f"{paths[0]} and {paths[1]}: two images named {name!r} (one mask cannot pair with both)")
-        if name not in masks:
-            problems.append(f"{paths[0]}: no mask (expected {mask_dir / name}{MASK_SUFFIX})")
-    for name, paths in sorted(masks.items()):
-        if name not in images:
-            problems.append(f"{paths[0]}: mask without an image (expected {image_dir / name}.<jpg|png|...>)")
-    _raise_problems(f"{root} ({split}): image and mask files", problems, len(images) + len(masks))
-    return [Pair(images[name][0], masks[name][0], name) for name in sorted(images)]
-
-
-def list_listed_pairs(root: str | Path, list_file: str) -> list[Pair]:
-    """The pairs named by ``root/<list_file>`` (entries relative to ``root/images/``; masks in ``root/masks/``).
-
-    Raises:
-        MaskFolderError: a missing or empty list file; an entry that is absolute or leaves ``images/``, names
-            no image, two images (``x.jpg`` and ``x.png`` for ``x``), or an image without a mask; an entry
-            listed twice (each naming the list file and line).
-    """
-    root = Path(root)
-    list_path = root / list_file
-    if not list_path.is_file():
-        raise MaskFolderError(f"{list_path}: no such list file (expected one image a line, relative to "
-                              f"{root / 'images'}; or root/images/<split>/ folders with layout: folders)")
-    image_dir, mask_dir = root / "images", root / "masks"
-    listings: dict[Path, dict[str, list[Path]]] = {}
-
-    def candidates(entry: PurePosixPath) -> list[Path]:
-        parent = image_dir / entry.parent
-        if parent not in listings:
-            found: dict[str, list[Path]] = defaultdict(list)
-            if parent.is_dir():
-                for child in sorted(parent.iterdir()):
-                    if child.suffix.lower() in IMAGE_EXTENSIONS and child.is_file():
-                        found[child.stem].append(child)
-                        found[child.name].append(child)
-            listings[parent] = found
-        return listings[parent].get(entry.name, [])
-
-    pairs, problems, seen = [], [], {}
-    lines = list_path.read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines, start=1):
-        text = line.strip()
-        if not text or text.startswith("#"):
-            continue
-        where = f"{list_path}:{number}"
-        entry = PurePosixPath(text.replace("\\", "/"))
-        if entry.is_absolute() or ".." in entry.parts:
-            problems.append(f"{where}: {text!r} must be a path relative to {image_dir}")
-            continue
-        found = candidates(entry)
-        if not found:
-            problems.append(f"{where}: {text!r} names no image under {image_dir} ({', '.join(IMAGE_EXTENSIONS)})")
-            continue
-        if len(found) > 1:
-            problems.append(f"{where}: {text!r} names {len(found)} images ({', '.join(str(p) for p in found)}); "
-                            "list it with its extension")
-            continue
-        name = _stem(found[0], image_dir)
-        if name in seen:
-            problems.append(f"{where}: {text!r} is listed twice (first at line {seen[name]})")
-            continue
-        seen[name] = number
-        mask = mask_dir / f"{name}{MASK_SUFFIX}"
-        if not mask.is_file():
-            problems.append(f"{where}: {found[0]}: no mask (expected {mask})")
-            continue
-        pairs.append(Pair(found[0], mask, name))
-    if not pairs and not problems:
-        raise MaskFolderError(f"{list_path}: the list file names no image")
-    _raise_problems(f"{list_path}: entries", problems, len(pairs) + len(problems))
-    return pairs
 
 
 class MaskFolderSegmentation(Dataset):
@@ -219,7 +65,7 @@ class MaskFolderSegmentation(Dataset):
     ``[H, W]`` tensor of class indices (``decoder.classes.ignore_index`` where ignored).
 
     Args:
-        pairs: the image/mask pairs (:func:`list_folder_pairs`, :func:`list_listed_pairs`).
+        pairs: the image/mask pairs (:mod:`segmentation.folder_pairs`).
         decoder: reads masks into class indices.
         transform: one of :mod:`segmentation.transforms`, called as ``transform(image, mask, rng)`` on the
             class indices (pad with the ignore value).
@@ -262,7 +108,7 @@ class MaskFolderSegmentation(Dataset):
             if problem is not None:
                 problems.append(problem)
             sizes.append(size)
-        _raise_problems(f"{self.source}: image/mask pairs", problems, len(self.pairs))
+        raise_problems(f"{self.source}: image/mask pairs", problems, len(self.pairs))
         self.sizes = sizes
 
     def check_mask_values(self) -> None:
@@ -275,7 +121,7 @@ class MaskFolderSegmentation(Dataset):
                 self.decoder.decode(mask)
             except (ImageReadError, MaskValueError) as err:
                 problems.append(str(err))
-        _raise_problems(f"{self.source}: masks", problems, len(self.pairs))
+        raise_problems(f"{self.source}: masks", problems, len(self.pairs))
         mapped = self.decoder.files_with_unknown_values
         if mapped:
             log.warning("%s: %d of %d masks hold values outside the classes file, mapped to %d (ignore)",
@@ -379,10 +225,7 @@ class MaskFolderDataModule(L.LightningDataModule):
         super().__init__()
         self.streaming = streaming
         self._chunks: dict[str, ChunkReader] = {}
-        if mask_format not in ("index", "color"):
-            raise ValueError(f"mask_format must be 'index' or 'color', got {mask_format!r}")
-        if on_unknown_value not in ("error", "ignore"):
-            raise ValueError(f"on_unknown_value must be 'error' or 'ignore', got {on_unknown_value!r}")
+        check_mask_options(mask_format, on_unknown_value)
         if layout not in ("auto", "folders", "lists"):
             raise ValueError(f"layout must be 'auto', 'folders' or 'lists', got {layout!r}")
         self.root = Path(root)
@@ -537,5 +380,4 @@ class MaskFolderDataModule(L.LightningDataModule):
                               max_pixels=self.predict_max_pixels)
 
 
-__all__ = ["MaskFolderDataModule", "MaskFolderError", "MaskFolderSegmentation", "Pair", "list_folder_pairs",
-           "list_listed_pairs"]
+__all__ = ["MaskFolderDataModule", "MaskFolderSegmentation", "StreamedMaskFolderSegmentation", "chunk_item"]

@@ -1,10 +1,9 @@
 """Your own segmentation data: image and mask folders with a classes file (segmentation.folder).
 
 Through the data module a user configures (``MaskFolderDataModule(...).setup(...)``): both layouts, both
-mask formats, the three classes-file forms, and every bad input stopping set-up with an error that
-names the file and the value. Then the class info of both data modules, the module's metrics named by
-the data's classes, the writer's label PNGs and overlays for any class info, the generator, and
-``scripts/check_dataset.py --layout folders``.
+mask formats, the three classes-file forms. Then the class info of both data modules, the module's metrics
+named by the data's classes, the writer's label PNGs and overlays for any class info, the generator, and
+``scripts/check_dataset.py --layout folders``. Bad input stopping set-up: tests/test_segmentation_folder_errors.py.
 """
 
 from __future__ import annotations
@@ -21,12 +20,11 @@ import torch
 from PIL import Image
 
 from mbv3_dense.classes import ClassInfoError, check_class_info
-from mbv3_dense.image_io import ImageReadError
 from mbv3_dense.listing import ImageFile
 from mbv3_dense.predict import PredictBatch
-from segmentation.folder import MaskFolderDataModule, MaskFolderError
+from segmentation.folder import MaskFolderDataModule
 from segmentation.labels import CLASS_NAMES, PALETTE, TRAIN_TO_LABEL_ID
-from segmentation.mask_classes import ClassesFileError, MaskValueError, distinct_palette, read_classes_file
+from segmentation.mask_classes import distinct_palette, read_classes_file
 from segmentation.synthetic import MaskFolderSpec, folder_class_color, generate_mask_folders
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +50,25 @@ def set_up(root: Path, stage: str = "fit", **options) -> MaskFolderDataModule:
 
 def first_mask(root: Path, split: str = "train") -> Path:
     return sorted((root / "masks" / split).glob("*.png"))[0]
+
+
+def write_png(path: Path, array: np.ndarray) -> None:
+    Image.fromarray(array).save(path)
+
+
+def edit_mask(root: Path, change) -> Path:  # noqa: ANN001
+    """Rewrite the first training mask as ``change(values)`` gives it; returns its path."""
+    mask = first_mask(root)
+    with Image.open(mask) as png:
+        values = np.asarray(png).copy()  # [H, W] indices or [H, W, 3] colours
+    write_png(mask, change(values))
+    return mask
+
+
+def set_corner(values: np.ndarray, value) -> np.ndarray:  # noqa: ANN001
+    """``values`` with its top-left 2x2 pixels set to ``value``."""
+    values[:2, :2] = value
+    return values
 
 
 # ---------------------------------------------------------------------------------------------- good data
@@ -158,131 +175,6 @@ def test_unknown_values_policy_ignore_maps_counts_and_names_them(tmp_path: Path,
     index = [p.mask for p in dm.train_set.pairs].index(mask)
     full = dm.split_dataset("train", transform=lambda image, m, rng: (torch.from_numpy(image), m))
     assert (full[index][1][0, :3] == 255).all()
-
-
-# ---------------------------------------------------------------------------------------------- bad input
-def _write(path: Path, array: np.ndarray) -> None:
-    Image.fromarray(array).save(path)
-
-
-def _edit_mask(root: Path, change) -> Path:  # noqa: ANN001
-    mask = first_mask(root)
-    with Image.open(mask) as png:
-        values = np.asarray(png).copy()  # [H, W] indices or [H, W, 3] colours
-    _write(mask, change(values))
-    return mask
-
-
-def _set(values: np.ndarray, value) -> np.ndarray:  # noqa: ANN001
-    values[:2, :2] = value
-    return values
-
-
-BAD_DATA = {
-    # name: (dataset form, change -> the path the error names, the text it must contain, error type)
-    "index value beyond the classes": ({}, lambda r: _edit_mask(r, lambda v: _set(v, 7)),
-                                       "mask values 7 (4 pixels) are not in the classes file", MaskFolderError),
-    "colour not in the classes file": ({"mask_format": "color"},
-                                       lambda r: _edit_mask(r, lambda v: _set(v, (1, 2, 3))),
-                                       "mask colours [1, 2, 3] (4 pixels) are not in the classes file",
-                                       MaskFolderError),
-    "colour mask read as index": ({"mask_format": "color", "_read_as": "index"}, first_mask,
-                                  "mask has mode RGB; index masks are single-channel PNGs", MaskFolderError),
-    "index mask read as colour": ({"_read_as": "color"}, first_mask,
-                                  "mask has mode L; colour masks are RGB PNGs", MaskFolderError),
-    "size mismatch": ({}, lambda r: _edit_mask(r, lambda v: v[:, :40]), "is 64x32 (WxH) but its mask",
-                      MaskFolderError),
-    "image without mask": ({}, lambda r: (first_mask(r).unlink(), sorted((r / "images/train").glob("*"))[0])[1],
-                           ": no mask (expected", MaskFolderError),
-    "mask without image": ({}, lambda r: (sorted((r / "images/train").glob("*"))[0].unlink(), first_mask(r))[1],
-                           ": mask without an image", MaskFolderError),
-    "JPEG mask": ({}, lambda r: (Image.open(first_mask(r)).save(first_mask(r).with_suffix(".jpg")),
-                                 first_mask(r).with_suffix(".jpg"))[1], "masks must be PNG", MaskFolderError),
-    "corrupt mask": ({}, lambda r: (first_mask(r).write_bytes(b"not a png"), first_mask(r))[1],
-                     "not a readable mask", MaskFolderError),
-    "truncated mask": ({}, lambda r: (first_mask(r).write_bytes(first_mask(r).read_bytes()[:-30]),
-                                      first_mask(r))[1], "corrupt or truncated label image", MaskFolderError),
-    "corrupt image": ({}, lambda r: (sorted((r / "images/train").glob("*"))[0].write_bytes(b"junk"),
-                                     sorted((r / "images/train").glob("*"))[0])[1],
-                      "not a readable image", MaskFolderError),
-    "list entry without image": ({"layout": "lists"}, lambda r: (r / "train.txt").write_text("train_0000\nnope\n")
-                                 and r / "train.txt", ":2: 'nope' names no image", MaskFolderError),
-    "list entry twice": ({"layout": "lists"}, lambda r: (r / "train.txt").write_text("train_0000\ntrain_0000.jpg\n")
-                         and r / "train.txt", ":2: 'train_0000.jpg' is listed twice (first at line 1)",
-                         MaskFolderError),
-    "no classes file": ({}, lambda r: (r / "classes.yaml").unlink() or r, "no classes file", ClassesFileError),
-    "duplicated class names": ({}, lambda r: (r / "classes.yaml").write_text("classes: [road, Road, sky]\n")
-                               and r / "classes.yaml", "class names occur more than once: 'road'", ClassInfoError),
-    "colour masks without colours": ({"mask_format": "color"},
-                                     lambda r: (r / "classes.yaml").write_text(
-                                         "classes: [road, grass, water, sky, car]\n") and r / "classes.yaml",
-                                     "mask_format is 'color' but the classes file gives no colours", MaskValueError),
-    "unknown key": ({}, lambda r: (r / "classes.yaml").write_text("classes: [a]\nignore_value: 0\n")
-                    and r / "classes.yaml", "unknown keys ['ignore_value']", ClassesFileError),
-    "ignore value is a class": ({}, lambda r: (r / "classes.yaml").write_text("classes: [a, b]\nignore_index: 1\n")
-                                and r / "classes.yaml", "ignore_index 1 is the index of class 'b'",
-                                ClassesFileError),
-    "malformed colour": ({}, lambda r: (r / "classes.yaml").write_text(
-        "classes:\n  - {name: a, color: [1, 2]}\n") and r / "classes.yaml", "class 0 ('a'): a colour is [r, g, b]",
-                         ClassesFileError),
-    "one colour for two classes": ({}, lambda r: (r / "classes.yaml").write_text(
-        "classes:\n  - {name: a, color: [1, 2, 3]}\n  - {name: b, color: [1, 2, 3]}\n") and r / "classes.yaml",
-                                   "classes 'a' and 'b' have the same colour", ClassesFileError),
-}
-
-
-@pytest.mark.parametrize("case", sorted(BAD_DATA))
-def test_bad_input_stops_set_up_naming_the_file_and_value(tmp_path: Path, case: str) -> None:
-    form, change, text, error = BAD_DATA[case]
-    form = dict(form)
-    read_as = form.pop("_read_as", form.get("mask_format", "index"))
-    root = make(tmp_path / "data", **form)
-    named = change(root)
-    with pytest.raises(error) as info:
-        set_up(root, mask_format=read_as)
-    message = str(info.value)
-    assert str(named) in message and text in message, message
-
-
-def test_val_batches_of_different_sizes_stop_set_up_naming_two_files(tmp_path: Path) -> None:
-    root = make(tmp_path / "data")
-    image, mask = sorted((root / "images/val").glob("*"))[1], sorted((root / "masks/val").glob("*"))[1]
-    _write(image, np.zeros((30, 60, 3), np.uint8))
-    _write(mask, np.zeros((30, 60), np.uint8))
-    set_up(root, "validate")  # one image a batch: any sizes
-    with pytest.raises(MaskFolderError, match=f"{image} is 60x30.*set val_batch_size: 1"):
-        set_up(root, "validate", val_batch_size=2)
-
-
-def test_a_truncated_image_is_named_when_read(tmp_path: Path) -> None:
-    """Pixel data is decoded when a sample is read (as for Cityscapes): the error names the image."""
-    root = make(tmp_path / "data")
-    image = sorted((root / "images/val").glob("*"))[0]
-    image.write_bytes(image.read_bytes()[:-200])
-    dm = set_up(root, "validate")
-    with pytest.raises(ImageReadError, match=str(image)):
-        dm.val_set[0]
-
-
-def test_size_check_sees_images_as_read_after_exif_rotation(tmp_path: Path) -> None:
-    """A phone JPEG stored 64x32 with EXIF "rotate 90" is a 32x64 image: its 32x64 mask pairs, a 64x32 one not."""
-    root = make(tmp_path / "data")
-    image, mask = sorted((root / "images/val").glob("*"))[0], sorted((root / "masks/val").glob("*"))[0]
-    exif = Image.Exif()
-    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
-    Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(image, exif=exif.tobytes())
-    _write(mask, np.zeros((64, 32), np.uint8))
-    dm = set_up(root, "validate")
-    assert tuple(dm.val_set[0][0].shape) == (3, 64, 32) and tuple(dm.val_set[0][1].shape) == (64, 32)
-    _write(mask, np.zeros((32, 64), np.uint8))
-    with pytest.raises(MaskFolderError, match=f"{image} is 32x64 \\(WxH\\) but its mask {mask} is 64x32"):
-        set_up(root, "validate")
-
-
-def test_options_are_checked() -> None:
-    for option, value in (("mask_format", "rgb"), ("on_unknown_value", "skip"), ("layout", "flat")):
-        with pytest.raises(ValueError, match=option):
-            MaskFolderDataModule(root="x", **{option: value})
 
 
 # ---------------------------------------------------------------------------------------------- module and writer
@@ -394,7 +286,7 @@ def test_check_dataset_folders(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     assert main([*args, "--decode"]) == 0
     out = capsys.readouterr().out
     assert "classes: 5" in out and "train image/mask pairs: 3" in out and "OK" in out
-    mask = _edit_mask(root, lambda v: _set(v, (9, 9, 9)))
+    mask = edit_mask(root, lambda v: set_corner(v, (9, 9, 9)))
     assert main(args) == 1
     out = capsys.readouterr().out
     assert f"{mask}: mask colours [9, 9, 9]" in out and "FAILED" in out

@@ -1,21 +1,33 @@
 """The accuracy gate of an export and its report: the task metric three ways, what each form costs.
 
-``scripts/export.py --gate DIR`` reads held-out data (one function per layout, in the script, where the
-task packages meet) into a :class:`GateData`, whose ``evaluate(network)`` scores any callable with the
-model's forward contract. :func:`run_gate` scores the eager model, the fp32 ``.pte`` and the int8 ``.pte``;
-:func:`gate_verdict` compares int8 with eager; :func:`write_report` writes the report beside the ``.pte``
-as JSON and Markdown (each written beside and renamed into place).
+``scripts/export.py --gate DIR`` reads held-out data (one function per layout, in its task's package:
+``mbv3_dense.classification.gate``, ``detection.gate``, ``segmentation.gate``) into a :class:`GateData`,
+whose ``evaluate(network)`` scores any callable with the model's forward contract; :func:`check_gate_sizes`
+checks the program takes its images' sizes. :func:`run_gate` scores the eager model, the fp32 ``.pte`` and
+the int8 ``.pte``; :func:`gate_verdict` compares int8 with eager; :func:`write_report` writes the report beside
+the ``.pte`` as JSON and Markdown (each written beside and renamed into place), the costs of each program measured by
+:func:`report_forms`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mbv3_dense.deploy.measure import measure_program
+
+if TYPE_CHECKING:
+    from mbv3_dense.deploy.dynamic import SizeRange
+    from mbv3_dense.deploy.executorch_export import ExecuTorchExport
+
+log = logging.getLogger(__name__)
 
 # Allowed loss of int8 against eager, in points of the task's headline metric (top-1, mAP, mIoU, in %).
 DEFAULT_MAX_DROP = {"classify": 1.0, "detect": 2.0, "segment": 1.0}
@@ -65,6 +77,45 @@ def gate_verdict(metrics: Mapping[str, Mapping[str, float]], metric: str, max_dr
     if "fp32" in metrics:
         verdict["fp32_minus_eager"] = metrics["fp32"][metric] - metrics["eager"][metric]
     return verdict
+
+
+def check_gate_sizes(gate: GateData, size: tuple[int, int], dynamic: SizeRange | None) -> None:
+    """Segmentation runs each gate image at its own size: the program (exported at ``size``, or taking
+    ``dynamic``) must take them all.
+
+    Raises:
+        GateDataError: naming the folder and a size the program does not take.
+    """
+    if gate.task != "segment":
+        return
+    if dynamic is not None:
+        outside = [s for s in gate.sizes if not dynamic.contains(*s)]
+        if outside:
+            raise GateDataError(f"--gate {gate.root}: images of {outside[0][0]}x{outside[0][1]} are outside "
+                                f"--dynamic-size {dynamic}")
+    elif any(s != tuple(size) for s in gate.sizes):
+        shown = ", ".join(f"{h}x{w}" for h, w in gate.sizes[:4])
+        raise GateDataError(f"--gate {gate.root}: images of {shown}, but the program is exported at {size[0]}x"
+                            f"{size[1]}: give --size H W of the images, or --dynamic-size MIN:MAX")
+
+
+def report_forms(metrics: Mapping[str, Mapping[str, float]], exports: Mapping[str, ExecuTorchExport], *,
+                 size: tuple[int, int], runs: int) -> dict[str, dict]:
+    """The report's ``forms``: the metric of each form, and per program its size, load time, latency at 1 thread
+    and at all threads, peak memory and XNNPACK coverage (each program timed in a process of its own)."""
+    all_threads = len(os.sched_getaffinity(0))
+    forms: dict[str, dict] = {"eager": {"file": None, "metrics": metrics["eager"]}}
+    for name, exported in exports.items():
+        threads = sorted({1, all_threads})
+        log.info("timing %s at %s thread(s), %d runs, in a process of its own", exported.path.name,
+                 " and ".join(map(str, threads)), runs)
+        timing = measure_program(exported.path, threads=threads, size=size, runs=runs, warmup=min(5, runs))
+        forms[name] = {"file": exported.path.name, "metrics": metrics[name],
+                       "size_mb": exported.path.stat().st_size / 1e6, "load_ms": timing["load_ms"],
+                       "latency": timing["latency"],
+                       "memory": {k: timing[k] for k in ("peak_rss_mb", "baseline_rss_mb", "peak_over_baseline_mb")},
+                       "delegation": exported.delegation.as_dict(), "export_seconds": round(exported.seconds, 1)}
+    return forms
 
 
 def environment() -> dict:
