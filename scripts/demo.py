@@ -312,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     curves = plot_curves(out, runs) if runs else None
     pareto = None
     if args.pareto:
-        pareto = pareto_report(out, tasks, seed_list[0], args.quick, {t: dict(r)[seed_list[0]] for t, r in runs.items()})
+        first_seed = {task: dict(seeded)[seed_list[0]] for task, seeded in runs.items()}
+        pareto = pareto_report(out, tasks, seed_list[0], args.quick, first_seed)
     total = time.time() - started
     report = {"results": results, "seeds": seed_list, "seconds": round(total, 1), "quick": args.quick,
               "training_curves": str(curves) if curves else None, "pictures": str(out / "pictures")}
