@@ -27,7 +27,10 @@ computes ``gamma / sqrt(running_var + eps)`` (:func:`convert_qat`). A second, sm
 fake-quantize kernel computes its scales with another rounding than the observer's
 ``calculate_qparams``, which ``convert_pt2e`` asks; weights then moved by one int8 step against what
 QAT trained. :func:`convert_qat` deploys the trained scales, and the int8 graph computes exactly what
-the QAT graph computed in evaluation mode (tests/test_qat.py).
+the QAT graph computed in evaluation mode (tests/test_qat.py). A third: the same kernel gives a
+per-channel weight whose values all have one sign a zero point of +-127, which PyTorch's int8 graph
+honours and XNNPACK's int8 convolution ignores (LR-ASPP's QAT .pte lost 2.4 mIoU points to its 68
+such channels); those channels are deployed symmetric, zero point 0 (:func:`_deployed_qparams`).
 
 The callback keeps the module's code unchanged: :class:`QuantizationAwareTraining` swaps
 ``pl_module.model`` for a :class:`QATNetwork` at set-up (its forward runs the QAT graph; every other
