@@ -3,6 +3,7 @@ real CLI and configs, evaluate with the real evaluation scripts, and report metr
 
     python scripts/demo.py [--out outputs/demo] [--tasks classify,detect,segment] [--seed S | --seeds 0,1,2] [--quick]
     python scripts/demo.py --finetune [--tasks ...] [--seed S]   # fine-tuning vs from scratch (demo_finetune.py)
+    python scripts/demo.py --pareto [--tasks ...] [--seed S]     # and a Pareto report over three network sizes
 
 Each training run is a function of its seed (``--seed_everything``): the same seed on the same
 machine prints the same metrics (latency is measured anew). ``--seeds`` trains each task once per
@@ -10,6 +11,12 @@ seed and prints a row per seed. Everything lands in ``--out``: ``data/`` (genera
 ``runs/<task>/seed<S>/`` (Lightning logs and checkpoints; replaced when that seed runs again),
 ``pictures/``, ``training_curves.png`` and ``demo_results.json``. ``--quick`` shrinks every run to
 a smoke test (used by the test suite); its figures mean nothing.
+
+``--pareto`` then trains each task's network in its two other sizes (of MobileNetV3-Large, -Small and
+width 0.75: :data:`PARETO_VARIANTS`) with the same configs and seed, in ``pareto/runs/<task>/<size>/``,
+and runs ``scripts/pareto.py`` over the three checkpoints per task: ``pareto/pareto.json`` and
+``pareto/pareto.png`` (metric against latency on each backend, the front marked). It adds about twice
+the demo's training time and 4 evaluations per network; without the flag nothing changes.
 """
 
 from __future__ import annotations
@@ -68,6 +75,15 @@ TASK_SPECS = {
         quick_overrides=["--data.batch_size", "2", "--data.crop_size", "[64, 64]"],
     ),
 }
+# The two other sizes of each task's demo network for the Pareto report (--pareto): name, CLI overrides.
+_CLASS = "--model.init_args.model.class_path"
+_WIDTH = ["--model.init_args.model.init_args.width_mult", "0.75"]
+PARETO_VARIANTS = {
+    "classify": [("large", [_CLASS, "mbv3_dense.mobilenet_v3_large"]), ("small075", _WIDTH)],
+    "detect": [("large", [_CLASS, "detection.ssdlite_mobilenet_v3_large"]), ("small075", _WIDTH)],
+    "segment": [("small", [_CLASS, "segmentation.lraspp_mobilenet_v3_small"]), ("large075", _WIDTH)],
+}
+PARETO_BACKENDS = "torch,onnxruntime,executorch,executorch-int8"
 QUICK_TRAINER = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
                  "--trainer.limit_val_batches", "2", "--trainer.max_steps", "2"]
 
@@ -118,14 +134,14 @@ def checkpoint(run_dir: Path) -> Path:
     return found[-1]
 
 
-def fit(spec: Task, data: Path, run_dir: Path, seed: int, quick: bool) -> None:
+def fit(spec: Task, data: Path, run_dir: Path, seed: int, quick: bool, extra: list[str] | None = None) -> None:
     cmd = [python(), "-m", "mbv3_dense", "fit"]
     for config in spec.configs:
         cmd += ["-c", config]
     cmd += ["--seed_everything", str(seed), "--data.root", str(data), "--trainer.default_root_dir", str(run_dir),
             "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
             "--trainer.logger.save_dir", str(run_dir), "--trainer.logger.name", "logs"]
-    cmd += spec.fit_overrides
+    cmd += spec.fit_overrides + (extra or [])
     if quick:
         cmd += QUICK_TRAINER + spec.quick_overrides
     run(cmd)
@@ -151,6 +167,31 @@ def evaluate(spec: Task, data: Path, run_dir: Path, pictures: Path, quick: bool)
              "--visualize", str(pictures)]
             + (["--latency-runs", "3"] if quick else []))
     return json.loads(summary_path.read_text())
+
+
+def pareto_report(out: Path, tasks: list[str], seed: int, quick: bool, main_runs: dict[str, Path]) -> Path:
+    """Train each task's two other network sizes (:data:`PARETO_VARIANTS`, the demo's configs and ``seed``) and
+    run ``scripts/pareto.py`` over the demo's checkpoint and theirs; returns the report's folder."""
+    report = out / "pareto"
+    checkpoints, data = [], []
+    for task in tasks:
+        spec = TASK_SPECS[task]
+        task_data = out / "data" / task
+        checkpoints.append(str(checkpoint(main_runs[task])))
+        for name, overrides in PARETO_VARIANTS[task]:
+            print(f"\n===== Pareto report: {task} {name}, seed {seed} =====", flush=True)
+            run_dir = report / "runs" / task / name
+            if run_dir.exists():  # a run is a function of its seed: replaced, as the demo's own runs
+                shutil.rmtree(run_dir)
+            fit(spec, task_data, run_dir, seed, quick, overrides)
+            checkpoints.append(str(checkpoint(run_dir)))
+        data += ["--data", f"{task}={task_data}"]
+    cmd = [python(), "scripts/pareto.py", *checkpoints, *data, "--out", str(report), "--image-size", "64",
+           "--backends", "torch" if quick else PARETO_BACKENDS]
+    if quick:
+        cmd += ["--latency-runs", "3"]
+    run(cmd)
+    return report
 
 
 def plot_curves(out: Path, runs: dict[str, list[tuple[int, Path]]]) -> Path | None:
@@ -219,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune", action="store_true",
                         help="instead: pretrain on the demo's data, fine-tune on data with other classes, and compare "
                              "with training from scratch (scripts/demo_finetune.py)")
+    parser.add_argument("--pareto", action="store_true",
+                        help="also train each task's network in its two other sizes (Large, Small, width 0.75) and "
+                             "write a Pareto report (metric against latency per backend) to OUT/pareto")
     args = parser.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASK_SPECS]
@@ -259,9 +303,15 @@ def main(argv: list[str] | None = None) -> int:
                 "details": {k: v for k, v in summary.items() if k not in ("metric",)},
             })
     curves = plot_curves(out, runs) if runs else None
+    pareto = None
+    if args.pareto:
+        first_seed = {task: dict(seeded)[seed_list[0]] for task, seeded in runs.items()}
+        pareto = pareto_report(out, tasks, seed_list[0], args.quick, first_seed)
     total = time.time() - started
     report = {"results": results, "seeds": seed_list, "seconds": round(total, 1), "quick": args.quick,
               "training_curves": str(curves) if curves else None, "pictures": str(out / "pictures")}
+    if pareto is not None:
+        report["pareto"] = {"json": str(pareto / "pareto.json"), "png": str(pareto / "pareto.png")}
     (out / "demo_results.json").write_text(json.dumps(report, indent=2))
     print("\n" + table(results))
     print(f"\nheld-out generated validation images; latency: batch 1 on this machine ({os.cpu_count()} cores); "
@@ -271,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"results:   {out / 'demo_results.json'}")
     print(f"curves:    {curves}")
     print(f"pictures:  {out / 'pictures'}")
+    if pareto is not None:
+        print(f"pareto:    {pareto / 'pareto.png'} and {pareto / 'pareto.json'}")
     missed = [f"{r['task']} seed {r['seed']}" for r in results if not r["passed"]]
     if missed and not args.quick:
         print(f"MISSED the target: {', '.join(missed)}")

@@ -137,3 +137,17 @@ def test_quick_finetune_demo_compares_fine_tuning_with_scratch(tmp_path):
     assert "class rows kept from the checkpoint (0)" in log  # the fresh-head runs
     assert all((tmp_path / "demo" / "runs" / task / "seed0" / "pretrained.done").is_file()
                for task in ("classify", "detect", "segment"))
+
+
+def test_quick_pareto_demo_reports_three_network_sizes_per_task(tmp_path):
+    """`scripts/demo.py --pareto`: the task's demo network and its two other sizes, one Pareto report (smoke sizes)."""
+    result = quick_demo(tmp_path / "demo", "--pareto", "--tasks", "classify")
+    report = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
+    pareto = json.loads(Path(report["pareto"]["json"]).read_text())
+    assert Path(report["pareto"]["png"]).is_file()
+    points = pareto["points"]
+    assert len(points) == 3 and {p["task"] for p in points} == {"classify"}
+    assert len({p["label"] for p in points}) == 3, [p["label"] for p in points]  # Small, Large, Small 0.75
+    assert all((tmp_path / "demo" / "pareto" / "runs" / "classify" / name / "checkpoints" / "last.ckpt").is_file()
+               for name in ("large", "small075"))
+    assert "pareto:" in result.stdout

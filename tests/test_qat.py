@@ -23,6 +23,7 @@ from mbv3_dense.deploy.qat import (
     export_qat_pte,
     fake_quantizers,
     prepare_qat,
+    symmetric_zero_point_channels,
 )
 
 SIZE = (32, 32)
@@ -162,6 +163,40 @@ def test_the_int8_pte_runs_what_the_qat_graph_computes(tmp_path) -> None:
     error = (got - expected).abs()
     assert error.max() <= 8 * step and error.mean() <= 0.25 * step, (error.max() / step, error.mean() / step)
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_weight_channels_of_one_sign_run_in_xnnpack_as_converted(tmp_path, monkeypatch) -> None:
+    """The fused fake-quantize kernel gives a per-channel weight whose values all have one sign a zero point
+    of +-127 (half the symmetric scale); XNNPACK's int8 convolution ignores weight zero points. Deployed with
+    the symmetric scale and zero point 0, the .pte runs what the PyTorch int8 graph computes; with the
+    kernel's zero points it would not (LR-ASPP lost 2.4 mIoU points that way: docs/benchmark.md)."""
+    import mbv3_dense.deploy.qat as qat_module
+    from mbv3_dense.deploy.qat import convert_qat
+
+    def prepared() -> qat_module.QATNetwork:
+        net = conv_bn_net()
+        with torch.no_grad():
+            net[0].weight[1].abs_()  # channels whose weights are all positive / all negative
+            net[0].weight[2] = -net[0].weight[2].abs()
+            net[3].weight[5].abs_()
+        qat = prepare_qat(net, SIZE)
+        with torch.no_grad():
+            qat.train(True)(batch(40, n=8))  # ranges observed
+        return qat.train(False)
+
+    def pte_error(qat: qat_module.QATNetwork, name: str) -> float:
+        x = batch(41, n=2)
+        with torch.no_grad():
+            reference = convert_qat(qat)(x)[0]
+        result, _ = export_qat_pte(qat, tmp_path / name, task="segment")
+        got = ExecuTorchModel(result.path, task="segment", input_size=SIZE, threads=1)(x)
+        return ((got - reference).abs().max() / reference.abs().max()).item()
+
+    qat = prepared()
+    assert symmetric_zero_point_channels(qat.graph) >= 2  # the kernel's behaviour this guards against
+    assert pte_error(qat, "fixed.pte") <= 0.05  # XNNPACK's own rounding: a few int8 steps
+    monkeypatch.setattr(qat_module, "_deployed_qparams", qat_module._trained_qparams)
+    assert pte_error(prepared(), "kernel.pte") > 0.2
 
 
 def test_bad_input_is_refused(tmp_path) -> None:

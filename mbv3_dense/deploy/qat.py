@@ -27,7 +27,10 @@ computes ``gamma / sqrt(running_var + eps)`` (:func:`convert_qat`). A second, sm
 fake-quantize kernel computes its scales with another rounding than the observer's
 ``calculate_qparams``, which ``convert_pt2e`` asks; weights then moved by one int8 step against what
 QAT trained. :func:`convert_qat` deploys the trained scales, and the int8 graph computes exactly what
-the QAT graph computed in evaluation mode (tests/test_qat.py).
+the QAT graph computed in evaluation mode (tests/test_qat.py). A third: the same kernel gives a
+per-channel weight whose values all have one sign a zero point of +-127, which PyTorch's int8 graph
+honours and XNNPACK's int8 convolution ignores (LR-ASPP's QAT .pte lost 2.4 mIoU points to its 68
+such channels); those channels are deployed symmetric, zero point 0 (:func:`_deployed_qparams`).
 
 The callback keeps the module's code unchanged: :class:`QuantizationAwareTraining` swaps
 ``pl_module.model`` for a :class:`QATNetwork` at set-up (its forward runs the QAT graph; every other
@@ -271,6 +274,29 @@ def _trained_qparams(fq: nn.Module) -> tuple[Tensor, Tensor]:
     return fq.scale.detach().clone(), fq.zero_point.detach().clone()
 
 
+def _deployed_qparams(fq: nn.Module) -> tuple[Tensor, Tensor]:
+    """The scales QAT trained with, except where XNNPACK cannot run them: a symmetric (weight) quantizer
+    must have zero point 0. The fused fake-quantize kernel gives a per-channel weight whose values all
+    have one sign (a channel in [0.007, 0.455], say) zero point -127 or 127 and half the symmetric scale:
+    PyTorch's reference int8 graph computes that, but XNNPACK's int8 convolution takes the weights as
+    symmetric and ignores the zero point, so the channel's weights are shifted by 127 steps. Those channels
+    get the observer's symmetric scale (its range widened to hold 0) and zero point 0."""
+    scale, zero_point = _trained_qparams(fq)
+    if fq.qscheme not in (torch.per_channel_symmetric, torch.per_tensor_symmetric) or not bool((zero_point != 0).any()):
+        return scale, zero_point
+    symmetric_scale, _ = fq.activation_post_process.calculate_qparams()
+    shifted = zero_point != 0
+    scale = torch.where(shifted, symmetric_scale.to(scale.dtype).reshape(scale.shape), scale)
+    return scale, torch.where(shifted, torch.zeros_like(zero_point), zero_point)
+
+
+def symmetric_zero_point_channels(graph: nn.Module) -> int:
+    """How many weight channels of a QAT graph the fused fake-quantize kernel gave a non-zero zero point
+    in a symmetric scheme (deployed with the symmetric scale instead: :func:`_deployed_qparams`)."""
+    return sum(int((fq.zero_point != 0).sum()) for fq in fake_quantizers(graph)
+               if fq.qscheme in (torch.per_channel_symmetric, torch.per_tensor_symmetric))
+
+
 def convert_qat(qat: QATNetwork) -> torch.fx.GraphModule:
     """The int8 graph of ``qat``'s current state (``convert_pt2e`` of a copy; ``qat`` is unchanged).
 
@@ -288,8 +314,9 @@ def convert_qat(qat: QATNetwork) -> torch.fx.GraphModule:
             fq.disable_observer()
             # convert_pt2e asks the observer for its qparams (Python's formula on its min/max), which can
             # differ by a rounding from the scale the fused fake-quantize kernel computed and trained
-            # with: deploy the trained ones.
-            fq.calculate_qparams = partial(_trained_qparams, fq)
+            # with: deploy the trained ones (symmetric ones where the kernel gave a weight channel a
+            # zero point XNNPACK would ignore, see _deployed_qparams).
+            fq.calculate_qparams = partial(_deployed_qparams, fq)
         with torch.no_grad():
             for node in graph.graph.nodes:
                 if node.op == "call_function" and node.target in _BATCH_NORM:
@@ -336,6 +363,10 @@ def export_qat_pte(qat: QATNetwork, path: str | Path, *, task: str | None) -> tu
     input: mean absolute difference over mean absolute output. They differ by rounding only (one int8
     step where a value sits on a rounding boundary, carried through the layers), not by a fold.
     """
+    shifted = symmetric_zero_point_channels(qat.graph)
+    if shifted:
+        log.info("QAT: %d weight channels of one sign had a non-zero zero point (the fused fake-quantize kernel's); "
+                 "deployed with their symmetric scale and zero point 0, as XNNPACK runs them", shifted)
     converted = convert_qat(qat)
     example = torch.randn(1, 3, *qat.input_size, generator=torch.Generator().manual_seed(0))
     was_training = qat.training
