@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -249,3 +250,10 @@ def evaluation_summary(task: str, metric_name: str, metric: float, latency: Late
             "latency_input": [int(latency_input[0]), int(latency_input[1])],
             "device": latency.device, "threads": latency.threads, "backend": backend, "int8": bool(int8),
             "pte": str(pte) if pte else None, "weights": str(weights), "model": model}
+
+
+def write_summary(path: str | Path, summary: Mapping[str, Any]) -> None:
+    """Write an evaluation summary (``--json``) as indented JSON, creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2))

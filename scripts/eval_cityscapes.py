@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import math
 import sys
 from pathlib import Path
@@ -44,19 +43,19 @@ import torch
 from PIL import Image
 
 from mbv3_dense.complexity import count_madds, count_params
-from mbv3_dense.deploy import make_backend
-from mbv3_dense.deploy.dynamic import fit_size
+from mbv3_dense.deploy.backend import ShapeBackends
 from mbv3_dense.deploy.options import (
     add_backend_arguments,
     add_dynamic_size_argument,
     backend_label,
     calibration_images,
     check_backend_arguments,
+    require_cpu,
 )
 from mbv3_dense.image_io import read_image_rgb
 from mbv3_dense.latency import measure_latency
 from mbv3_dense.progress import progress
-from mbv3_dense.resolve import add_model_arguments, evaluation_summary, model_from_arguments
+from mbv3_dense.resolve import add_model_arguments, evaluation_summary, model_from_arguments, write_summary
 from segmentation.data import list_split, read_train_ids
 from segmentation.labels import CLASS_NAMES, IGNORE_INDEX, colorize, train_ids_to_label_ids
 from segmentation.module import miou_metric
@@ -98,7 +97,7 @@ def overlay(image: np.ndarray, train_ids: np.ndarray, alpha: float = 0.5) -> np.
     return (image * (1 - alpha) + colorize(train_ids) * alpha).astype(np.uint8)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", required=True, type=Path,
                         help="our .ckpt (names its network) or a torchvision LR-ASPP state dict")
@@ -115,56 +114,38 @@ def main(argv: list[str] | None = None) -> int:
     add_dynamic_size_argument(parser)
     args = parser.parse_args(argv)
     check_backend_arguments(parser, args)
-    if args.backend != "torch" and args.device != "cpu":
-        raise SystemExit(f"--backend {args.backend} runs on the CPU: use --device cpu")
+    require_cpu(args.backend, args.device)
+    return args
 
-    device = torch.device(args.device)
-    resolved = model_from_arguments("segment", args)
-    print(f"model: {resolved.description}")
-    model = resolved.model.to(device).eval()
-    pairs = list_split(args.root, args.split)
-    args.export_dir.mkdir(parents=True, exist_ok=True)
-    if args.visualize:
-        args.visualize.mkdir(parents=True, exist_ok=True)
-    def model_input(image: np.ndarray) -> torch.Tensor:
-        """``[H, W, 3]`` uint8 RGB -> ``[1, 3, H, W]``, normalised by the network's own ``normalize``."""
-        return model.normalize(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255)
 
-    runtimes: dict[tuple[int, ...], object] = {}
+def model_input(model: torch.nn.Module, image: np.ndarray) -> torch.Tensor:
+    """``[H, W, 3]`` uint8 RGB -> ``[1, 3, H, W]``, normalised by the network's own ``normalize``."""
+    return model.normalize(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255)
+
+
+def make_network(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module | ShapeBackends:
+    """The model on the chosen runtime: one program for every size in a dynamic range (``--dynamic-size``, or
+    a ``--pte`` exported with one), else one per input shape (:class:`ShapeBackends`)."""
+    if args.backend == "torch":
+        return model
     calibration = None
     if args.int8:
-        calibration = [model_input(a) for a in calibration_images(args.calibration_images, args.calibration_count)]
+        calibration = [model_input(model, a)
+                       for a in calibration_images(args.calibration_images, args.calibration_count)]
+    return ShapeBackends(args.backend, model, threads=args.threads, calibration=calibration, pte_file=args.pte,
+                         task="segment", dynamic_size=args.dynamic_size)
 
-    def network(x: torch.Tensor) -> torch.Tensor:
-        """The model on the chosen runtime: one program for every size in a dynamic range (``--dynamic-size``, or
-        a ``--pte`` exported with one), else one per input shape."""
-        if args.backend == "torch":
-            return model(x)
-        shared = next(iter(runtimes.values()), None)
-        if getattr(shared, "dynamic_size", None) is not None and shared.accepts(*x.shape[-2:]):
-            return shared(x)
-        if args.dynamic_size is not None and not runtimes:
-            calib = None if calibration is None else [fit_size(c, args.dynamic_size) for c in calibration]
-            runtimes["dynamic"] = make_backend(args.backend, model, fit_size(x, args.dynamic_size),
-                                               threads=args.threads, int8_calibration=calib, task="segment",
-                                               dynamic_size=args.dynamic_size)
-            return network(x)
-        if tuple(x.shape) not in runtimes:
-            size = tuple(x.shape[-2:])
-            calib = None if calibration is None else [
-                torch.nn.functional.interpolate(c, size=size, mode="bilinear", align_corners=False)
-                if tuple(c.shape[-2:]) != size else c for c in calibration]
-            runtimes[tuple(x.shape)] = make_backend(args.backend, model, x, threads=args.threads,
-                                                    int8_calibration=calib, pte_file=args.pte, task="segment")
-        return runtimes[tuple(x.shape)](x)
 
+def predict_split(model: torch.nn.Module, network, pairs: list[tuple[Path, Path]],  # noqa: ANN001
+                  args: argparse.Namespace, device: torch.device) -> tuple[float, list[Path]]:
+    """Run the network over the split: labelId PNGs (and overlays) written; returns our mIoU and the PNGs."""
     metric = miou_metric().to(device)
     predictions = []
     with torch.inference_mode():
         for image_path, label_path in progress(pairs, desc=f"LR-ASPP on {args.split}", unit="img"):
             image = read_image_rgb(image_path)
             target = torch.as_tensor(read_train_ids(label_path), dtype=torch.int64, device=device)
-            x = model_input(image).to(device)
+            x = model_input(model, image).to(device)
             pred = network(x).argmax(1)[0]
             metric.update(pred[None], target[None])
             train_ids = pred.cpu().numpy().astype(np.uint8)
@@ -173,22 +154,11 @@ def main(argv: list[str] | None = None) -> int:
             predictions.append(out)
             if args.visualize:
                 Image.fromarray(overlay(image, train_ids)).save(args.visualize / image_path.name)
-    ours = float(metric.compute())
+    return float(metric.compute()), predictions
 
-    results = official_evaluation(predictions, [label for _, label in pairs],
-                                  args.export_dir / "resultPixelLevelSemanticLabeling.json")
-    class_scores = results["classScores"]
-    official_mean = results["averageScoreClasses"]
-    present = [name for name in CLASS_NAMES if not math.isnan(class_scores[name])]
 
-    program = next(iter(runtimes.values()), None)
-    if hasattr(program, "accepts") and not program.accepts(*args.latency_size):  # a size the .pte takes
-        args.latency_size = tuple(program.input_shape[2:])
-    example = torch.randn(1, 3, *args.latency_size, device=device)
-    latency = measure_latency(network, example, warmup=2, runs=args.latency_runs)
-    params = count_params(model)
-    madds = count_madds(model, example)
-
+def print_scores(class_scores: dict, official_mean: float, ours: float, present: list[str]) -> bool:
+    """The official per-class IoU and both means; returns whether the means agree."""
     print("\nofficial per-class IoU (cityscapesscripts):")
     for name in CLASS_NAMES:
         score = class_scores[name]
@@ -197,20 +167,49 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torchmetrics mIoU: {ours:.4f}  (MulticlassJaccardIndex, ignore_index={IGNORE_INDEX})")
     agree = abs(official_mean - ours) < 1e-4
     print("the two means agree" if agree else f"WARNING: the means differ by {official_mean - ours:+.6f}")
+    return agree
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    resolved = model_from_arguments("segment", args)
+    print(f"model: {resolved.description}")
+    model = resolved.model.to(device).eval()
+    pairs = list_split(args.root, args.split)
+    args.export_dir.mkdir(parents=True, exist_ok=True)
+    if args.visualize:
+        args.visualize.mkdir(parents=True, exist_ok=True)
+    network = make_network(model, args)
+    ours, predictions = predict_split(model, network, pairs, args, device)
+
+    results = official_evaluation(predictions, [label for _, label in pairs],
+                                  args.export_dir / "resultPixelLevelSemanticLabeling.json")
+    class_scores = results["classScores"]
+    official_mean = results["averageScoreClasses"]
+    present = [name for name in CLASS_NAMES if not math.isnan(class_scores[name])]
+
+    program = network.first() if isinstance(network, ShapeBackends) else None
+    if hasattr(program, "accepts") and not program.accepts(*args.latency_size):  # a size the .pte takes
+        args.latency_size = tuple(program.input_shape[2:])
+    example = torch.randn(1, 3, *args.latency_size, device=device)
+    latency = measure_latency(network, example, warmup=2, runs=args.latency_runs)
+    params = count_params(model)
+    madds = count_madds(model, example)
+
+    agree = print_scores(class_scores, official_mean, ours, present)
     h, w = args.latency_size
-    runtime, int8 = backend_label(args.backend, next(iter(runtimes.values()), None))
+    runtime, int8 = backend_label(args.backend, program)
     print(f"latency ({runtime}) at {h}x{w}, batch 1, {latency.device}, {latency.threads} threads: "
           f"median {latency.median_ms:.1f} ms (p90 {latency.p90_ms:.1f} ms)")
     print(f"params {params / 1e6:.3f}M, MAdds at {h}x{w}: {madds / 1e9:.3f}G")
     if args.json:
-        summary = {**evaluation_summary("segment", "mIoU", ours, latency, latency_input=(h, w),
-                                        backend=args.backend, int8=int8, pte=args.pte, weights=args.weights,
-                                        model=resolved.description),
-                   "official_miou": official_mean, "classes_present": present,
-                   "per_class_iou": {n: class_scores[n] for n in present},
-                   "params_M": params / 1e6, "madds_G": madds / 1e9, "images": len(pairs)}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2))
+        write_summary(args.json, {
+            **evaluation_summary("segment", "mIoU", ours, latency, latency_input=(h, w), backend=args.backend,
+                                 int8=int8, pte=args.pte, weights=args.weights, model=resolved.description),
+            "official_miou": official_mean, "classes_present": present,
+            "per_class_iou": {n: class_scores[n] for n in present},
+            "params_M": params / 1e6, "madds_G": madds / 1e9, "images": len(pairs)})
     return 0 if agree else 1
 
 

@@ -20,7 +20,6 @@ written by ``scripts/export.py --format executorch`` (checked: task ``classify``
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -32,10 +31,16 @@ from mbv3_dense.classification.data import ImageFolderDataset, collate_skipping,
 from mbv3_dense.classification.transforms import eval_transform
 from mbv3_dense.complexity import count_madds, count_params
 from mbv3_dense.deploy import make_backend
-from mbv3_dense.deploy.options import add_backend_arguments, backend_label, calibration_images, check_backend_arguments
+from mbv3_dense.deploy.options import (
+    add_backend_arguments,
+    backend_label,
+    calibration_images,
+    check_backend_arguments,
+    require_cpu,
+)
 from mbv3_dense.latency import measure_latency
 from mbv3_dense.progress import progress
-from mbv3_dense.resolve import add_model_arguments, evaluation_summary, model_from_arguments
+from mbv3_dense.resolve import add_model_arguments, evaluation_summary, model_from_arguments, write_summary
 
 
 def save_grid(images: list[torch.Tensor], titles: list[str], path: Path) -> None:
@@ -58,7 +63,7 @@ def save_grid(images: list[torch.Tensor], titles: list[str], path: Path) -> None
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", type=Path, required=True,
                    help="our .ckpt (names its network) or a classifier checkpoint of another layout")
@@ -76,34 +81,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--visualize", type=Path, default=None, help="save a grid of predictions as PNG here")
     args = p.parse_args(argv)
     check_backend_arguments(p, args)
+    return args
 
-    device = torch.device(args.device)
-    if args.backend != "torch" and device.type != "cpu":
-        raise SystemExit(f"--backend {args.backend} runs on the CPU: use --device cpu")
-    resolved = model_from_arguments("classify", args)
-    print(f"model: {resolved.description}")
-    model = resolved.model.eval().to(device)
-    num_classes = model.num_classes
+
+def split_dataset(args: argparse.Namespace, num_classes: int) -> tuple[ImageFolderDataset, list[str]]:
+    """The evaluated split, its class indices those of the sorted folders of ``train`` (or of the split)."""
     class_dir = args.root / "train" if (args.root / "train").is_dir() else args.root / args.split
     classes = find_classes(class_dir)
     if len(classes) != num_classes:
         raise SystemExit(f"{class_dir} has {len(classes)} classes but {args.weights} predicts {num_classes}")
     scan = scan_image_folder(args.root / args.split, {c: i for i, c in enumerate(classes)})
     resize = args.resize_size or round(args.image_size * 256 / 224)
-    dataset = ImageFolderDataset(scan.samples, eval_transform(resize_size=resize, crop_size=args.image_size))
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_skipping)
-    top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro").to(device)
-    top5 = MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes), average="micro").to(device)
-    example = torch.rand(1, 3, args.image_size, args.image_size, device=device)
+    return ImageFolderDataset(scan.samples, eval_transform(resize_size=resize, crop_size=args.image_size)), classes
+
+
+def make_network(model: torch.nn.Module, dataset: ImageFolderDataset, example: torch.Tensor,
+                 args: argparse.Namespace):  # noqa: ANN201 - the model or a backend
+    """The model on the chosen runtime, int8 calibrated on images prepared like the evaluation's."""
+    if args.backend == "torch":
+        return model
     calibration = None
     if args.int8:
         calibration = [model.normalize(dataset.transform(torch.from_numpy(a).permute(2, 0, 1).contiguous())[None]
                                        .float() / 255)
                        for a in calibration_images(args.calibration_images, args.calibration_count)]
-    net = model if args.backend == "torch" else make_backend(
-        args.backend, model, example, threads=args.threads, int8_calibration=calibration, pte_file=args.pte,
-        task="classify")
-    runtime, int8 = backend_label(args.backend, net)
+    return make_backend(args.backend, model, example, threads=args.threads, int8_calibration=calibration,
+                        pte_file=args.pte, task="classify")
+
+
+def evaluate(model: torch.nn.Module, net, dataset: ImageFolderDataset, classes: list[str],  # noqa: ANN001
+             args: argparse.Namespace, device: torch.device) -> tuple[float, float, list[tuple[torch.Tensor, str]]]:
+    """Top-1 and top-5 over the split, and (``--visualize``) 16 images spread over it with their titles."""
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_skipping)
+    num_classes = len(classes)
+    top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro").to(device)
+    top5 = MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes), average="micro").to(device)
     shown: list[tuple[torch.Tensor, str]] = []
     # A spread of the split (it is sorted by class), not just its first class.
     wanted = {round(i * (len(dataset) - 1) / 15) for i in range(16)} if args.visualize else set()
@@ -121,12 +133,27 @@ def main(argv: list[str] | None = None) -> int:
                         mark = "ok" if y == t else f"true {classes[t]}"
                         shown.append((img, f"{classes[y]} ({mark})"))
             seen += len(labels)
+    return float(top1.compute()), float(top5.compute()), shown
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    require_cpu(args.backend, device)
+    resolved = model_from_arguments("classify", args)
+    print(f"model: {resolved.description}")
+    model = resolved.model.eval().to(device)
+    dataset, classes = split_dataset(args, model.num_classes)
+    example = torch.rand(1, 3, args.image_size, args.image_size, device=device)
+    net = make_network(model, dataset, example, args)
+    runtime, int8 = backend_label(args.backend, net)
+    top1, top5, shown = evaluate(model, net, dataset, classes, args, device)
     latency = measure_latency(net, example, runs=args.latency_runs)
     summary = {
-        **evaluation_summary("classify", "top1", float(top1.compute()), latency,
+        **evaluation_summary("classify", "top1", top1, latency,
                              latency_input=(args.image_size, args.image_size), backend=args.backend, int8=int8,
                              pte=args.pte, weights=args.weights, model=resolved.description),
-        "top1": float(top1.compute()), "top5": float(top5.compute()), "images": len(dataset),
+        "top1": top1, "top5": top5, "images": len(dataset),
         "params_M": count_params(model) / 1e6, "madds_G": count_madds(model, example) / 1e9,
     }
     print(f"top-1 {summary['top1']:.4f}  top-5 {summary['top5']:.4f}  on {len(dataset)} images of {args.split}")
@@ -139,8 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         save_grid([img for img, _ in shown], [t for _, t in shown], path)
         print(f"predictions drawn in {path}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2))
+        write_summary(args.json, summary)
     return 0
 
 

@@ -51,10 +51,11 @@ from mbv3_dense.deploy.options import (
     backend_label,
     calibration_images,
     check_backend_arguments,
+    require_cpu,
 )
 from mbv3_dense.latency import measure_latency
 from mbv3_dense.progress import progress
-from mbv3_dense.resolve import add_model_arguments, evaluation_summary, model_from_arguments
+from mbv3_dense.resolve import add_model_arguments, evaluation_summary, model_from_arguments, write_summary
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -110,7 +111,7 @@ def visualize(images: list[torch.Tensor], detections: list[dict], image_ids: lis
         pil.save(out_dir / f"{image_id}.png")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True, type=Path,
                    help="our .ckpt (names its network) / state dict, or torchvision's SSDLite state dict")
@@ -133,36 +134,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-runs", type=int, default=20)
     args = p.parse_args(argv)
     check_backend_arguments(p, args)
+    return args
 
-    resolved = model_from_arguments("detect", args)
-    print(f"model: {resolved.description}")
-    model = resolved.model
-    device = torch.device(args.device)
-    model.eval().to(device)
-    dataset, cmap = eval_dataset(args.images, args.annotations, model.num_classes)
-    names = {c["id"]: c["name"] for c in json.loads(args.annotations.read_text())["categories"]}
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_eval)
-    predict = model.predict
-    runtime, int8 = args.backend, False
-    if args.backend != "torch":
-        if device.type != "cpu":
-            raise SystemExit(f"--backend {args.backend} runs on the CPU: use --device cpu")
-        calibration = None
-        dynamic = args.dynamic_size  # a dynamic program takes the images themselves, SSDLite's resize inside
-        if args.int8:
-            with torch.no_grad():
-                images = [torch.from_numpy(a).permute(2, 0, 1).float()[None] / 255.0
-                          for a in calibration_images(args.calibration_images, args.calibration_count)]
-                calibration = [fit_size(x, dynamic) if dynamic else model.preprocess([x[0]]) for x in images]
-        example = (fit_size(torch.rand(1, 3, *model.image_size), dynamic) if dynamic
-                   else model.preprocess([torch.rand(3, *model.image_size)]))
-        net = make_backend(args.backend, model, example, threads=args.threads, int8_calibration=calibration,
-                           pte_file=args.pte, task="detect", dynamic_size=dynamic)
-        runtime, int8 = backend_label(args.backend, net)
 
-        def predict(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-            return detect(model, net, images)
+def make_network(model: torch.nn.Module, args: argparse.Namespace):  # noqa: ANN201 - the backend
+    """The detector's network on ``--backend`` (onnxruntime or executorch), int8 calibrated on
+    ``--calibration-images`` through ``model.preprocess`` (or as images, for a dynamic program)."""
+    calibration = None
+    dynamic = args.dynamic_size  # a dynamic program takes the images themselves, SSDLite's resize inside
+    if args.int8:
+        with torch.no_grad():
+            images = [torch.from_numpy(a).permute(2, 0, 1).float()[None] / 255.0
+                      for a in calibration_images(args.calibration_images, args.calibration_count)]
+            calibration = [fit_size(x, dynamic) if dynamic else model.preprocess([x[0]]) for x in images]
+    example = (fit_size(torch.rand(1, 3, *model.image_size), dynamic) if dynamic
+               else model.preprocess([torch.rand(3, *model.image_size)]))
+    return make_backend(args.backend, model, example, threads=args.threads, int8_calibration=calibration,
+                        pte_file=args.pte, task="detect", dynamic_size=dynamic)
 
+
+def detect_all(predict, loader: DataLoader, cmap, names: dict, args: argparse.Namespace,  # noqa: ANN001
+               device: torch.device) -> list[dict]:
+    """Detections of every image as COCO results entries; the first ``--num-visualize`` drawn (``--visualize``)."""
     results: list[dict] = []
     shown = 0
     for images, targets in progress(loader, desc="detect", unit="batch"):
@@ -174,6 +167,30 @@ def main(argv: list[str] | None = None) -> int:
             n = args.num_visualize - shown
             visualize(images[:n], detections[:n], image_ids[:n], cmap, names, args.visualize, args.vis_threshold)
             shown += len(images[:n])
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    resolved = model_from_arguments("detect", args)
+    print(f"model: {resolved.description}")
+    model = resolved.model
+    device = torch.device(args.device)
+    model.eval().to(device)
+    dataset, cmap = eval_dataset(args.images, args.annotations, model.num_classes)
+    names = {c["id"]: c["name"] for c in json.loads(args.annotations.read_text())["categories"]}
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_eval)
+    predict, net = model.predict, None
+    runtime, int8 = args.backend, False
+    if args.backend != "torch":
+        require_cpu(args.backend, device)
+        net = make_network(model, args)
+        runtime, int8 = backend_label(args.backend, net)
+
+        def predict(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+            return detect(model, net, images)
+
+    results = detect_all(predict, loader, cmap, names, args, device)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(results))
     print(f"wrote {len(results)} detections for {len(dataset)} images to {args.results}")
@@ -188,16 +205,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"latency ({runtime}, batch 1, {height}x{width}, end to end, {latency.device}, {latency.threads} threads): "
           f"median {latency.median_ms:.1f} ms, p90 {latency.p90_ms:.1f} ms")
     print(f"params {params / 1e6:.3f}M, MAdds {madds / 1e9:.3f}G (network at {height}x{width})")
-    summary = {**evaluation_summary("detect", "mAP", float(stats[0]), latency, latency_input=(height, width),
-                                    backend=args.backend, int8=int8, pte=args.pte, weights=args.weights,
-                                    model=resolved.description),
-               "map_50": float(stats[1]), "map_75": float(stats[2]),
-               "stats": dict(zip(STAT_NAMES, (float(s) for s in stats), strict=True)),
-               "params_M": params / 1e6, "madds_G": madds / 1e9,
-               "images": len(dataset), "detections": len(results)}
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2))
+        write_summary(args.json, {
+            **evaluation_summary("detect", "mAP", float(stats[0]), latency, latency_input=(height, width),
+                                 backend=args.backend, int8=int8, pte=args.pte, weights=args.weights,
+                                 model=resolved.description),
+            "map_50": float(stats[1]), "map_75": float(stats[2]),
+            "stats": dict(zip(STAT_NAMES, (float(s) for s in stats), strict=True)),
+            "params_M": params / 1e6, "madds_G": madds / 1e9,
+            "images": len(dataset), "detections": len(results)})
     return 0
 
 

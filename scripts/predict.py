@@ -106,14 +106,12 @@ def classify_setup(args: argparse.Namespace, model: torch.nn.Module) -> tuple[Pr
 
 
 def classify_predict(model: torch.nn.Module, net: Callable[[Tensor], object]) -> Predict:
-    from mbv3_dense.classification.predict import TopK
+    from mbv3_dense.classification.predict import top_k
 
     def run(batch: PredictBatch) -> list:
         if batch.inputs is None:
             return []
-        probs = torch.as_tensor(net(model.normalize(batch.inputs.float() / 255))).float().softmax(1)
-        top = probs.topk(min(5, probs.shape[1]), dim=1)
-        return [TopK(p, i) for p, i in zip(top.values, top.indices, strict=True)]
+        return top_k(net(model.normalize(batch.inputs.float() / 255)))
     return run
 
 
@@ -144,11 +142,13 @@ def segment_setup(args: argparse.Namespace, model: torch.nn.Module) -> tuple[Pre
 
 
 def segment_predict(model: torch.nn.Module, make_net: Callable[[Tensor], Callable[[Tensor], object]]) -> Predict:
+    from segmentation.predict import class_map
+
     def run(batch: PredictBatch) -> list:
         out = []
         for image in batch.images:
             x = model.normalize(image.float() / 255.0)[None]
-            out.append(torch.as_tensor(make_net(x)(x)).argmax(1)[0].to(torch.uint8))
+            out.append(class_map(make_net(x)(x)))
         return out
     return run
 

@@ -29,7 +29,7 @@ from mbv3_dense.guards import NonFinitePolicy, check_loss
 from mbv3_dense.predict import PredictBatch
 from mbv3_dense.task import PredictBackend, TaskModule
 from segmentation.labels import IGNORE_INDEX, NUM_CLASSES, cityscapes_class_info
-from segmentation.predict import SegmentationWriter, class_colors, overlay
+from segmentation.predict import SegmentationWriter, class_colors, class_map, overlay
 
 
 def segmentation_loss(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
@@ -178,7 +178,7 @@ class SegmentationModule(TaskModule):
         out = []
         for image in batch.images:
             x = self.images_to_input(image[None])
-            out.append(torch.as_tensor(self.predict_network(x)(x)).argmax(1)[0].to(torch.uint8).cpu())
+            out.append(class_map(self.predict_network(x)(x)))
         return out
 
     def prediction_writer(self, **options) -> SegmentationWriter:  # noqa: ANN003 - the writer's options

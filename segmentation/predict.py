@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 from torch import Tensor
 
@@ -40,6 +41,12 @@ from segmentation.mask_classes import distinct_palette
 OVERLAY_ALPHA = 0.5
 CITYSCAPES_FOLDER = "labelIds"
 LABELS_FOLDER = "labels"
+
+
+def class_map(logits: object) -> Tensor:
+    """The network's ``[1, C, H, W]`` logits -> the argmax class indices, uint8 ``[H, W]`` on the CPU
+    (``lightning predict`` and ``scripts/predict.py``)."""
+    return torch.as_tensor(logits).argmax(1)[0].to(torch.uint8).cpu()
 
 
 def class_colors(info: Mapping[str, Any]) -> np.ndarray:

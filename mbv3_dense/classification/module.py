@@ -13,7 +13,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from mbv3_dense.classification.data import ClassificationBatch
-from mbv3_dense.classification.predict import ClassificationWriter, TopK, draw_top5
+from mbv3_dense.classification.predict import ClassificationWriter, TopK, draw_top5, top_k
 from mbv3_dense.guards import NonFinitePolicy, check_loss
 from mbv3_dense.predict import PredictBatch
 from mbv3_dense.task import PredictBackend, TaskModule
@@ -184,9 +184,7 @@ class ClassificationModule(TaskModule):
         if batch.inputs is None:
             return []
         x = self.images_to_input(batch.inputs)
-        probabilities = torch.as_tensor(self.predict_network(x)(x)).float().softmax(dim=1)
-        top = probabilities.topk(min(5, self.num_classes), dim=1)
-        return [TopK(p, i) for p, i in zip(top.values.cpu(), top.indices.cpu(), strict=True)]
+        return top_k(self.predict_network(x)(x))
 
     def draw_predictions(self, images: list[Tensor]) -> list[Image.Image]:
         """Validation crops (uint8 ``[3, H, W]``) with their top-5 drawn

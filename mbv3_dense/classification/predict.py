@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from typing import NamedTuple
 
+import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
@@ -28,6 +29,14 @@ class TopK(NamedTuple):
 
     probabilities: Tensor
     indices: Tensor
+
+
+def top_k(logits: object, k: int = 5) -> list[TopK]:
+    """The network's ``[N, C]`` logits -> per image the top ``k`` (all, with fewer classes) softmax probabilities,
+    on the CPU (``lightning predict`` and ``scripts/predict.py``)."""
+    probabilities = torch.as_tensor(logits).float().softmax(dim=1)
+    top = probabilities.topk(min(k, probabilities.shape[1]), dim=1)
+    return [TopK(p, i) for p, i in zip(top.values.cpu(), top.indices.cpu(), strict=True)]
 
 
 def draw_top5(image: Tensor, top: list[tuple[str, float]], min_side: int = 0) -> Image.Image:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mbv3_dense.deploy.dynamic import SizeRange
+from mbv3_dense.deploy.dynamic import SizeRange, fit_size
 from mbv3_dense.deploy.executorch_export import export_executorch
 from mbv3_dense.deploy.executorch_runtime import ExecuTorchFileError, ExecuTorchModel
 from mbv3_dense.deploy.fuse import ChannelsLast, fold_batchnorm, to_channels_last
@@ -44,6 +44,47 @@ def detect(model: nn.Module, net: Callable[[Tensor], object], images: list[Tenso
     else:
         raw = net(model.preprocess(images))
     return model.postprocess(raw, sizes)
+
+
+class ShapeBackends:
+    """``backends(x)``: ``model(x)`` on an exported runtime built on first use for the inputs met.
+
+    One program serves every size in a dynamic range (``dynamic_size``, or a ``pte_file`` exported with one);
+    otherwise one program is built per input shape. ``calibration`` (preprocessed inputs, any sizes) quantizes
+    each program to int8, resized to the size it is built for. Used where the input size varies (segmentation
+    at full resolution).
+    """
+
+    def __init__(self, kind: BackendKind, model: nn.Module, *, threads: int | None = None,
+                 calibration: list[Tensor] | None = None, pte_file: str | Path | None = None,
+                 task: str | None = None, dynamic_size: SizeRange | None = None) -> None:
+        self.kind, self.model, self.threads, self.calibration = kind, model, threads, calibration
+        self.pte_file, self.task, self.dynamic_size = pte_file, task, dynamic_size
+        self.programs: dict[object, Callable[[Tensor], object]] = {}
+
+    def first(self) -> Callable[[Tensor], object] | None:
+        """The first program built (``None`` before any call)."""
+        return next(iter(self.programs.values()), None)
+
+    def __call__(self, x: Tensor) -> object:
+        shared = self.first()
+        if getattr(shared, "dynamic_size", None) is not None and shared.accepts(*x.shape[-2:]):
+            return shared(x)
+        if self.dynamic_size is not None and not self.programs:
+            calib = None if self.calibration is None else [fit_size(c, self.dynamic_size) for c in self.calibration]
+            self.programs["dynamic"] = make_backend(self.kind, self.model, fit_size(x, self.dynamic_size),
+                                                    threads=self.threads, int8_calibration=calib, task=self.task,
+                                                    dynamic_size=self.dynamic_size)
+            return self(x)
+        if tuple(x.shape) not in self.programs:
+            size = tuple(x.shape[-2:])
+            calib = None if self.calibration is None else [
+                torch.nn.functional.interpolate(c, size=size, mode="bilinear", align_corners=False)
+                if tuple(c.shape[-2:]) != size else c for c in self.calibration]
+            self.programs[tuple(x.shape)] = make_backend(self.kind, self.model, x, threads=self.threads,
+                                                         int8_calibration=calib, pte_file=self.pte_file,
+                                                         task=self.task)
+        return self.programs[tuple(x.shape)](x)
 
 
 class TorchBackend:

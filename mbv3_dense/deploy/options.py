@@ -65,6 +65,12 @@ def check_backend_arguments(parser: argparse.ArgumentParser, args: argparse.Name
             parser.error(f"--dynamic-size: {err}")
 
 
+def require_cpu(backend: str, device: object) -> None:
+    """Stop (``SystemExit`` with the one line) when a CPU-only ``backend`` is asked to run on another device."""
+    if backend != "torch" and str(device).split(":")[0] != "cpu":
+        raise SystemExit(f"--backend {backend} runs on the CPU: use --device cpu")
+
+
 def calibration_files(folder: str | Path, count: int) -> list[Path]:
     """``count`` image files spread over ``folder`` (searched recursively, sorted; classes are usually sorted)."""
     folder = Path(folder)
