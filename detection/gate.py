@@ -35,7 +35,7 @@ def coco_gate(root: Path, model: nn.Module, size: tuple[int, int]) -> GateData:
     if not len(dataset):
         raise GateDataError(f"{files[0]}: lists no images")
 
-    def evaluate(network, description: str) -> dict[str, float]:  # noqa: ANN001
+    def evaluate(network, description: str) -> dict[str, float]:
         metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="faster_coco_eval")
         with torch.inference_mode():
             for index in progress(range(len(dataset)), desc=description, unit="img"):

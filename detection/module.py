@@ -57,7 +57,7 @@ class DetectionModule(TaskModule):
                  scheduler: LRSchedulerCallable | None = None, loss: SSDLoss | None = None,
                  warmup_steps: int = 1000, warmup_factor: float = 0.001, lr_batch_size: int | None = None,
                  weight_decay_norm_bias: bool = False, nonfinite_loss: NonFinitePolicy = "stop",
-                 channels_last: bool | None = None, compile: bool = False,  # noqa: A002 - the option's name
+                 channels_last: bool | None = None, compile: bool = False,
                  freeze_backbone_epochs: int = 0, backbone_lr_multiplier: float = 1.0,
                  freeze_bn_statistics: bool = False, predict_backend: PredictBackend = "torch") -> None:
         super().__init__(model=model, optimizer=optimizer, scheduler=scheduler, lr_batch_size=lr_batch_size,
@@ -171,12 +171,12 @@ class DetectionModule(TaskModule):
                                                strict=True)], threshold)
                 for image, det in zip(images, detections, strict=True)]
 
-    def prediction_writer(self, **options) -> DetectionWriter:  # noqa: ANN003 - the writer's options
+    def prediction_writer(self, **options) -> DetectionWriter:
         """The writer ``lightning predict`` adds when the config names none."""
         return DetectionWriter(**options)
 
     # ------------------------------------------------------------------ optimisation
-    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:  # noqa: ANN001
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         """Linear warm-up: the LR is scaled for the step only, so epoch schedulers are undisturbed."""
         step = self.trainer.global_step
         if step >= self.warmup_steps:

@@ -137,7 +137,7 @@ class MBV3CLI(LightningCLI):
             return False
         try:
             record = read_model_record(torch.load(path, map_location="cpu", weights_only=True, mmap=True), path)
-        except Exception as err:  # noqa: BLE001 - Lightning's own load of the file reports what is wrong with it
+        except Exception as err:
             log.debug("%s: no model record read (%s)", path, err)
             return False
         net_args = network.get("init_args")

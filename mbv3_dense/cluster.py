@@ -97,7 +97,7 @@ def launcher(environ: Mapping[str, str] = os.environ) -> str:
     return "none"
 
 
-def devices_per_node(devices: Any, accelerator: Any) -> int | None:  # noqa: ANN401 - the trainer's own types
+def devices_per_node(devices: Any, accelerator: Any) -> int | None:
     """The processes per node that ``trainer.devices`` asks for (``"auto"``: the visible CUDA devices on a GPU
     run, 1 on a CPU, as Lightning counts them); ``None`` when it cannot be told before the trainer is built."""
     from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
@@ -110,7 +110,7 @@ def devices_per_node(devices: Any, accelerator: Any) -> int | None:  # noqa: ANN
         return kind.auto_device_count()
     try:
         parsed = kind.parse_devices(devices)
-    except Exception:  # noqa: BLE001 - Lightning reports a bad devices value itself when it builds the trainer
+    except Exception:
         return None
     if isinstance(parsed, (list, tuple)):
         return len(parsed)
@@ -185,7 +185,7 @@ def launch_problems(layout: Layout, environ: Mapping[str, str] = os.environ) -> 
     return problems
 
 
-def _timed_strategy(strategy: Any, layout: Layout | None, accelerator: Any) -> Any:  # noqa: ANN401
+def _timed_strategy(strategy: Any, layout: Layout | None, accelerator: Any) -> Any:
     """``strategy`` with :data:`DDP_TIMEOUT` when it is a DDP strategy by name (or ``auto`` for several processes)."""
     if not isinstance(strategy, str):
         if isinstance(strategy, DDPStrategy):

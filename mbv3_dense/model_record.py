@@ -72,7 +72,7 @@ def read_model_record(checkpoint: Mapping[str, Any], source: str | Path = "<chec
     return dict(record)
 
 
-def import_object(path: str) -> Any:  # noqa: ANN401 - whatever the path names
+def import_object(path: str) -> Any:
     """The object a dotted path names (``package.module.Name``): a config's ``class_path``, a record's builder.
 
     Raises:

@@ -69,7 +69,7 @@ class PredictBatch(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------- reading
-class SkipImage(Exception):  # noqa: N818 - a control-flow signal, not an error of the program
+class SkipImage(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
@@ -249,7 +249,7 @@ class PredictionWriter(BasePredictionWriter):
             self._skipped_file.close()
             self._is_open = False
 
-    def configure_from(self, datamodule: Any) -> None:  # noqa: ANN401 - any data module
+    def configure_from(self, datamodule: Any) -> None:
         """Take what the data module knows: the count of files left out by extension, and (subclasses)
         class names, category ids."""
         images = getattr(datamodule, "predict_list", None)
@@ -321,7 +321,7 @@ class PredictionWriter(BasePredictionWriter):
     def _open(self) -> None:
         raise NotImplementedError
 
-    def _write_image(self, file: ImageFile, image: Tensor, output: Any) -> None:  # noqa: ANN401
+    def _write_image(self, file: ImageFile, image: Tensor, output: Any) -> None:
         raise NotImplementedError
 
     def _close(self) -> None:
@@ -336,7 +336,7 @@ class PredictionWriter(BasePredictionWriter):
         return path
 
 
-def data_class_info(datamodule: Any) -> dict | None:  # noqa: ANN401 - any data module
+def data_class_info(datamodule: Any) -> dict | None:
     """The data module's ``class_info``, or None when it has none or its files are not at hand (predicting on
     photos without the training data)."""
     try:

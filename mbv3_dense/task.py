@@ -43,7 +43,7 @@ class InferenceHooks(Protocol):
     def inference_step(self, x: Tensor) -> object:
         """One inference as a user runs it (for detection: preprocessing, network, decoding, NMS)."""
 
-    def precise_bn_forward(self, batch: Any) -> None:  # noqa: ANN401 - each task's batch type
+    def precise_bn_forward(self, batch: Any) -> None:
         """A training-mode forward of the network on ``batch`` (no loss), to re-estimate BN statistics;
         ``batch`` as the training step gets it (on the device, after ``on_after_batch_transfer``)."""
 
@@ -121,7 +121,7 @@ class TaskModule(L.LightningModule):
     def __init__(self, *, model: nn.Module, optimizer: OptimizerCallable = torch.optim.SGD,
                  scheduler: LRSchedulerCallable | None = None, lr_batch_size: int | None = None,
                  weight_decay_norm_bias: bool = False, nonfinite_loss: NonFinitePolicy = "stop",
-                 channels_last: bool | None = None, compile: bool = False,  # noqa: A002 - the option's name
+                 channels_last: bool | None = None, compile: bool = False,
                  freeze_backbone_epochs: int = 0, backbone_lr_multiplier: float = 1.0,
                  freeze_bn_statistics: bool = False, predict_backend: PredictBackend = "torch") -> None:
         super().__init__()
@@ -237,7 +237,7 @@ class TaskModule(L.LightningModule):
         return self
 
     # ------------------------------------------------------------------ batches: uint8 in, network input out
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:  # noqa: ANN401 - each task's batch
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Training and validation batches travel as uint8 and become the network's input here, on the device
         (a quarter of the bytes of float32 to copy, and no float work in the loader workers).
 
@@ -248,7 +248,7 @@ class TaskModule(L.LightningModule):
             return batch
         return self.batch_to_input(batch)
 
-    def batch_to_input(self, batch: Any) -> Any:  # noqa: ANN401 - each task's batch type
+    def batch_to_input(self, batch: Any) -> Any:
         """``batch`` (a sequence whose first element is the images) with :meth:`images_to_input` applied to
         its images. Tasks whose batches look otherwise override this."""
         return type(batch)((self.images_to_input(batch[0]), *batch[1:]))
@@ -326,7 +326,7 @@ class TaskModule(L.LightningModule):
         """One inference as timed by :class:`~mbv3_dense.latency.LatencyCallback`: the network's forward."""
         return self(x)
 
-    def precise_bn_forward(self, batch: Any) -> None:  # noqa: ANN401 - each task's batch type
+    def precise_bn_forward(self, batch: Any) -> None:
         """Forward the images of a training batch (its first element, the network's input) through the network."""
         self.model(batch[0])
 
@@ -353,7 +353,7 @@ class TaskModule(L.LightningModule):
                            {"params": no_decay, "weight_decay": 0.0, "name": f"{prefix}no_decay"}]
         return [g for g in groups if g["params"]]
 
-    def configure_optimizers(self):  # noqa: ANN201 - Lightning's union of return types
+    def configure_optimizers(self):
         optimizer = self.optimizer(self.parameter_groups())
         for group in optimizer.param_groups:
             if group.get("name", "").startswith("backbone"):

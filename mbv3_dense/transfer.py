@@ -52,7 +52,7 @@ class TransferReport:
     checkpoint_names: list[str] | None = None
 
 
-def check_task(checkpoint: Any, task: str, source: str) -> None:  # noqa: ANN401 - a loaded checkpoint
+def check_task(checkpoint: Any, task: str, source: str) -> None:
     """Refuse a checkpoint whose model record names another task (a detector given as classifier weights)."""
     try:
         record = read_model_record(checkpoint, source)
@@ -63,7 +63,7 @@ def check_task(checkpoint: Any, task: str, source: str) -> None:  # noqa: ANN401
                            "a classifier checkpoint goes to a detector or segmenter as weights_backbone")
 
 
-def checkpoint_class_names(checkpoint: Any, task: str, num_classes: int) -> tuple[list[str] | None, str]:  # noqa: ANN401
+def checkpoint_class_names(checkpoint: Any, task: str, num_classes: int) -> tuple[list[str] | None, str]:
     """The class names of a checkpoint with ``num_classes`` outputs and where they come from: the model
     record of our own ``.ckpt`` files, else torchvision's public list for that task and count, else None."""
     try:
@@ -92,7 +92,7 @@ def _rows(tensor: Tensor, num_classes: int) -> Tensor:
 
 
 def load_checkpoint_state(model: nn.Module, state: Mapping[str, Tensor], source: str, *, task: str,
-                          checkpoint: Any, always_kept: Sequence[int] = (),  # noqa: ANN401 - a loaded file
+                          checkpoint: Any, always_kept: Sequence[int] = (),
                           keep_class_rows: bool = True) -> TransferReport:
     """Load ``state`` (already in the network's key layout) into ``model``.
 

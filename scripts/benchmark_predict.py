@@ -69,7 +69,7 @@ def make_state(seed: int, scale: float) -> dict:
     return {"near-uniform": uniform, "saturated": saturated, "image": image}
 
 
-def build(regime: str, contender: str, state: dict, work: Path):  # noqa: ANN201 - the timed call
+def build(regime: str, contender: str, state: dict, work: Path):
     """The zero-argument call of one contender (built in the timing process)."""
     import detection
     from detection.module import DetectionModule

@@ -55,7 +55,7 @@ def generate(task: str, root: Path, quick: bool) -> Path:
     return root
 
 
-def data_module(task: str, root: Path, streaming: str | None = None):  # noqa: ANN201 - a data module
+def data_module(task: str, root: Path, streaming: str | None = None):
     """The demo's data module for ``task`` (the config's, with the demo overlay's arguments), over ``root`` or
     ``streaming``."""
     base, overlay = (yaml.safe_load((REPO / path).read_text())["data"] for path in CONFIGS[task])

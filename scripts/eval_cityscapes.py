@@ -136,7 +136,7 @@ def make_network(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.M
                          task="segment", dynamic_size=args.dynamic_size)
 
 
-def predict_split(model: torch.nn.Module, network, pairs: list[tuple[Path, Path]],  # noqa: ANN001
+def predict_split(model: torch.nn.Module, network, pairs: list[tuple[Path, Path]],
                   args: argparse.Namespace, device: torch.device) -> tuple[float, list[Path]]:
     """Run the network over the split: labelId PNGs (and overlays) written; returns our mIoU and the PNGs."""
     metric = miou_metric().to(device)

@@ -96,7 +96,7 @@ def split_dataset(args: argparse.Namespace, num_classes: int) -> tuple[ImageFold
 
 
 def make_network(model: torch.nn.Module, dataset: ImageFolderDataset, example: torch.Tensor,
-                 args: argparse.Namespace):  # noqa: ANN201 - the model or a backend
+                 args: argparse.Namespace):
     """The model on the chosen runtime, int8 calibrated on images prepared like the evaluation's."""
     if args.backend == "torch":
         return model
@@ -109,7 +109,7 @@ def make_network(model: torch.nn.Module, dataset: ImageFolderDataset, example: t
                         pte_file=args.pte, task="classify")
 
 
-def evaluate(model: torch.nn.Module, net, dataset: ImageFolderDataset, classes: list[str],  # noqa: ANN001
+def evaluate(model: torch.nn.Module, net, dataset: ImageFolderDataset, classes: list[str],
              args: argparse.Namespace, device: torch.device) -> tuple[float, float, list[tuple[torch.Tensor, str]]]:
     """Top-1 and top-5 over the split, and (``--visualize``) 16 images spread over it with their titles."""
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_skipping)

@@ -60,7 +60,7 @@ from mbv3_dense.resolve import add_model_arguments, evaluation_summary, model_fr
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
-def coco_results(detections: list[dict[str, torch.Tensor]], image_ids: list[int], cmap) -> list[dict]:  # noqa: ANN001
+def coco_results(detections: list[dict[str, torch.Tensor]], image_ids: list[int], cmap) -> list[dict]:
     """Detections (XYXY, model labels) -> COCO results entries (XYWH, category ids)."""
     out = []
     for det, image_id in zip(detections, image_ids, strict=True):
@@ -95,7 +95,7 @@ def coco_evaluate(annotations: str | Path, results: str | Path, backend: str = "
     return np.asarray(evaluator.stats[:12], dtype=np.float64)
 
 
-def visualize(images: list[torch.Tensor], detections: list[dict], image_ids: list[int], cmap, names: dict,  # noqa: ANN001
+def visualize(images: list[torch.Tensor], detections: list[dict], image_ids: list[int], cmap, names: dict,
               out_dir: Path, threshold: float) -> None:
     from PIL import Image, ImageDraw
 
@@ -137,7 +137,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def make_network(model: torch.nn.Module, args: argparse.Namespace):  # noqa: ANN201 - the backend
+def make_network(model: torch.nn.Module, args: argparse.Namespace):
     """The detector's network on ``--backend`` (onnxruntime or executorch), int8 calibrated on
     ``--calibration-images`` through ``model.preprocess`` (or as images, for a dynamic program)."""
     calibration = None
@@ -153,7 +153,7 @@ def make_network(model: torch.nn.Module, args: argparse.Namespace):  # noqa: ANN
                         pte_file=args.pte, task="detect", dynamic_size=dynamic)
 
 
-def detect_all(predict, loader: DataLoader, cmap, names: dict, args: argparse.Namespace,  # noqa: ANN001
+def detect_all(predict, loader: DataLoader, cmap, names: dict, args: argparse.Namespace,
                device: torch.device) -> list[dict]:
     """Detections of every image as COCO results entries; the first ``--num-visualize`` drawn (``--visualize``)."""
     results: list[dict] = []

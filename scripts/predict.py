@@ -53,17 +53,17 @@ from pathlib import Path
 # Idle OpenMP threads that spin would stall ONNX Runtime's and the loader's on a small machine.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
+import torch
+from torch import Tensor
 
-from mbv3_dense.deploy import ExecuTorchFileError, ExecuTorchModel, make_backend  # noqa: E402
-from mbv3_dense.deploy.backend import BACKENDS, detect  # noqa: E402
-from mbv3_dense.deploy.dynamic import DynamicSizeError, parse_size_range  # noqa: E402
-from mbv3_dense.deploy.executorch_runtime import ExecuTorchInputError  # noqa: E402
-from mbv3_dense.listing import list_images, note_ignored  # noqa: E402
-from mbv3_dense.predict import DEFAULT_MAX_PIXELS, PredictBatch, PredictionWriter, predict_loader  # noqa: E402
-from mbv3_dense.progress import progress  # noqa: E402
-from mbv3_dense.resolve import add_model_arguments, model_from_arguments  # noqa: E402
+from mbv3_dense.deploy import ExecuTorchFileError, ExecuTorchModel, make_backend
+from mbv3_dense.deploy.backend import BACKENDS, detect
+from mbv3_dense.deploy.dynamic import DynamicSizeError, parse_size_range
+from mbv3_dense.deploy.executorch_runtime import ExecuTorchInputError
+from mbv3_dense.listing import list_images, note_ignored
+from mbv3_dense.predict import DEFAULT_MAX_PIXELS, PredictBatch, PredictionWriter, predict_loader
+from mbv3_dense.progress import progress
+from mbv3_dense.resolve import add_model_arguments, model_from_arguments
 
 log = logging.getLogger("predict")
 Predict = Callable[[PredictBatch], list]

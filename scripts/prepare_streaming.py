@@ -31,7 +31,7 @@ from mbv3_dense.streaming.record import DEFAULT_CHUNK_BYTES, SPLITS, StreamingDa
 from mbv3_dense.streaming.write import remove_folder, write_chunks
 
 
-def data_module(args: argparse.Namespace):  # noqa: ANN201 - one of the four data modules
+def data_module(args: argparse.Namespace):
     """The task's data module over ``--root``, as training would build it (no loader workers)."""
     if args.task == "classify":
         from mbv3_dense.classification.data import ImageFolderDataModule

@@ -32,7 +32,7 @@ def cityscapes_gate(root: Path, model: nn.Module, size: tuple[int, int]) -> Gate
         with Image.open(image_path) as img:
             sizes.append((img.height, img.width))
 
-    def evaluate(network, description: str) -> dict[str, float]:  # noqa: ANN001
+    def evaluate(network, description: str) -> dict[str, float]:
         metric = miou_metric()
         with torch.inference_mode():
             for image_path, label_path in progress(pairs, desc=description, unit="img"):

@@ -102,14 +102,14 @@ def find_classes_file(root: str | Path, classes_file: str | None = None) -> Path
     return found[0]
 
 
-def _color(value: Any, source: Path, where: str) -> tuple[int, int, int]:  # noqa: ANN401 - parsed YAML
+def _color(value: Any, source: Path, where: str) -> tuple[int, int, int]:
     if (not isinstance(value, (list, tuple)) or len(value) != 3
             or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in value)):
         raise ClassesFileError(f"{source}: {where}: a colour is [r, g, b] with integers 0..255, got {value!r}")
     return int(value[0]), int(value[1]), int(value[2])
 
 
-def _parse_structured(data: Any, source: Path) -> MaskClasses:  # noqa: ANN401 - parsed YAML/JSON
+def _parse_structured(data: Any, source: Path) -> MaskClasses:
     if not isinstance(data, Mapping):
         raise ClassesFileError(f"{source}: expected a mapping with a 'classes' list, got {type(data).__name__}")
     unknown = sorted(set(map(str, data)) - _TOP_KEYS)
@@ -149,7 +149,7 @@ def _parse_structured(data: Any, source: Path) -> MaskClasses:  # noqa: ANN401 -
                     tuple(_color(c, source, "ignore_colors") for c in ignore_colors), source)
 
 
-def _checked(names: list[str], colors: tuple | None, ignore_index: Any, ignore_colors: tuple,  # noqa: ANN401
+def _checked(names: list[str], colors: tuple | None, ignore_index: Any, ignore_colors: tuple,
              source: Path) -> MaskClasses:
     names = [n.strip() for n in names]
     empty = [i for i, n in enumerate(names) if not n]

@@ -74,7 +74,7 @@ class SegmentationModule(TaskModule):
     def __init__(self, *, model: nn.Module, optimizer: OptimizerCallable = torch.optim.SGD,
                  scheduler: LRSchedulerCallable | None = None, lr_batch_size: int | None = None,
                  weight_decay_norm_bias: bool = False, nonfinite_loss: NonFinitePolicy = "stop",
-                 channels_last: bool | None = None, compile: bool = False,  # noqa: A002 - the option's name
+                 channels_last: bool | None = None, compile: bool = False,
                  freeze_backbone_epochs: int = 0, backbone_lr_multiplier: float = 1.0,
                  freeze_bn_statistics: bool = False, predict_backend: PredictBackend = "torch") -> None:
         super().__init__(model=model, optimizer=optimizer, scheduler=scheduler, lr_batch_size=lr_batch_size,
@@ -181,6 +181,6 @@ class SegmentationModule(TaskModule):
             out.append(class_map(self.predict_network(x)(x)))
         return out
 
-    def prediction_writer(self, **options) -> SegmentationWriter:  # noqa: ANN003 - the writer's options
+    def prediction_writer(self, **options) -> SegmentationWriter:
         """The writer ``lightning predict`` adds when the config names none (class info from the data module)."""
         return SegmentationWriter(**options)

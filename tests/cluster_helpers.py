@@ -15,7 +15,7 @@ class RecordPid(L.Callback):
     def __init__(self, folder: str) -> None:
         self.folder = Path(folder)
 
-    def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+    def on_train_start(self, trainer, pl_module) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / f"rank{trainer.global_rank}.pid.tmp"
         tmp.write_text(str(os.getpid()))

@@ -19,7 +19,7 @@ class Throttle(L.Callback):
     def __init__(self, seconds: float = 1.0) -> None:
         self.seconds = seconds
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         time.sleep(self.seconds)
 
 
@@ -45,7 +45,7 @@ class RecordSamples(L.Callback):
         self.path = Path(path)
         self.rows: list[dict] = []
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         loader = trainer.train_dataloader
         size = loader.batch_size
         indices = loader.sampler.indices()[batch_idx * size:(batch_idx + 1) * size]
@@ -53,6 +53,6 @@ class RecordSamples(L.Callback):
             digest = hashlib.sha1(image.contiguous().numpy().tobytes()).hexdigest()
             self.rows.append({"epoch": trainer.current_epoch, "index": index, "digest": digest})
 
-    def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+    def on_train_end(self, trainer, pl_module) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.rows))

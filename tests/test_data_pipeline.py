@@ -70,7 +70,7 @@ def old_draw(result: dict) -> CropDraw:
     (40, 200, (64, 48), (0.25, 3.0), True),  # padding in height, crops in width
     (96, 160, (61, 77), (0.5, 2.0), False),
 ])
-def test_every_draw_is_the_resize_first_pipelines_draw(height, width, crop, scales, hflip):  # noqa: ANN001
+def test_every_draw_is_the_resize_first_pipelines_draw(height, width, crop, scales, hflip):
     """Fed the same random stream, both pipelines draw the same scale, padding, crop and flip, and leave
     the stream in the same state: the distributions are the same because every draw is."""
     old, new = resize_first(crop, scales, hflip), ScaleCropFlip(crop_size=crop, scale_range=scales, hflip=hflip)
@@ -106,7 +106,7 @@ def test_scale_and_position_distributions_match_the_protocol():
 
 @pytest.mark.parametrize(("height", "width", "crop", "seeds"), [(96, 160, (61, 61), range(60)),
                                                                  (1024, 2048, (769, 769), range(3))])
-def test_output_is_resize_then_crop(height, width, crop, seeds):  # noqa: ANN001
+def test_output_is_resize_then_crop(height, width, crop, seeds):
     """For the same draw, the image matches resize-whole-then-crop to within OpenCV's fixed-point rounding
     (one grey level) and the mask exactly, padding included."""
     old, new = resize_first(crop, (0.5, 2.0), True), ScaleCropFlip(crop_size=crop, scale_range=(0.5, 2.0))
@@ -133,7 +133,7 @@ def test_padding_holds_fill_values_where_the_crop_leaves_the_frame():
 
 
 # ---------------------------------------------------------------------------------------------- decoders
-def _encode(array: np.ndarray, fmt: str, mode: str | None = None, **options) -> bytes:  # noqa: ANN003
+def _encode(array: np.ndarray, fmt: str, mode: str | None = None, **options) -> bytes:
     buffer = io.BytesIO()
     image = Image.fromarray(array)
     (image.convert(mode) if mode else image).save(buffer, fmt, **options)
@@ -218,7 +218,7 @@ def test_workers_run_one_thread_each():
         def __len__(self) -> int:
             return 2
 
-        def __getitem__(self, key) -> torch.Tensor:  # noqa: ANN001
+        def __getitem__(self, key) -> torch.Tensor:
             return torch.tensor([torch.get_num_threads(), cv2.getNumThreads()])
 
     before = (torch.get_num_threads(), cv2.getNumThreads())

@@ -218,7 +218,7 @@ def _tiny_lightning_module(model: nn.Module):
         def example_input(self, height: int, width: int) -> torch.Tensor:
             return torch.randn(1, 3, height, width)  # global RNG on purpose: the callback must not let it move
 
-        def log_dict(self, metrics, **kwargs) -> None:  # noqa: ANN001, ANN003
+        def log_dict(self, metrics, **kwargs) -> None:
             self.logged.update(metrics)
 
     return TinyModule()
@@ -257,7 +257,7 @@ def test_latency_callback_schedule_survives_a_resume_and_runs_exports_on_rank_ze
 
     from mbv3_dense.latency import Latency, LatencyCallback
 
-    def fake_measure(self, pl_module, example):  # noqa: ANN001 - the schedule is under test, not the export
+    def fake_measure(self, pl_module, example):
         calls.append(self.key)
         return Latency(1.0, 1.0, 1, "cpu (executorch)", 1)
 

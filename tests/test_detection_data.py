@@ -72,7 +72,7 @@ def coco_root(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _edit(root: Path, split: str, fn) -> None:  # noqa: ANN001
+def _edit(root: Path, split: str, fn) -> None:
     path = root / "annotations" / f"instances_{split}2017.json"
     data = json.loads(path.read_text())
     fn(data)

@@ -53,7 +53,7 @@ def test_names_that_differ_only_by_extension_stay_apart(tmp_path: Path):
     (lambda p: None, "no such file or folder"),
     (lambda p: p.with_suffix(".csv").write_text("a"), "neither an image"),
 ])
-def test_nothing_to_predict_on_is_an_error_naming_the_path(tmp_path: Path, make, message):  # noqa: ANN001
+def test_nothing_to_predict_on_is_an_error_naming_the_path(tmp_path: Path, make, message):
     target = tmp_path / "input"
     make(target)
     path = next((p for p in tmp_path.iterdir()), target)

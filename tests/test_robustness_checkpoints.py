@@ -23,9 +23,9 @@ from segmentation.weights import load_lraspp_weights
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _failing_save(real_save):  # noqa: ANN001, ANN202
+def _failing_save(real_save):
     """torch.save that writes half of the bytes into the target, then dies (a full disk, a kill)."""
-    def save(obj, f, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def save(obj, f, *args, **kwargs):
         buffer = io.BytesIO()
         real_save(obj, buffer, *args, **kwargs)
         f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
@@ -54,7 +54,7 @@ def test_interrupted_file_write_never_touches_the_destination(tmp_path, monkeypa
     replaced = []
     real_replace = os.replace
 
-    def watch(src, dst):  # noqa: ANN001, ANN202
+    def watch(src, dst):
         replaced.append((Path(src), Path(dst)))
         assert torch.load(src, weights_only=True)["global_step"] == 2  # complete before the rename
         raise KeyboardInterrupt  # killed right before the rename
@@ -74,7 +74,7 @@ class _RunsCode:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
 
 

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts/check_dataset.py"
 
 
-def check_dataset():  # noqa: ANN201
+def check_dataset():
     spec = importlib.util.spec_from_file_location("check_dataset", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -40,7 +40,7 @@ def coco(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def edit(root: Path, fn, split: str = "train") -> Path:  # noqa: ANN001
+def edit(root: Path, fn, split: str = "train") -> Path:
     path = root / "annotations" / f"instances_{split}2017.json"
     data = json.loads(path.read_text())
     fn(data)
@@ -48,7 +48,7 @@ def edit(root: Path, fn, split: str = "train") -> Path:  # noqa: ANN001
     return path
 
 
-def load(root: Path, split: str = "train"):  # noqa: ANN201
+def load(root: Path, split: str = "train"):
     return load_coco(root / f"annotations/instances_{split}2017.json", root / f"{split}2017", 5)
 
 
@@ -68,7 +68,7 @@ def test_coco_malformed_json_is_named(coco: Path) -> None:
     (lambda d: d["annotations"][0].update(image_id=999), r"1 annotations refer to images that are not in 'images' "
                                                          r"\(annotation \d+ -> image 999\)"),
 ])
-def test_coco_structural_errors_name_file_and_entry(coco: Path, change, expected: str) -> None:  # noqa: ANN001
+def test_coco_structural_errors_name_file_and_entry(coco: Path, change, expected: str) -> None:
     edit(coco, change)
     with pytest.raises(AnnotationError, match=expected) as err:
         load(coco)
@@ -118,7 +118,7 @@ def first_label(root: Path, split: str = "train") -> Path:
     (np.zeros((32, 64, 3), np.uint8), "colour label image \\(mode RGB\\)"),
     (np.full((32, 64), 26001, np.uint16), "16/32-bit label image"),
 ])
-def test_cityscapes_bad_labels_stop_setup_before_training(cityscapes: Path, label, expected: str) -> None:  # noqa: ANN001
+def test_cityscapes_bad_labels_stop_setup_before_training(cityscapes: Path, label, expected: str) -> None:
     path = first_label(cityscapes)
     Image.fromarray(label).save(path)
     dm = CityscapesDataModule(root=str(cityscapes), num_workers=0, crop_size=(32, 32))

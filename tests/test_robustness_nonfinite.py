@@ -79,7 +79,7 @@ def nan_loss_at(module: L.LightningModule, attribute: str, step: int) -> None:
     """Make the module's loss NaN at one global step (activations and BN statistics stay finite)."""
     original = getattr(module, attribute)
 
-    def patched(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def patched(*args, **kwargs):
         out = original(*args, **kwargs)
         if module.trainer.global_step != step:
             return out
@@ -132,7 +132,7 @@ def test_skip_skips_the_update_and_counts(task, tmp_path, monkeypatch):
         ema = getattr(module, "model_ema", None)
         return [*module.model.parameters(), *(ema.state_dict().values() if ema is not None else ())]
 
-    def spy(epoch, batch_idx, optimizer, optimizer_closure=None):  # noqa: ANN001, ANN202
+    def spy(epoch, batch_idx, optimizer, optimizer_closure=None):
         before = [t.detach().clone() for t in watched()]
         original_step(epoch, batch_idx, optimizer, optimizer_closure)
         seen[batch_idx] = any(not torch.equal(a, t) for a, t in zip(before, watched(), strict=True)

@@ -56,7 +56,7 @@ def write_png(path: Path, array: np.ndarray) -> None:
     Image.fromarray(array).save(path)
 
 
-def edit_mask(root: Path, change) -> Path:  # noqa: ANN001
+def edit_mask(root: Path, change) -> Path:
     """Rewrite the first training mask as ``change(values)`` gives it; returns its path."""
     mask = first_mask(root)
     with Image.open(mask) as png:
@@ -65,7 +65,7 @@ def edit_mask(root: Path, change) -> Path:  # noqa: ANN001
     return mask
 
 
-def set_corner(values: np.ndarray, value) -> np.ndarray:  # noqa: ANN001
+def set_corner(values: np.ndarray, value) -> np.ndarray:
     """``values`` with its top-left 2x2 pixels set to ``value``."""
     values[:2, :2] = value
     return values
@@ -162,7 +162,7 @@ def test_class_info_of_both_data_modules_is_cheap_and_valid(tmp_path: Path) -> N
                              "colors": [list(folder_class_color(n)) for n in CLASSES]}
 
 
-def test_unknown_values_policy_ignore_maps_counts_and_names_them(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+def test_unknown_values_policy_ignore_maps_counts_and_names_them(tmp_path: Path, caplog) -> None:
     root = make(tmp_path / "data")
     mask = first_mask(root)
     values = np.asarray(Image.open(mask)).copy()
@@ -272,7 +272,7 @@ def test_generator_is_deterministic_by_seed_and_holds_out_val(tmp_path: Path) ->
         make(tmp_path / "e", classes=("road", "lava"))
 
 
-def check_dataset():  # noqa: ANN201
+def check_dataset():
     spec = importlib.util.spec_from_file_location("check_dataset", ROOT / "scripts" / "check_dataset.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)

@@ -32,7 +32,7 @@ CLASSES = ("road", "grass", "water", "building", "sky", "car")
 FOLDERS = "segmentation.folder.MaskFolderDataModule"
 
 
-def test_fit_validate_and_predict_with_a_classes_file(lightning, tmp_path: Path) -> None:  # noqa: ANN001
+def test_fit_validate_and_predict_with_a_classes_file(lightning, tmp_path: Path) -> None:
     data = tmp_path / "data"
     generate_mask_folders(data, MaskFolderSpec(height=64, width=128, train_images=4, val_images=2, classes=CLASSES,
                                                seed=1))

@@ -23,7 +23,7 @@ __all__ = ["ClassificationModule", "ImageFolderDataModule", "MobileNetV3Classifi
            "mobilenet_v3_small"]
 
 
-def __getattr__(name: str) -> Any:  # noqa: ANN401 - a class
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -46,7 +46,7 @@ def image_folder_gate(root: Path, model: nn.Module, size: tuple[int, int]) -> Ga
         raise GateDataError(f"{split}: the classifier gate centre-crops a square; export with --size S S")
     transform = eval_transform(resize_size=round(size[0] * 256 / 224), crop_size=size[0])
 
-    def evaluate(network, description: str) -> dict[str, float]:  # noqa: ANN001
+    def evaluate(network, description: str) -> dict[str, float]:
         top1 = MulticlassAccuracy(num_classes=model.num_classes, top_k=1, average="micro")
         with torch.inference_mode():
             for path, label in progress(samples, desc=description, unit="img"):

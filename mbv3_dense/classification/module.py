@@ -82,7 +82,7 @@ class ClassificationModule(TaskModule):
         ema_decay: float | None = None,
         nonfinite_loss: NonFinitePolicy = "stop",
         channels_last: bool | None = None,
-        compile: bool = False,  # noqa: A002 - the option's name
+        compile: bool = False,
         freeze_backbone_epochs: int = 0,
         backbone_lr_multiplier: float = 1.0,
         freeze_bn_statistics: bool = False,
@@ -158,7 +158,7 @@ class ClassificationModule(TaskModule):
         self.log("train/top1", self.train_top1, on_step=False, on_epoch=True, batch_size=bs)
         return loss
 
-    def optimizer_step(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - Lightning's hook signature
+    def optimizer_step(self, *args, **kwargs) -> None:
         # The average follows every optimizer step, inside the step, so that a checkpoint written at
         # on_train_batch_end (step checkpoints) already holds the average of that step.
         super().optimizer_step(*args, **kwargs)
@@ -195,7 +195,7 @@ class ClassificationModule(TaskModule):
         return [draw_top5(image, [(names[i], p) for p, i in zip(probs.tolist(), idx.tolist(), strict=True)], 192)
                 for image, probs, idx in zip(images, top.values.cpu(), top.indices.cpu(), strict=True)]
 
-    def prediction_writer(self, **options) -> ClassificationWriter:  # noqa: ANN003 - the writer's options
+    def prediction_writer(self, **options) -> ClassificationWriter:
         """The writer ``lightning predict`` adds when the config names none."""
         return ClassificationWriter(**options)
 

@@ -46,7 +46,7 @@ def load_calibration(folder: Path, count: int, size: tuple[int, int], task: str,
     return inputs
 
 
-def report_checks(task: str, model: nn.Module, runtime, inputs: list[Tensor], tolerance: float,  # noqa: ANN001
+def report_checks(task: str, model: nn.Module, runtime, inputs: list[Tensor], tolerance: float,
                   name: str) -> bool:
     """Print the fp32 checks of ``runtime`` against ``model`` (:func:`~mbv3_dense.deploy.parity.check_program`);
     True when all pass."""
@@ -59,7 +59,7 @@ def report_checks(task: str, model: nn.Module, runtime, inputs: list[Tensor], to
     return ok
 
 
-def int8_agreement(task: str, fp32, int8, inputs: list[Tensor]) -> str:  # noqa: ANN001
+def int8_agreement(task: str, fp32, int8, inputs: list[Tensor]) -> str:
     """How often the int8 model's decisions equal the float model's on ``inputs``."""
     agree, total = 0, 0
     for x in inputs:
@@ -75,7 +75,7 @@ def int8_agreement(task: str, fp32, int8, inputs: list[Tensor]) -> str:  # noqa:
     return f"int8 vs float {what} agreeing on {len(inputs)} calibration images: {agree / max(1, total):.2%}"
 
 
-def detection_agreement(model: nn.Module, fp32, int8, inputs: list[Tensor], threshold: float = 0.3) -> str:  # noqa: ANN001
+def detection_agreement(model: nn.Module, fp32, int8, inputs: list[Tensor], threshold: float = 0.3) -> str:
     """Detections above ``threshold`` of the float model that int8 finds too (same label, IoU >= 0.5)."""
     from torchvision.ops import box_iou
 

@@ -267,7 +267,7 @@ def _with_normal_tensors(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo=normal).eval()
 
 
-def delegation_of(program) -> Delegation:  # noqa: ANN001 - ExportedProgram
+def delegation_of(program) -> Delegation:
     """Where the compute nodes of a lowered edge program run (see :class:`Delegation`)."""
     graph_module = program.graph_module
     user_inputs = set(program.graph_signature.user_inputs)
@@ -302,7 +302,7 @@ def delegation_of(program) -> Delegation:  # noqa: ANN001 - ExportedProgram
     return Delegation(dict(inside), dict(outside), dict(constant_only), dict(kinds_inside), dict(kinds_outside))
 
 
-def _kind(node) -> str:  # noqa: ANN001 - torch.fx.Node
+def _kind(node) -> str:
     """The kind of call a node was traced from (``torch_fn`` meta), else its operator's name."""
     traced = node.meta.get("torch_fn")
     name = traced[1].rsplit(".", 1)[-1] if traced else _op_name(node.target).split(".")[0]

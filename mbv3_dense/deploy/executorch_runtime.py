@@ -31,7 +31,7 @@ def set_threads(threads: int) -> None:
         portable_lib._unsafe_reset_threadpool(threads)
 
 
-def read_meta(program, path: Path) -> dict:  # noqa: ANN001 - executorch.runtime.Program
+def read_meta(program, path: Path) -> dict:
     """The description :func:`mbv3_dense.deploy.export_executorch` stored in the file."""
     if META_METHOD not in program.method_names:
         raise ExecuTorchFileError(f"{path}: an ExecuTorch program, but not one written by mbv3_dense "

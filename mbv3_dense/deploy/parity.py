@@ -202,7 +202,7 @@ def check_inputs(task: str, model: nn.Module, size: tuple[int, int], dynamic: Si
 
 
 @torch.inference_mode()
-def check_program(task: str, model: nn.Module, runtime, inputs: list[Tensor],  # noqa: ANN001 - any backend
+def check_program(task: str, model: nn.Module, runtime, inputs: list[Tensor],
                   tolerance: float = FP32_TOLERANCE) -> list[list[Check]]:
     """The checks of an fp32 ``runtime`` against ``model`` (eval mode) on each input (:func:`check_inputs`).
 

@@ -185,13 +185,13 @@ class QATNetwork(nn.Module):
         self.observers_frozen = False
         self.train(True)
 
-    def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - whatever the float network holds
+    def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.__dict__["network"], name)
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
+    def _apply(self, fn, recurse: bool = True):
         # Device and dtype moves reach the float network too: its methods use its own buffers (e.g.
         # SSDLite's image_mean). Its parameters are the graph's and move once.
         super()._apply(fn, recurse)
@@ -493,7 +493,7 @@ class QuantizationAwareTraining(L.Callback):
         obs = self.freeze_observers_step is not None and step >= self.freeze_observers_step
         return bn, obs
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,  # noqa: ANN401
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         bn, obs = self._frozen(trainer.global_step)
         qat = self.network

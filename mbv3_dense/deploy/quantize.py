@@ -102,7 +102,7 @@ def _copy_metadata(source: Path, target: Path) -> None:
     onnx.save(dst, str(target))
 
 
-def xnnpack_quantizer(*, per_channel: bool = True, qat: bool = False):  # noqa: ANN201 - executorch's XNNPACKQuantizer
+def xnnpack_quantizer(*, per_channel: bool = True, qat: bool = False):
     """ExecuTorch's ``XNNPACKQuantizer`` for the whole graph: symmetric int8 weights (one scale per output
     channel, or one per tensor), int8 activations with static ranges.
 

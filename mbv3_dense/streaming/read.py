@@ -69,7 +69,7 @@ class ChunkReader:
         self._open()
         return self
 
-    def _open(self) -> Any:  # noqa: ANN401 - litdata.StreamingDataset
+    def _open(self) -> Any:
         """This process's ``StreamingDataset`` over the local folder (a forked or spawned worker opens its own);
         from a URL, the node's copy (:func:`stage_chunks`), made by the first process that needs it."""
         if self._dataset is None or self._pid != os.getpid():

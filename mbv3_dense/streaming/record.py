@@ -56,7 +56,7 @@ class ChunkRecord:
         return {**asdict(self), "fields": list(self.fields)}
 
     @classmethod
-    def from_json(cls, data: Any, where: str) -> ChunkRecord:  # noqa: ANN401 - parsed JSON
+    def from_json(cls, data: Any, where: str) -> ChunkRecord:
         try:
             return cls(task=str(data["task"]), layout=str(data["layout"]), split=str(data["split"]),
                        count=int(data["count"]), info=dict(data.get("info") or {}), source=str(data.get("source", "")),
