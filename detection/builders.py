@@ -79,11 +79,7 @@ def ssdlite_mobilenet_v3_large(
         keep_class_rows: with ``weights`` of other classes, the pretrained rows of the classes named alike
             are kept, and the background's (False: the whole class layer starts fresh).
     """
-    return _build("large", num_classes=num_classes, reduced_tail=reduced_tail, width_mult=width_mult,
-                  weights=weights, weights_backbone=weights_backbone, score_activation=score_activation,
-                  score_thresh=score_thresh, topk_candidates=topk_candidates, nms_thresh=nms_thresh,
-                  detections_per_img=detections_per_img, class_names=class_names,
-                  keep_class_rows=keep_class_rows)
+    return _build("large", **locals())  # the arguments above, by name
 
 
 def ssdlite_mobilenet_v3_small(
@@ -102,8 +98,4 @@ def ssdlite_mobilenet_v3_small(
     keep_class_rows: bool = True,
 ) -> SSDLite:
     """SSDLite320 on MobileNetV3-Small; arguments as :func:`ssdlite_mobilenet_v3_large`."""
-    return _build("small", num_classes=num_classes, reduced_tail=reduced_tail, width_mult=width_mult,
-                  weights=weights, weights_backbone=weights_backbone, score_activation=score_activation,
-                  score_thresh=score_thresh, topk_candidates=topk_candidates, nms_thresh=nms_thresh,
-                  detections_per_img=detections_per_img, class_names=class_names,
-                  keep_class_rows=keep_class_rows)
+    return _build("small", **locals())  # the arguments above, by name

@@ -76,10 +76,7 @@ def lraspp_mobilenet_v3_large(*, num_classes: int = 19, variant: Variant = "pape
         keep_class_rows: with ``weights`` of other classes, the pretrained rows of the classes named alike
             are kept (False: the whole class layer starts fresh).
     """
-    return _build("large", num_classes=num_classes, variant=variant, reduced_tail=reduced_tail,
-                  output_stride=output_stride, head_channels=head_channels, width_mult=width_mult,
-                  weights=weights, weights_backbone=weights_backbone, class_names=class_names,
-                  keep_class_rows=keep_class_rows)
+    return _build("large", **locals())  # the arguments above, by name
 
 
 def lraspp_mobilenet_v3_small(*, num_classes: int = 19, variant: Variant = "paper",
@@ -88,7 +85,4 @@ def lraspp_mobilenet_v3_small(*, num_classes: int = 19, variant: Variant = "pape
                               weights: str | None = None, weights_backbone: str | None = None,
                               class_names: list[str] | None = None, keep_class_rows: bool = True) -> LRASPP:
     """LR-ASPP on MobileNetV3-Small; arguments as :func:`lraspp_mobilenet_v3_large`."""
-    return _build("small", num_classes=num_classes, variant=variant, reduced_tail=reduced_tail,
-                  output_stride=output_stride, head_channels=head_channels, width_mult=width_mult,
-                  weights=weights, weights_backbone=weights_backbone, class_names=class_names,
-                  keep_class_rows=keep_class_rows)
+    return _build("small", **locals())  # the arguments above, by name

@@ -54,9 +54,7 @@ def mobilenet_v3_large(
         keep_class_rows: with ``weights`` of other classes, the pretrained rows of the classes named alike
             are kept (False: the whole class layer starts fresh).
     """
-    return _build("large", num_classes=num_classes, width_mult=width_mult, reduced_tail=reduced_tail,
-                  dropout=dropout, weights=weights, class_names=class_names,
-                  keep_class_rows=keep_class_rows)
+    return _build("large", **locals())  # the arguments above, by name
 
 
 def mobilenet_v3_small(
@@ -69,18 +67,6 @@ def mobilenet_v3_small(
     class_names: list[str] | None = None,
     keep_class_rows: bool = True,
 ) -> MobileNetV3Classifier:
-    """MobileNetV3-Small classifier (2.54M params, 0.057 GMAdds at 224 with 1000 classes).
-
-    Args:
-        num_classes: outputs.
-        weights: path to a checkpoint: torchvision, mmpretrain, timm or this project's ``.ckpt``. A checkpoint
-            with other classes loads too: everything but the last Linear as it is, that layer afresh
-            except the rows of the classes named alike in ``class_names`` and the checkpoint's names
-            (logged; :mod:`mbv3_dense.transfer`).
-        class_names: the name of each class, in output order (an image folder's class folders).
-        keep_class_rows: with ``weights`` of other classes, the pretrained rows of the classes named alike
-            are kept (False: the whole class layer starts fresh).
-    """
-    return _build("small", num_classes=num_classes, width_mult=width_mult, reduced_tail=reduced_tail,
-                  dropout=dropout, weights=weights, class_names=class_names,
-                  keep_class_rows=keep_class_rows)
+    """MobileNetV3-Small classifier (2.54M params, 0.057 GMAdds at 224 with 1000 classes); arguments as
+    :func:`mobilenet_v3_large`."""
+    return _build("small", **locals())  # the arguments above, by name
