@@ -21,7 +21,7 @@ Contracts:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Literal
 
@@ -37,30 +37,40 @@ from mbv3_dense.classes import network_class_names
 from mbv3_dense.layers import ConvNormAct, Normalize, NormLayer
 
 
-def batched_nms_best(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float, max_keep: int,
-                     *, first_chunk: int = 1200) -> Tensor:
+def batched_nms_best(boxes: Tensor | Callable[[Tensor], Tensor], scores: Tensor, labels: Tensor,
+                     iou_threshold: float, max_keep: int, *, first_chunk: int = 1200) -> Tensor:
     """The first ``max_keep`` indices of ``batched_nms(boxes, scores, labels, iou_threshold)``, cheaply.
 
     Whether a box survives class-wise NMS depends only on the higher-scoring boxes of its class, so
     NMS over the best-scoring ``k`` candidates yields exactly the leading survivors of NMS over all
-    of them. ``k`` starts at ``first_chunk`` and doubles until ``max_keep`` boxes survive or every
-    candidate is in. With untrained weights (tens of thousands of candidates) this replaces
-    torchvision's per-class loop, which it uses above 4000 boxes on the CPU, by one or two NMS calls.
+    of them. ``k`` starts at ``first_chunk`` and grows (by the survival rate seen so far) until
+    ``max_keep`` boxes survive or every candidate is in. With untrained weights (tens of thousands of
+    candidates) this replaces torchvision's per-class loop, which it uses above 4000 boxes on the
+    CPU, by one or two NMS calls.
 
-    Returns: indices into ``boxes``, by decreasing score.
+    ``boxes``: ``[n, 4]``, or a function from candidate indices to their boxes (so that only the
+    boxes NMS looks at are computed).
+
+    Returns: indices into ``scores`` (the candidates), by decreasing score.
     """
     total = scores.numel()
+
+    def boxes_of(candidates: Tensor) -> Tensor:
+        return boxes(candidates) if callable(boxes) else boxes[candidates]
+
     if total <= first_chunk:
-        return batched_nms(boxes, scores, labels, iou_threshold)[:max_keep]
+        every = boxes(torch.arange(total, device=scores.device)) if callable(boxes) else boxes
+        return batched_nms(every, scores, labels, iou_threshold)[:max_keep]
     order = scores.argsort(descending=True, stable=True)
     k = max(first_chunk, 4 * max_keep)
     while True:
         k = min(k, total)
         candidates = order[:k]
-        kept = batched_nms(boxes[candidates], scores[candidates], labels[candidates], iou_threshold)
+        kept = batched_nms(boxes_of(candidates), scores[candidates], labels[candidates], iou_threshold)
         if kept.numel() >= max_keep or k == total:
             return candidates[kept[:max_keep]]
-        k *= 2
+        # Enough candidates for max_keep survivors at the rate seen so far, with a margin (at most 4x).
+        k = int(k * min(4.0, max(1.25, 1.25 * max_keep / max(kept.numel(), 1))))
 
 # torchvision's SSDLite norm layer (backbone, extras and heads): TF's BN decay 0.97, eps 1e-3.
 ssd_norm_layer: NormLayer = partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)
@@ -246,10 +256,11 @@ class SSDLite(nn.Module):
         for i, img in enumerate(images):
             if img.dim() != 3 or img.shape[0] != 3 or not img.is_floating_point():
                 raise ValueError(f"image {i}: expected a float [3, H, W] tensor, got {img.dtype} {tuple(img.shape)}")
-        return torch.stack([
-            F.interpolate(self.normalize(img)[None], size=self.image_size, mode="bilinear", align_corners=False)[0]
-            for img in images
-        ])
+        mean, std = self.normalize.mean, self.normalize.std
+        # (img - mean) / std as Normalize computes it, dividing in place (same values, one buffer fewer).
+        resized = [F.interpolate(torch.sub(img, mean).div_(std)[None], size=self.image_size, mode="bilinear",
+                                 align_corners=False) for img in images]
+        return resized[0] if len(resized) == 1 else torch.cat(resized)
 
     def scores(self, cls_logits: Tensor) -> Tensor:
         """Per-class scores ``[N, A, C]`` from logits (softmax, or sigmoid for focal-loss training)."""
@@ -271,23 +282,32 @@ class SSDLite(nn.Module):
         in_h, in_w = self.image_size
         codes, logits = outputs["box_regression"], outputs["cls_logits"]
         anchors = self.default_boxes(in_h, in_w, codes.device)
-        boxes = clip_boxes_to_image(self.box_coder.decode(codes, anchors[None]), (in_h, in_w))  # [N, A, 4]
         scores = self.scores(logits)[..., 1:]  # background dropped: [N, A, C-1]
         k = min(self.topk_candidates, scores.shape[1])
         top_scores, top_idx = scores.topk(k, dim=1)  # [N, k, C-1], sorted per class
         # Class-major order (all of class 1, then class 2, ...), as torchvision concatenates them.
         top_scores, top_idx = top_scores.transpose(1, 2), top_idx.transpose(1, 2)  # [N, C-1, k]
-        labels = torch.arange(1, scores.shape[2] + 1, device=scores.device)[:, None].expand_as(top_idx[0])
         results = []
         for i, (orig_h, orig_w) in enumerate(original_sizes):
-            keep = top_scores[i] > self.score_thresh
-            s, idx, lab = top_scores[i][keep], top_idx[i][keep], labels[keep]
-            b = boxes[i][idx]
-            kept = batched_nms_best(b, s, lab, self.nms_thresh, self.detections_per_img)
+            s, idx = top_scores[i].reshape(-1), top_idx[i].reshape(-1)
+            keep = (s > self.score_thresh).nonzero().squeeze(1)
+            if keep.numel() < s.numel():
+                s, idx = s[keep], idx[keep]
+            else:
+                keep = torch.arange(s.numel(), device=s.device)
+            lab = keep.div(k, rounding_mode="floor") + 1
+
+            # Only the anchors NMS looks at are decoded (decoding is element-wise: the same values).
+            def boxes_of(j: Tensor, codes_i: Tensor = codes[i], idx: Tensor = idx) -> Tensor:
+                a = idx[j]
+                return clip_boxes_to_image(self.box_coder.decode(codes_i[a], anchors[a]), (in_h, in_w))
+
+            kept = batched_nms_best(boxes_of, s, lab, self.nms_thresh, self.detections_per_img)
+            b = boxes_of(kept)
             ratio_h = torch.tensor(orig_h, dtype=torch.float32) / torch.tensor(in_h, dtype=torch.float32)
             ratio_w = torch.tensor(orig_w, dtype=torch.float32) / torch.tensor(in_w, dtype=torch.float32)
             scale = torch.stack((ratio_w, ratio_h, ratio_w, ratio_h)).to(b.device, b.dtype)
-            results.append({"boxes": b[kept] * scale, "scores": s[kept], "labels": lab[kept]})
+            results.append({"boxes": b * scale, "scores": s[kept], "labels": lab[kept]})
         return results
 
     @torch.no_grad()
