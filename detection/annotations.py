@@ -19,7 +19,7 @@ import torch
 from pycocotools.coco import COCO
 from torch import Tensor
 
-from mbv3_dense.classes import BACKGROUND, ClassInfo, check_class_info, check_unique_names
+from mbv3_dense.checkpoints.classes import BACKGROUND, ClassInfo, check_class_info, check_unique_names
 from mbv3_dense.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class CategoryMap:
 
     @property
     def class_info(self) -> ClassInfo:
-        """What checkpoints record (:mod:`mbv3_dense.classes`): names and the category id of each label."""
+        """What checkpoints record (:mod:`mbv3_dense.checkpoints.classes`): names and the category id of each label."""
         return check_class_info({"names": self.class_names, "category_ids": self.label_to_id}, self.source)
 
     def to_label(self, category_id: int, where: str = "") -> int:

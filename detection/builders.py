@@ -8,8 +8,8 @@ from pathlib import Path
 from detection.anchors import DefaultBoxes
 from detection.model import EXTRA_CHANNELS, ScoreActivation, SSDLite, normal_init, ssd_norm_layer
 from mbv3_dense.backbone import Arch, MobileNetV3
-from mbv3_dense.classes import BACKGROUND
-from mbv3_dense.weights import load_backbone_weights
+from mbv3_dense.checkpoints.classes import BACKGROUND
+from mbv3_dense.checkpoints.weights import load_backbone_weights
 
 
 def _build(arch: Arch, *, num_classes: int, reduced_tail: bool, width_mult: float, weights: str | Path | None,
@@ -67,7 +67,7 @@ def ssdlite_mobilenet_v3_large(
         weights: an SSDLite checkpoint: ours (``.ckpt`` or state dict) or torchvision's state dict. One with
             other classes loads too: everything but the class predictors as it is, those afresh except the
             background row and the rows of classes named alike in ``class_names`` and the checkpoint
-            (torchvision's COCO names for its 91-class files; logged, :mod:`mbv3_dense.transfer`).
+            (torchvision's COCO names for its 91-class files; logged, :mod:`mbv3_dense.checkpoints.transfer`).
         weights_backbone: an ImageNet classifier checkpoint (any layout the classifier reads; head dropped).
             Its tail must match ``reduced_tail``. Ignored when ``weights`` is given.
         score_activation: ``"softmax"`` for cross-entropy training, ``"sigmoid"`` for focal loss.

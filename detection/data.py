@@ -5,9 +5,9 @@ Annotations are read and checked by :mod:`detection.annotations`. Training targe
 box, crowd flags and the annotation ``area`` included, in the original image's pixels.
 
 Images travel as uint8 ``[3, H, W]`` RGB; :class:`~detection.module.DetectionModule` turns them into
-floats on the device (:meth:`~mbv3_dense.task.TaskModule.on_after_batch_transfer`).
+floats on the device (:meth:`~mbv3_dense.training.task.TaskModule.on_after_batch_transfer`).
 
-Streaming (``streaming``: ``scripts/prepare_streaming.py --task detect``'s chunks, :mod:`mbv3_dense.streaming`):
+Streaming (``streaming``: ``scripts/prepare_streaming.py --task detect``'s chunks, :mod:`mbv3_dense.data.streaming`):
 item ``i`` of a split holds the image file's bytes and record ``i``'s cleaned annotations with COCO category
 ids (:func:`chunk_item`); the categories come from the chunks' record and become labels here, as from the file.
 """
@@ -34,13 +34,13 @@ from detection.annotations import (
     read_categories,
 )
 from detection.transforms import train_transform
-from mbv3_dense.classes import ClassInfo
-from mbv3_dense.image_io import decode_image_rgb, read_image_rgb
-from mbv3_dense.listing import ImageList, predict_images_for
-from mbv3_dense.predict import DEFAULT_MAX_PIXELS, predict_loader
-from mbv3_dense.sampling import SampleKey, as_sample_key, eval_loader, sample_randomness, train_loader
-from mbv3_dense.streaming.read import ChunkReader, open_split
-from mbv3_dense.streaming.record import ChunkRecord, ChunkSource, StreamingDataError
+from mbv3_dense.checkpoints.classes import ClassInfo
+from mbv3_dense.data.image_io import decode_image_rgb, read_image_rgb
+from mbv3_dense.data.listing import ImageList, predict_images_for
+from mbv3_dense.data.predict import DEFAULT_MAX_PIXELS, predict_loader
+from mbv3_dense.data.sampling import SampleKey, as_sample_key, eval_loader, sample_randomness, train_loader
+from mbv3_dense.data.streaming.read import ChunkReader, open_split
+from mbv3_dense.data.streaming.record import ChunkRecord, ChunkSource, StreamingDataError
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class CocoTrainDataset(Dataset):
         return read_image_rgb(rec.path), rec
 
     def __getitem__(self, key: int | SampleKey) -> tuple[Tensor, Target]:
-        """``key``: an index, or the :class:`~mbv3_dense.sampling.SampleKey` a training sampler yields;
+        """``key``: an index, or the :class:`~mbv3_dense.data.sampling.SampleKey` a training sampler yields;
         the augmentation's draws are a function of it, never of a worker's or the OS's state."""
         image, rec = self.read(as_sample_key(key).index)
         keep = ~rec.iscrowd
@@ -185,13 +185,13 @@ class CocoDataModule(L.LightningDataModule):
         hflip_p: probability of a horizontal flip.
         min_box_size: boxes smaller than this (pixels) after clamping/augmenting are dropped.
         predict_images: what ``lightning predict`` runs on: a folder (read recursively), a glob or a
-            text file of paths (:func:`mbv3_dense.listing.list_images`); images at their original
+            text file of paths (:func:`mbv3_dense.data.listing.list_images`); images at their original
             sizes, in batches of ``val_batch_size``. Category ids and names come from the validation
             (else training) annotation file's ``categories`` when one exists.
         predict_max_pixels: images with more pixels are skipped with a warning naming them.
         streaming: train and validate from ``scripts/prepare_streaming.py --task detect``'s chunks in this folder
             or URL (``<streaming>/train``, ``<streaming>/val``) instead of ``root``'s files: the same images, boxes
-            and augmentation (:mod:`mbv3_dense.streaming`); the categories are the chunks'. They were cleaned with
+            and augmentation (:mod:`mbv3_dense.data.streaming`); the categories are the chunks'. They were cleaned with
             the preparer's ``--min-box-size``, which must equal ``min_box_size``.
     """
 

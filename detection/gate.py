@@ -9,7 +9,7 @@ from torch import nn
 
 from mbv3_dense.deploy.backend import detect
 from mbv3_dense.deploy.gate import GateData, GateDataError
-from mbv3_dense.progress import progress
+from mbv3_dense.training.progress import progress
 
 
 def is_coco(root: Path) -> bool:

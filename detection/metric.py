@@ -2,7 +2,7 @@
 
 torchmetrics' ``MeanAveragePrecision`` keeps one tensor per image in list states and gathers them
 one tensor at a time, so every process must hold the same number of images: with an unpadded
-sampler (each image evaluated exactly once, see :func:`mbv3_dense.sampling.evaluation_sampler`)
+sampler (each image evaluated exactly once, see :func:`mbv3_dense.data.sampling.evaluation_sampler`)
 the ranks issue different numbers of collective calls and the gather crashes or hangs, while a
 padded sampler would count the repeated images twice. :class:`GatheredMeanAveragePrecision`
 gathers each list state as one Python object per rank instead.

@@ -33,7 +33,7 @@ from torchvision.ops import batched_nms, clip_boxes_to_image
 from detection.anchors import DefaultBoxes
 from detection.box_coder import BoxCoder
 from mbv3_dense.backbone import MobileNetV3
-from mbv3_dense.classes import network_class_names
+from mbv3_dense.checkpoints.classes import network_class_names
 from mbv3_dense.layers import ConvNormAct, Normalize, NormLayer
 
 
@@ -211,7 +211,7 @@ class SSDLite(nn.Module):
 
     def class_layers(self) -> list[str]:
         """The layers whose outputs are per class: each map's class predictor (``B x num_classes`` channels,
-        box-major). Re-initialised for another class list (:mod:`mbv3_dense.transfer`)."""
+        box-major). Re-initialised for another class list (:mod:`mbv3_dense.checkpoints.transfer`)."""
         return [f"cls_head.{i}.1" for i in range(len(self.cls_head))]
 
     # ------------------------------------------------------------------ raw network

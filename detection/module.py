@@ -15,9 +15,9 @@ from detection.loss import SSDLoss
 from detection.metric import GatheredMeanAveragePrecision
 from detection.model import SSDLite
 from detection.predict import DetectionWriter, draw_detections
-from mbv3_dense.guards import NonFinitePolicy, check_loss
-from mbv3_dense.predict import PredictBatch
-from mbv3_dense.task import PredictBackend, TaskModule
+from mbv3_dense.data.predict import PredictBatch
+from mbv3_dense.training.guards import NonFinitePolicy, check_loss
+from mbv3_dense.training.task import PredictBackend, TaskModule
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,12 @@ class DetectionModule(TaskModule):
         warmup_steps: linear LR warm-up from ``warmup_factor`` over this many optimizer steps
             (torchvision's detection reference: 1000 iterations from 0.001).
         warmup_factor: starting LR factor of the warm-up.
-        nonfinite_loss: ``"stop"`` raises :class:`~mbv3_dense.guards.NonFiniteLossError` naming the
+        nonfinite_loss: ``"stop"`` raises :class:`~mbv3_dense.training.guards.NonFiniteLossError` naming the
             step and the box/class losses at the first NaN/inf loss; ``"skip"`` skips that batch's
             update and counts it (``train/skipped_nonfinite``).
         channels_last, compile, freeze_backbone_epochs, backbone_lr_multiplier, freeze_bn_statistics,
             predict_backend: as
-            :class:`~mbv3_dense.task.TaskModule`.
+            :class:`~mbv3_dense.training.task.TaskModule`.
     """
 
     task = "detect"
@@ -163,7 +163,7 @@ class DetectionModule(TaskModule):
 
     def draw_predictions(self, images: list[Tensor], threshold: float = 0.3) -> list[Image.Image]:
         """Validation images (uint8 ``[3, H, W]``, own sizes) with their detections above ``threshold`` drawn
-        and named (:class:`~mbv3_dense.callbacks.ValidationPictures`)."""
+        and named (:class:`~mbv3_dense.training.callbacks.ValidationPictures`)."""
         names = (self.class_info or {}).get("names") or [str(i) for i in range(self.model.num_classes)]
         detections = self.model.predict([image.to(self.device).float().div(255) for image in images])
         return [draw_detections(image, [{"box_xyxy": box, "score": score, "class": names[label]} for box, score, label

@@ -25,8 +25,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from mbv3_dense.listing import ImageFile
-from mbv3_dense.predict import PredictionWriter, draw_text_block, font_for, to_pil
+from mbv3_dense.data.listing import ImageFile
+from mbv3_dense.data.predict import PredictionWriter, draw_text_block, font_for, to_pil
 
 Detections = dict[str, Tensor]
 
@@ -54,7 +54,7 @@ class DetectionWriter(PredictionWriter):
     :meth:`close` (``on_predict_end``).
 
     Args:
-        output_dir / overwrite / pictures / class_info: as :class:`~mbv3_dense.predict.PredictionWriter`
+        output_dir / overwrite / pictures / class_info: as :class:`~mbv3_dense.data.predict.PredictionWriter`
             (detection: ``names`` and ``category_ids`` of each label).
         picture_threshold: boxes drawn on the pictures score above this (all are written to the files).
     """

@@ -6,7 +6,7 @@ and including the expansion conv of the first stride-32 bottleneck (index ``c4``
 ``backbone.extra.{i}``, heads ``head.{classification,regression}_head.module_list.{i}``. Ours keeps
 torchvision's classifier layout (``backbone.features.{i}``), ``extra.{i}``, ``cls_head.{i}``,
 ``box_head.{i}``. Every load is strict but for the class predictors of a checkpoint with other classes
-(:mod:`mbv3_dense.transfer`).
+(:mod:`mbv3_dense.checkpoints.transfer`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from mbv3_dense.transfer import check_task, load_checkpoint_state
-from mbv3_dense.weights import (
+from mbv3_dense.checkpoints.transfer import check_task, load_checkpoint_state
+from mbv3_dense.checkpoints.weights import (
     StateDict,
     WeightsError,
     describe_checkpoint,
@@ -84,7 +84,7 @@ def load_ssdlite_weights(model: nn.Module, path: str | Path, *, keep_class_rows:
     """Load an SSDLite checkpoint into ``model`` (an :class:`~detection.model.SSDLite`).
 
     Strict, except that a checkpoint with other classes loads into new class predictors that keep the
-    background row and the rows of classes named alike (:func:`mbv3_dense.transfer.load_checkpoint_state`).
+    background row and the rows of classes named alike (:func:`mbv3_dense.checkpoints.transfer.load_checkpoint_state`).
     """
     checkpoint = read_checkpoint(path)
     check_task(checkpoint, "detect", str(path))

@@ -1,3 +1,3 @@
-from mbv3_dense.cli import main
+from mbv3_dense.training.cli import main
 
 main()

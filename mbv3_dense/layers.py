@@ -2,7 +2,7 @@
 
 Module and parameter names follow torchvision's layout (``block.{k}``, ``{0: conv, 1: norm}``)
 so that torchvision state dicts load without renaming; other layouts are converted in
-:mod:`mbv3_dense.weights`.
+:mod:`mbv3_dense.checkpoints.weights`.
 """
 
 from __future__ import annotations

@@ -58,6 +58,8 @@ import torch
 import torchvision
 from torch import Tensor
 
+from mbv3_dense.checkpoints.model_record import TASKS, task_list
+from mbv3_dense.checkpoints.weights import from_torchvision_classifier, load_state_dict_strict
 from mbv3_dense.complexity import count_madds, count_params
 from mbv3_dense.deploy import (
     ChannelsLast,
@@ -69,9 +71,7 @@ from mbv3_dense.deploy import (
     quantize_int8,
     to_channels_last,
 )
-from mbv3_dense.model_record import TASKS, task_list
-from mbv3_dense.progress import progress
-from mbv3_dense.weights import from_torchvision_classifier, load_state_dict_strict
+from mbv3_dense.training.progress import progress
 
 BASELINE = "torchvision eager"
 WORKER_TAG = "WORKER "

@@ -74,9 +74,9 @@ def build(regime: str, contender: str, state: dict, work: Path):
     import detection
     from detection.module import DetectionModule
     from detection.weights import from_torchvision_ssdlite
+    from mbv3_dense.checkpoints.weights import load_state_dict_strict
+    from mbv3_dense.data.predict import PredictBatch
     from mbv3_dense.deploy import ExecuTorchModel, OnnxModel
-    from mbv3_dense.predict import PredictBatch
-    from mbv3_dense.weights import load_state_dict_strict
 
     image = state["image"]
     if contender == BASELINE:
@@ -105,8 +105,8 @@ def export_path(work: Path, regime: str, backend: str) -> Path:
 def export(work: Path, regime: str, backend: str, state: dict) -> str:
     import detection
     from detection.weights import from_torchvision_ssdlite
+    from mbv3_dense.checkpoints.weights import load_state_dict_strict
     from mbv3_dense.deploy import make_backend
-    from mbv3_dense.weights import load_state_dict_strict
 
     ours = detection.ssdlite_mobilenet_v3_large().eval()
     c4 = ours.backbone.feature_info["c4_expand"].index

@@ -7,15 +7,15 @@ Per task, on the datasets ``scripts/make_demo_data.py`` writes at its default si
 ``--workdir`` once, reused afterwards; ``--quick``: its ``--tiny`` sizes, a smoke test whose figures mean nothing):
 
 - **preparation**: the data module is set up as ``lightning fit`` does, then each split is written as LitData
-  chunks with ``--prepare-workers`` processes (``mbv3_dense.streaming.write.write_chunks``, what
+  chunks with ``--prepare-workers`` processes (``mbv3_dense.data.streaming.write.write_chunks``, what
   ``scripts/prepare_streaming.py`` runs): seconds, items/s, and the bytes of the chunks against the files'.
 - **per worker**: images/s of the training dataset's ``dataset[key]`` (decode + the demo config's augmentation)
   in one process with one torch thread and no OpenCV threads (a loader worker's settings,
-  ``mbv3_dense.sampling.worker_init``), for the keys of an epoch in the sampler's order (``SeededSampler``, the
+  ``mbv3_dense.data.sampling.worker_init``), for the keys of an epoch in the sampler's order (``SeededSampler``, the
   first ``--samples``): from the files and from the chunk folder. ``read`` is the bytes alone
   (``Path.read_bytes`` of the sample's files against the chunk item). Turns are interleaved (files, chunks,
   chunks, files, ...) after an untimed one each; each figure is the median turn. (A URL is read from the
-  node's copy of its chunks, the same folder reading: ``mbv3_dense.streaming.stage.stage_chunks``.)
+  node's copy of its chunks, the same folder reading: ``mbv3_dense.data.streaming.stage.stage_chunks``.)
 
 Prints a table; ``--json OUT`` writes ``{"meta": {...}, "rows": [...]}``.
 """
@@ -71,7 +71,7 @@ def folder_bytes(paths: list[Path]) -> int:
 
 def prepare(task: str, root: Path, out: Path, workers: int) -> list[dict]:
     """Write both splits; a row per split."""
-    from mbv3_dense.streaming.write import remove_folder, write_chunks
+    from mbv3_dense.data.streaming.write import remove_folder, write_chunks
 
     dm = data_module(task, root)
     start = time.perf_counter()
@@ -104,7 +104,7 @@ def sample_files(task: str, samples: list) -> list[Path]:
 
 def timed_turns(calls: dict[str, Callable[[], object]], *, items: int, turns: int) -> dict[str, float]:
     """Items/s of each call, median over ``turns`` turns taken in alternating order after one untimed turn each."""
-    from mbv3_dense.progress import progress
+    from mbv3_dense.training.progress import progress
 
     times: dict[str, list[float]] = {name: [] for name in calls}
     names = list(calls)
@@ -119,7 +119,7 @@ def timed_turns(calls: dict[str, Callable[[], object]], *, items: int, turns: in
 
 def per_worker(task: str, root: Path, chunks: Path, samples: int, turns: int) -> dict:
     """Images/s per loader worker: files against the chunk folder."""
-    from mbv3_dense.sampling import SeededSampler, worker_init
+    from mbv3_dense.data.sampling import SeededSampler, worker_init
 
     worker_init(0)
     files = data_module(task, root)

@@ -42,7 +42,7 @@ PNG decoders (``--measure decode``, Cityscapes only): milliseconds per 2048x1024
 each PNG decoder the package index serves, in the same one-thread process and interleaved turns as the
 pipeline: PIL (the reference pipeline's), OpenCV (this project's reader before), libspng through ``pyspng``,
 imagecodecs' libpng and libspng (when imagecodecs is installed; it is not a dependency), then this project's
-reader (``mbv3_dense.image_io``: the CRC and completeness checks, then libspng) decoding whole frames and
+reader (``mbv3_dense.data.image_io``: the CRC and completeness checks, then libspng) decoding whole frames and
 decoding only down to the last row the training crop reads (the config's own scale-crop-flip draws).
 
 Output: a table (ours and torchvision images/s, ratio ours/torchvision, the issue's target) and
@@ -79,8 +79,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from mbv3_dense.checkpoints.model_record import TASKS, import_object, task_list
 from mbv3_dense.constants import IMAGENET_MEAN, IMAGENET_STD
-from mbv3_dense.model_record import TASKS, import_object, task_list
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {
@@ -593,7 +593,7 @@ def crop_rows(transform: object, height: int, width: int, key: object) -> int:
     (the dataset's own, from the key) gives the crop's last row in the scaled frame; its source row and the row
     below it (bilinear interpolation) are the last ones needed. A measurement helper: the datasets decode whole
     frames today."""
-    from mbv3_dense.sampling import sample_randomness
+    from mbv3_dense.data.sampling import sample_randomness
 
     with sample_randomness(key) as generators:
         draw = transform.draw(height, width, generators.python)
@@ -609,7 +609,7 @@ def png_decoders() -> dict[str, tuple[Callable[[Path], object], Callable[[Path],
     import cv2
     import pyspng
 
-    from mbv3_dense.image_io import read_image_rgb, read_label_png
+    from mbv3_dense.data.image_io import read_image_rgb, read_label_png
 
     def pil_image(path: Path) -> object:
         with Image.open(path) as image:
@@ -623,7 +623,7 @@ def png_decoders() -> dict[str, tuple[Callable[[Path], object], Callable[[Path],
         "PIL": (pil_image, pil_label, "the reference pipeline's decoder"),
         "OpenCV": (lambda p: cv2.imdecode(np.frombuffer(p.read_bytes(), np.uint8), cv2.IMREAD_COLOR_RGB),
                    lambda p: cv2.imdecode(np.frombuffer(p.read_bytes(), np.uint8), cv2.IMREAD_UNCHANGED),
-                   "mbv3_dense.image_io before libspng"),
+                   "mbv3_dense.data.image_io before libspng"),
         "libspng (pyspng)": (lambda p: pyspng.load(p.read_bytes(), "RGB"), lambda p: pyspng.load(p.read_bytes(), "L"),
                              f"pyspng {pyspng.__version__}, no checks"),
     }
@@ -644,8 +644,8 @@ def png_decoders() -> dict[str, tuple[Callable[[Path], object], Callable[[Path],
 
 def decode_rows(args: argparse.Namespace, datamodule: object, sizes: DataSizes) -> list[DecodeRow]:
     """Each PNG decoder timed on the training split's files in interleaved one-thread turns (as the pipeline)."""
-    from mbv3_dense.image_io import read_image_rgb, read_label_png
-    from mbv3_dense.sampling import SampleKey
+    from mbv3_dense.data.image_io import read_image_rgb, read_label_png
+    from mbv3_dense.data.sampling import SampleKey
 
     dataset = datamodule.train_dataloader().dataset
     pairs, transform = dataset.pairs, dataset.transform

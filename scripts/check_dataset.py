@@ -52,7 +52,7 @@ def _decode_all(name: str, count: int, read: Callable[[int], object], describe: 
 
 def check_classify(root: Path, splits: Iterable[str], decode: bool) -> tuple[dict[str, int], list[str]]:
     from mbv3_dense.classification.data import ImageFolderDataModule
-    from mbv3_dense.image_io import read_image_rgb
+    from mbv3_dense.data.image_io import read_image_rgb
 
     dm = ImageFolderDataModule(root=root, num_workers=0)
     dm.setup("fit" if "train" in splits else "validate")

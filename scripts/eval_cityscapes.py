@@ -8,7 +8,7 @@
 ``--weights`` takes our Lightning ``.ckpt`` (it names its network: builder and arguments) or a
 torchvision LR-ASPP state dict; the latter (and our state dicts, ``.ckpt`` files from before the
 record) are built from ``--arch`` (default large), ``--variant`` (default paper), ``--width-mult``
-and ``--reduced-tail``, with the class count read from the file (:mod:`mbv3_dense.resolve`).
+and ``--reduced-tail``, with the class count read from the file (:mod:`mbv3_dense.checkpoints.resolve`).
 
 Runs the model over the split at full resolution (progress bar), writes one single-channel labelId
 PNG per image to ``OUT`` (``<city>_<seq>_<frame>_leftImg8bit.png``, full size), runs
@@ -42,7 +42,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mbv3_dense.checkpoints.resolve import add_model_arguments, evaluation_summary, model_from_arguments, write_summary
 from mbv3_dense.complexity import count_madds, count_params
+from mbv3_dense.data.image_io import read_image_rgb
 from mbv3_dense.deploy.backend import ShapeBackends
 from mbv3_dense.deploy.options import (
     add_backend_arguments,
@@ -52,10 +54,8 @@ from mbv3_dense.deploy.options import (
     check_backend_arguments,
     require_cpu,
 )
-from mbv3_dense.image_io import read_image_rgb
-from mbv3_dense.latency import measure_latency
-from mbv3_dense.progress import progress
-from mbv3_dense.resolve import add_model_arguments, evaluation_summary, model_from_arguments, write_summary
+from mbv3_dense.training.latency import measure_latency
+from mbv3_dense.training.progress import progress
 from segmentation.data import list_split, read_train_ids
 from segmentation.labels import CLASS_NAMES, IGNORE_INDEX, colorize, train_ids_to_label_ids
 from segmentation.module import miou_metric

@@ -8,7 +8,7 @@
 ``--weights`` takes any checkpoint the classifier loads. A ``.ckpt`` of ``lightning fit`` names its
 network (builder and arguments); torchvision's, mmpretrain's and timm's checkpoints, our plain state
 dicts and older ``.ckpt`` files are built from ``--arch`` (default large), ``--width-mult`` and
-``--reduced-tail``, the class count read from the file (:mod:`mbv3_dense.resolve`). Class indices
+``--reduced-tail``, the class count read from the file (:mod:`mbv3_dense.checkpoints.resolve`). Class indices
 follow the sorted folder names of ``DIR/train`` (as in training), or of the split itself when there
 is no ``train`` folder.
 ``--backend onnxruntime|executorch`` runs the network exported (ONNX Runtime, or a ``.pte`` lowered to
@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
+from mbv3_dense.checkpoints.resolve import add_model_arguments, evaluation_summary, model_from_arguments, write_summary
 from mbv3_dense.classification.data import ImageFolderDataset, collate_skipping, find_classes, scan_image_folder
 from mbv3_dense.classification.transforms import eval_transform
 from mbv3_dense.complexity import count_madds, count_params
@@ -38,9 +39,8 @@ from mbv3_dense.deploy.options import (
     check_backend_arguments,
     require_cpu,
 )
-from mbv3_dense.latency import measure_latency
-from mbv3_dense.progress import progress
-from mbv3_dense.resolve import add_model_arguments, evaluation_summary, model_from_arguments, write_summary
+from mbv3_dense.training.latency import measure_latency
+from mbv3_dense.training.progress import progress
 
 
 def save_grid(images: list[torch.Tensor], titles: list[str], path: Path) -> None:

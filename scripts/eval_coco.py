@@ -15,7 +15,7 @@ our Lightning ``.ckpt`` (it names its network: builder and arguments), our state
 torchvision's ``ssdlite320_mobilenet_v3_large`` state dict; the last two (and ``.ckpt`` files from
 before the record) are built from ``--arch`` (default large), ``--width-mult``, ``--reduced-tail`` and
 ``--score-activation``, with the class count read from the file unless ``--num-classes`` is given
-(:mod:`mbv3_dense.resolve`). With no detections at all the metrics are reported as zeros
+(:mod:`mbv3_dense.checkpoints.resolve`). With no detections at all the metrics are reported as zeros
 (pycocotools' ``loadRes([])`` would raise).
 ``--backend onnxruntime`` runs the network (backbone and heads) exported to ONNX in ONNX Runtime and
 decodes + NMS in the same vectorised PyTorch step, so metric and latency describe the deployed form;
@@ -41,6 +41,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from detection.data import collate_eval, eval_dataset
+from mbv3_dense.checkpoints.resolve import add_model_arguments, evaluation_summary, model_from_arguments, write_summary
 from mbv3_dense.complexity import count_madds, count_params
 from mbv3_dense.deploy import make_backend
 from mbv3_dense.deploy.backend import detect
@@ -53,9 +54,8 @@ from mbv3_dense.deploy.options import (
     check_backend_arguments,
     require_cpu,
 )
-from mbv3_dense.latency import measure_latency
-from mbv3_dense.progress import progress
-from mbv3_dense.resolve import add_model_arguments, evaluation_summary, model_from_arguments, write_summary
+from mbv3_dense.training.latency import measure_latency
+from mbv3_dense.training.progress import progress
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 

@@ -12,7 +12,7 @@ alone describes the model. Other files (torchvision's, mmpretrain's, plain state
 ``.ckpt``) need ``--task`` and are built from ``--arch`` (default large), ``--variant``,
 ``--width-mult`` and ``--reduced-tail``, the class count read from the file unless ``--num-classes``
 is given; without ``--weights`` the network of ``--task`` is exported with random weights
-(:mod:`mbv3_dense.resolve`).
+(:mod:`mbv3_dense.checkpoints.resolve`).
 
 The graph is the network's ``forward`` (raw outputs: classifier logits, SSDLite ``box_regression``
 and ``cls_logits``, LR-ASPP logits), spatial size fixed at ``--size`` (default 224x224 classify, the
@@ -69,6 +69,7 @@ import torch
 from torch import Tensor, nn
 
 from detection.gate import coco_gate, is_coco
+from mbv3_dense.checkpoints.resolve import add_model_arguments, model_from_arguments
 from mbv3_dense.classification.gate import image_folder_gate, is_image_folder
 from mbv3_dense.deploy import ExecuTorchModel, OnnxModel, export_executorch, export_onnx, quantize_int8
 from mbv3_dense.deploy.calibration import detection_agreement, int8_agreement, load_calibration, report_checks
@@ -85,7 +86,6 @@ from mbv3_dense.deploy.gate import (
     write_report,
 )
 from mbv3_dense.deploy.parity import FP32_TOLERANCE, check_inputs
-from mbv3_dense.resolve import add_model_arguments, model_from_arguments
 from segmentation.gate import cityscapes_gate, is_cityscapes
 
 # Default input sizes of the networks that take any size (SSDLite has its own, ``image_size``).

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from mbv3_dense.model_record import TASKS, task_list
+from mbv3_dense.checkpoints.model_record import TASKS, task_list
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {

@@ -32,9 +32,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mbv3_dense.model_record import TASKS, read_model_record
-from mbv3_dense.progress import progress
-from mbv3_dense.weights import WeightsError, read_checkpoint
+from mbv3_dense.checkpoints.model_record import TASKS, read_model_record
+from mbv3_dense.checkpoints.weights import WeightsError, read_checkpoint
+from mbv3_dense.training.progress import progress
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8", "executorch", "executorch-int8")

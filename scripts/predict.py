@@ -12,7 +12,8 @@ PATH is a folder (read recursively), a glob or a text file of paths. ``--weights
 layout the task's loader reads. A ``.ckpt`` of ``lightning fit`` names its task and network (builder
 and arguments); other files (torchvision's state dicts, ours, older ``.ckpt``) need ``--task`` and are
 built from ``--arch`` (default large), ``--width-mult``, ``--reduced-tail`` and ``--variant``, the class
-count read from the file unless ``--num-classes`` is given (:mod:`mbv3_dense.resolve`). The writers are those of
+count read from the file unless ``--num-classes`` is given (:mod:`mbv3_dense.checkpoints.resolve`). The writers
+are those of
 ``lightning predict`` (mbv3_dense/classification/predict.py, detection/predict.py,
 segmentation/predict.py): classify writes ``classifications.jsonl`` (top-5 names and probabilities;
 class names from the checkpoint's record, else ``--class-names``: a text file with one name a line, or an
@@ -56,14 +57,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 from torch import Tensor
 
+from mbv3_dense.checkpoints.resolve import add_model_arguments, model_from_arguments
+from mbv3_dense.data.listing import list_images, note_ignored
+from mbv3_dense.data.predict import DEFAULT_MAX_PIXELS, PredictBatch, PredictionWriter, predict_loader
 from mbv3_dense.deploy import ExecuTorchFileError, ExecuTorchModel, make_backend
 from mbv3_dense.deploy.backend import BACKENDS, detect
 from mbv3_dense.deploy.dynamic import DynamicSizeError, parse_size_range
 from mbv3_dense.deploy.executorch_runtime import ExecuTorchInputError
-from mbv3_dense.listing import list_images, note_ignored
-from mbv3_dense.predict import DEFAULT_MAX_PIXELS, PredictBatch, PredictionWriter, predict_loader
-from mbv3_dense.progress import progress
-from mbv3_dense.resolve import add_model_arguments, model_from_arguments
+from mbv3_dense.training.progress import progress
 
 log = logging.getLogger("predict")
 Predict = Callable[[PredictBatch], list]

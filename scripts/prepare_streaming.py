@@ -26,9 +26,9 @@ import sys
 import time
 from pathlib import Path
 
+from mbv3_dense.data.streaming.record import DEFAULT_CHUNK_BYTES, SPLITS, StreamingDataError, is_url
+from mbv3_dense.data.streaming.write import remove_folder, write_chunks
 from mbv3_dense.errors import InputError
-from mbv3_dense.streaming.record import DEFAULT_CHUNK_BYTES, SPLITS, StreamingDataError, is_url
-from mbv3_dense.streaming.write import remove_folder, write_chunks
 
 
 def data_module(args: argparse.Namespace):

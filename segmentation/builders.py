@@ -32,7 +32,7 @@ def _build(arch: Arch, *, num_classes: int, variant: Variant, reduced_tail: bool
     backbone = MobileNetV3(arch=arch, width_mult=width_mult, reduced_tail=reduced_tail,
                            output_stride=output_stride, out_features=(low, high))
     if weights_backbone is not None and weights is None:
-        from mbv3_dense.weights import load_backbone_weights
+        from mbv3_dense.checkpoints.weights import load_backbone_weights
 
         load_backbone_weights(backbone, weights_backbone)
     if variant == "paper":
@@ -69,8 +69,8 @@ def lraspp_mobilenet_v3_large(*, num_classes: int = 19, variant: Variant = "pape
         weights: an LR-ASPP checkpoint (torchvision's ``lraspp_mobilenet_v3_large`` state dict or
             one of our Lightning ``.ckpt``). One with other classes loads too: everything but the two
             classifiers as it is, those afresh except the rows of classes named alike in ``class_names``
-            and the checkpoint (torchvision's files: the 21 Pascal VOC classes; :mod:`mbv3_dense.transfer`).
-        weights_backbone: an ImageNet classifier checkpoint (any layout :mod:`mbv3_dense.weights`
+            and the checkpoint (torchvision's files: the 21 Pascal VOC classes; :mod:`mbv3_dense.checkpoints.transfer`).
+        weights_backbone: an ImageNet classifier checkpoint (any layout :mod:`mbv3_dense.checkpoints.weights`
             reads); its head is dropped. Ignored when ``weights`` is given.
         class_names: the name of each class, in output order (Cityscapes: the 19 trainId names).
         keep_class_rows: with ``weights`` of other classes, the pretrained rows of the classes named alike

@@ -11,7 +11,7 @@ transform: the training crop resamples labelIds by nearest neighbour, which comm
 so only the crop's pixels are mapped (a third of a frame's), and padding gets labelId 0 ("unlabeled",
 ignored in training). Images travel as uint8 ``[3, H, W]``; the module normalises them on the device.
 
-Streaming (``streaming``: ``scripts/prepare_streaming.py --task segment``'s chunks, :mod:`mbv3_dense.streaming`):
+Streaming (``streaming``: ``scripts/prepare_streaming.py --task segment``'s chunks, :mod:`mbv3_dense.data.streaming`):
 item ``i`` of a split holds the bytes of pair ``i``'s image and labelIds PNG, read as the files are.
 """
 
@@ -27,13 +27,13 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from mbv3_dense.classes import ClassInfo
-from mbv3_dense.image_io import ImageReadError, decode_image_rgb, decode_label_png, read_image_rgb, read_label_png
-from mbv3_dense.listing import ImageList, predict_images_for
-from mbv3_dense.predict import DEFAULT_MAX_PIXELS, predict_loader
-from mbv3_dense.sampling import SampleKey, as_sample_key, eval_loader, sample_randomness, train_loader
-from mbv3_dense.streaming.read import ChunkReader, open_split
-from mbv3_dense.streaming.record import ChunkRecord, ChunkSource
+from mbv3_dense.checkpoints.classes import ClassInfo
+from mbv3_dense.data.image_io import ImageReadError, decode_image_rgb, decode_label_png, read_image_rgb, read_label_png
+from mbv3_dense.data.listing import ImageList, predict_images_for
+from mbv3_dense.data.predict import DEFAULT_MAX_PIXELS, predict_loader
+from mbv3_dense.data.sampling import SampleKey, as_sample_key, eval_loader, sample_randomness, train_loader
+from mbv3_dense.data.streaming.read import ChunkReader, open_split
+from mbv3_dense.data.streaming.record import ChunkRecord, ChunkSource
 from segmentation.labels import CLASS_NAMES, NUM_CLASSES, cityscapes_class_info, label_ids_to_train_ids
 from segmentation.transforms import Transform, eval_transform, train_transform
 
@@ -168,7 +168,7 @@ class CityscapesSegmentation(Dataset):
         return read_image_rgb(image_path), read_label_ids(label_path), image_path, label_path
 
     def __getitem__(self, key: int | SampleKey) -> tuple[Tensor, Tensor]:
-        """``key``: an index, or the :class:`~mbv3_dense.sampling.SampleKey` a training sampler yields;
+        """``key``: an index, or the :class:`~mbv3_dense.data.sampling.SampleKey` a training sampler yields;
         the augmentation's draws are a function of it, never of a worker's or the OS's state."""
         image, label_ids, image_path, label_path = self.read(as_sample_key(key).index)
         if image.shape[:2] != label_ids.shape:
@@ -230,12 +230,12 @@ class CityscapesDataModule(L.LightningDataModule):
             an error naming the files if a label is missing, coloured, 16-bit or of another size
             than its image (about a second for Cityscapes' 3475 pairs on a local disk).
         predict_images: what ``lightning predict`` runs on: a folder (read recursively), a glob or a
-            text file of paths (:func:`mbv3_dense.listing.list_images`); each image at its own size,
+            text file of paths (:func:`mbv3_dense.data.listing.list_images`); each image at its own size,
             one forward pass per image, ``val_batch_size`` images per loader batch.
         predict_max_pixels: images with more pixels are skipped with a warning naming them.
         streaming: train and validate from ``scripts/prepare_streaming.py --task segment``'s chunks in this folder
             or URL (``<streaming>/train``, ``<streaming>/val``) instead of ``root``'s files: the same pairs, crops
-            and trainIds (:mod:`mbv3_dense.streaming`). The preparer ran the ``check_files`` checks.
+            and trainIds (:mod:`mbv3_dense.data.streaming`). The preparer ran the ``check_files`` checks.
     """
 
     def __init__(self, *, root: str, batch_size: int = 8, val_batch_size: int = 1, num_workers: int = 4,

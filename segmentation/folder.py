@@ -6,7 +6,7 @@ The classes file is :mod:`segmentation.mask_classes`', the two mask formats (``i
 RGB colours) :mod:`segmentation.mask_decoder`'s. Batches are those of the Cityscapes module: images uint8
 ``[N, 3, H, W]``, masks uint8 ``[N, H, W]`` class indices (0..num_classes-1) with the classes file's
 ignore value (255 by default); the augmentation (:mod:`segmentation.transforms`, padding with the
-ignore value) draws from ``(seed, epoch, index)`` (:mod:`mbv3_dense.sampling`).
+ignore value) draws from ``(seed, epoch, index)`` (:mod:`mbv3_dense.data.sampling`).
 
 Bad input stops set-up with an error naming the file(s), before any training step: a missing
 folder or list file, an image without its mask or a mask without its image, a non-PNG mask, two images
@@ -15,7 +15,7 @@ with one stem, a list entry twice, an unreadable image or mask header, a mask wh
 decoded once) values or colours the classes file does not know (``on_unknown_value``).
 
 Streaming (``streaming``: ``scripts/prepare_streaming.py --task segment --layout folders``'s chunks,
-:mod:`mbv3_dense.streaming`): item ``i`` of a split holds pair ``i``'s image bytes as they are and its mask as
+:mod:`mbv3_dense.data.streaming`): item ``i`` of a split holds pair ``i``'s image bytes as they are and its mask as
 the decoder gives it (class indices, re-encoded as an 8-bit PNG: colour masks and the ``on_unknown_value`` policy
 are applied once, by the preparer); the classes file's content travels in the chunks' record.
 """
@@ -34,13 +34,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from mbv3_dense.classes import ClassInfo
-from mbv3_dense.image_io import ImageReadError, decode_image_rgb, decode_label_png, read_image_rgb
-from mbv3_dense.listing import ImageList, predict_images_for
-from mbv3_dense.predict import DEFAULT_MAX_PIXELS, predict_loader
-from mbv3_dense.sampling import SampleKey, as_sample_key, eval_loader, sample_randomness, train_loader
-from mbv3_dense.streaming.read import ChunkReader, open_split
-from mbv3_dense.streaming.record import ChunkRecord, ChunkSource, StreamingDataError
+from mbv3_dense.checkpoints.classes import ClassInfo
+from mbv3_dense.data.image_io import ImageReadError, decode_image_rgb, decode_label_png, read_image_rgb
+from mbv3_dense.data.listing import ImageList, predict_images_for
+from mbv3_dense.data.predict import DEFAULT_MAX_PIXELS, predict_loader
+from mbv3_dense.data.sampling import SampleKey, as_sample_key, eval_loader, sample_randomness, train_loader
+from mbv3_dense.data.streaming.read import ChunkReader, open_split
+from mbv3_dense.data.streaming.record import ChunkRecord, ChunkSource, StreamingDataError
 from segmentation.folder_pairs import MaskFolderError, Pair, list_folder_pairs, list_listed_pairs, raise_problems
 from segmentation.mask_classes import MaskClasses, find_classes_file, read_classes_file
 from segmentation.mask_decoder import (
@@ -133,7 +133,7 @@ class MaskFolderSegmentation(Dataset):
         return read_image_rgb(image_path), self.decoder.decode(mask_path), image_path, mask_path
 
     def __getitem__(self, key: int | SampleKey) -> tuple[Tensor, Tensor]:
-        """``key``: an index, or the :class:`~mbv3_dense.sampling.SampleKey` a training sampler yields;
+        """``key``: an index, or the :class:`~mbv3_dense.data.sampling.SampleKey` a training sampler yields;
         the augmentation's draws are a function of it, never of a worker's or the OS's state."""
         image, mask, image_path, mask_path = self.read(as_sample_key(key).index)
         if image.shape[:2] != mask.shape:
@@ -209,7 +209,7 @@ class MaskFolderDataModule(L.LightningDataModule):
         predict_max_pixels: images with more pixels are skipped with a warning naming them.
         streaming: train and validate from ``scripts/prepare_streaming.py --task segment --layout folders``'s
             chunks in this folder or URL (``<streaming>/train``, ``<streaming>/val``) instead of ``root``'s files:
-            the same pairs, crops and targets (:mod:`mbv3_dense.streaming`). The classes are the chunks' (the
+            the same pairs, crops and targets (:mod:`mbv3_dense.data.streaming`). The classes are the chunks' (the
             classes file's content, recorded); ``mask_format``, ``on_unknown_value`` and the checks applied when
             the chunks were prepared.
     """
@@ -297,7 +297,7 @@ class MaskFolderDataModule(L.LightningDataModule):
     @property
     def class_info(self) -> ClassInfo:
         """Names, ``label_ids`` (each class's index: its value in index masks and in predicted label PNGs),
-        colours when the classes file has them, ``ignore_index`` (:mod:`mbv3_dense.classes`)."""
+        colours when the classes file has them, ``ignore_index`` (:mod:`mbv3_dense.checkpoints.classes`)."""
         return self.classes.class_info()
 
     # ------------------------------------------------------------------ splits

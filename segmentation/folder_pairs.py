@@ -29,7 +29,7 @@ from collections import defaultdict
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
-from mbv3_dense.listing import IMAGE_EXTENSIONS
+from mbv3_dense.data.listing import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mbv3_dense.data.image_io import read_image_rgb
 from mbv3_dense.deploy.gate import GateData
-from mbv3_dense.image_io import read_image_rgb
-from mbv3_dense.progress import progress
+from mbv3_dense.training.progress import progress
 
 
 def is_cityscapes(root: Path) -> bool:

@@ -6,7 +6,7 @@ Everything comes from ``cityscapesscripts.helpers.labels`` (the official table).
 - **trainId** (0..18, 255 = ignore): what the network predicts and the loss/metric use.
 
 :func:`cityscapes_class_info` is the same table as the *class info* that travels with the weights
-(:mod:`mbv3_dense.classes`): trainId names, the labelId of each trainId, the palette, ignore 255.
+(:mod:`mbv3_dense.checkpoints.classes`): trainId names, the labelId of each trainId, the palette, ignore 255.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from cityscapesscripts.helpers.labels import labels as _LABELS
 
-from mbv3_dense.classes import ClassInfo, check_class_info
+from mbv3_dense.checkpoints.classes import ClassInfo, check_class_info
 
 log = logging.getLogger(__name__)
 

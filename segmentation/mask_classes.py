@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from mbv3_dense.classes import ClassInfo, check_class_info, check_unique_names
+from mbv3_dense.checkpoints.classes import ClassInfo, check_class_info, check_unique_names
 
 DEFAULT_IGNORE_INDEX = 255
 #: Names :func:`find_classes_file` looks for in a dataset root, in this order.
@@ -68,7 +68,7 @@ class MaskClasses:
         return len(self.names)
 
     def class_info(self) -> ClassInfo:
-        """The class info (:mod:`mbv3_dense.classes`): names, ``label_ids`` (the value of each class in
+        """The class info (:mod:`mbv3_dense.checkpoints.classes`): names, ``label_ids`` (the value of each class in
         index masks and in the label PNGs written by ``lightning predict``: its index), colours when the
         file has them, the ignore value."""
         info: dict[str, Any] = {"names": list(self.names), "label_ids": list(range(self.num_classes)),
@@ -183,7 +183,7 @@ def read_classes_file(path: str | Path) -> MaskClasses:
         ClassesFileError: unreadable or malformed file, unknown keys, colours that are not ``[r, g, b]``
             0..255, some classes with a colour and some without, two classes with one colour, an
             ignore value that is a class index or outside 0..255, more than 255 classes.
-        mbv3_dense.classes.ClassInfoError: a class name that occurs twice.
+        mbv3_dense.checkpoints.classes.ClassInfoError: a class name that occurs twice.
     """
     path = Path(path)
     try:

@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from mbv3_dense.image_io import ImageReadError, read_image_rgb, read_label_png
+from mbv3_dense.data.image_io import ImageReadError, read_image_rgb, read_label_png
 from segmentation.mask_classes import MaskClasses
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def _header(path: Path, what: str, *, orientation: bool = False) -> tuple[tuple[
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """``(width, height)`` of an image as :func:`~mbv3_dense.image_io.read_image_rgb` returns it (EXIF
+    """``(width, height)`` of an image as :func:`~mbv3_dense.data.image_io.read_image_rgb` returns it (EXIF
     orientation applied), from the header alone.
 
     Raises:

@@ -2,12 +2,12 @@
 
 The class count is the network's (``model.num_classes``: 19 Cityscapes trainIds, or a classes file's
 count, which ``lightning fit`` gives the network from the data). Class names and the ignore value come
-from the data module's class info (:mod:`mbv3_dense.classes`; Cityscapes: the trainId names, 255),
+from the data module's class info (:mod:`mbv3_dense.checkpoints.classes`; Cityscapes: the trainId names, 255),
 else the network's ``class_names``, else the indices.
 
 Logged: ``train/loss``, ``val/loss``, ``val/miou`` (mean IoU over the classes that occur in the ground
 truth or the predictions, as the official evaluator averages), ``val/iou/<class name>`` (per class; 0
-where a class is absent from both) and, from :class:`mbv3_dense.latency.LatencyCallback`,
+where a class is absent from both) and, from :class:`mbv3_dense.training.latency.LatencyCallback`,
 ``latency_ms`` at the configured size (1024x2048 in the paper's protocol).
 """
 
@@ -24,10 +24,10 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from mbv3_dense.classes import ClassInfoError, check_class_info
-from mbv3_dense.guards import NonFinitePolicy, check_loss
-from mbv3_dense.predict import PredictBatch
-from mbv3_dense.task import PredictBackend, TaskModule
+from mbv3_dense.checkpoints.classes import ClassInfoError, check_class_info
+from mbv3_dense.data.predict import PredictBatch
+from mbv3_dense.training.guards import NonFinitePolicy, check_loss
+from mbv3_dense.training.task import PredictBackend, TaskModule
 from segmentation.labels import IGNORE_INDEX, NUM_CLASSES, cityscapes_class_info
 from segmentation.predict import SegmentationWriter, class_colors, class_map, overlay
 
@@ -64,7 +64,8 @@ class SegmentationModule(TaskModule):
         optimizer, scheduler (stepped every iteration; poly LR:
             ``torch.optim.lr_scheduler.PolynomialLR(total_iters=<max_steps>, power=0.9)``), lr_batch_size,
             weight_decay_norm_bias, nonfinite_loss, channels_last, compile, freeze_backbone_epochs,
-            backbone_lr_multiplier, freeze_bn_statistics, predict_backend: as :class:`~mbv3_dense.task.TaskModule`.
+            backbone_lr_multiplier, freeze_bn_statistics, predict_backend: as
+            :class:`~mbv3_dense.training.task.TaskModule`.
     """
 
     task = "segment"
@@ -111,18 +112,19 @@ class SegmentationModule(TaskModule):
 
     def draw_predictions(self, images: list[Tensor]) -> list[Image.Image]:
         """Validation images (uint8 ``[3, H, W]``) blended with their predicted classes' colours
-        (:class:`~mbv3_dense.callbacks.ValidationPictures`)."""
+        (:class:`~mbv3_dense.training.callbacks.ValidationPictures`)."""
         colors = class_colors(self.class_info or cityscapes_class_info())
         on_device = [image.to(self.device) for image in images]
         return [overlay(image, classes.numpy(), colors) for image, classes in
                 zip(images, self.predict_step(PredictBatch(on_device, None, [], [], []), 0), strict=True)]
 
     def use_class_info(self, info: Mapping[str, Any] | None, source: str = "the data") -> None:
-        """Name the classes and take the ignore value from the data's class info (:mod:`mbv3_dense.classes`);
+        """Name the classes and take the ignore value from the data's class info
+        (:mod:`mbv3_dense.checkpoints.classes`);
         ``None``: the network's ``class_names`` (else the indices) and 255.
 
         Raises:
-            mbv3_dense.classes.ClassInfoError: the data has another class count than the network's outputs.
+            mbv3_dense.checkpoints.classes.ClassInfoError: the data has another class count than the network's outputs.
         """
         if info is None:
             self.class_names, ignore_index = self._network_class_names(), IGNORE_INDEX
@@ -174,7 +176,7 @@ class SegmentationModule(TaskModule):
     def predict_step(self, batch: PredictBatch, batch_idx: int) -> list[Tensor]:
         """Per image of ``batch`` (uint8, original sizes; one forward pass each, since sizes differ):
         the argmax class indices, uint8 ``[H, W]`` at the image's size, on the CPU (normalised by the
-        network's own ``normalize``, :meth:`~mbv3_dense.task.TaskModule.images_to_input`)."""
+        network's own ``normalize``, :meth:`~mbv3_dense.training.task.TaskModule.images_to_input`)."""
         out = []
         for image in batch.images:
             x = self.images_to_input(image[None])

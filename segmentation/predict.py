@@ -32,9 +32,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from mbv3_dense.classes import check_class_info
-from mbv3_dense.listing import ImageFile
-from mbv3_dense.predict import PredictionWriter
+from mbv3_dense.checkpoints.classes import check_class_info
+from mbv3_dense.data.listing import ImageFile
+from mbv3_dense.data.predict import PredictionWriter
 from segmentation.labels import cityscapes_class_info, is_cityscapes_class_info
 from segmentation.mask_classes import distinct_palette
 
@@ -66,8 +66,9 @@ class SegmentationWriter(PredictionWriter):
     """Writes ``[H, W]`` uint8 class-index maps (layout in the module docstring).
 
     Args:
-        output_dir / overwrite / pictures: as :class:`~mbv3_dense.predict.PredictionWriter`.
-        class_info: what the class indices mean (:mod:`mbv3_dense.classes`): ``names``; ``label_ids``, the value
+        output_dir / overwrite / pictures: as :class:`~mbv3_dense.data.predict.PredictionWriter`.
+        class_info: what the class indices mean (:mod:`mbv3_dense.checkpoints.classes`): ``names``; ``label_ids``,
+            the value
             written per class (default the index); ``colors`` (default
             :func:`~segmentation.mask_classes.distinct_palette`). ``None``: under ``lightning predict`` the
             module's (the checkpoint's record, else the data's), else Cityscapes'.

@@ -2,7 +2,7 @@
 
 A pipeline is called as ``transform(image, mask, rng)``: ``image`` ``[H, W, 3]`` uint8 RGB, ``mask``
 ``[H, W]`` uint8 ids (resampled nearest-neighbour only, so labelIds and trainIds alike), ``rng`` the
-sample's ``random.Random`` (:func:`mbv3_dense.sampling.sample_randomness`). It returns the image as a
+sample's ``random.Random`` (:func:`mbv3_dense.data.sampling.sample_randomness`). It returns the image as a
 uint8 ``[3, h, w]`` tensor (normalised later, on the device) and the mask as a uint8 ``[h, w]`` array.
 
 :class:`ScaleCropFlip` crops before it resizes: it draws a scale, a padding position and a crop as

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from mbv3_dense.transfer import check_task, load_checkpoint_state
-from mbv3_dense.weights import (
+from mbv3_dense.checkpoints.transfer import check_task, load_checkpoint_state
+from mbv3_dense.checkpoints.weights import (
     StateDict,
     WeightsError,
     describe_checkpoint,
@@ -57,7 +57,7 @@ def load_lraspp_weights(model: nn.Module, path: str | Path, *, keep_class_rows: 
     """Load a torchvision LR-ASPP state dict or one of our ``.ckpt`` files into ``model``.
 
     Strict, except that a checkpoint with other classes loads into new classifiers that keep the rows of
-    classes named alike (:func:`mbv3_dense.transfer.load_checkpoint_state`; torchvision's files predict the
+    classes named alike (:func:`mbv3_dense.checkpoints.transfer.load_checkpoint_state`; torchvision's files predict the
     21 Pascal VOC classes).
 
     Raises:

@@ -37,7 +37,7 @@ def loader_images(images: torch.Tensor) -> torch.Tensor:
 class RecordSamples(L.Callback):
     """Write, per rank, which sample keys each training batch held and a digest of each augmented image.
 
-    Reads the keys from the training sampler (a :class:`mbv3_dense.sampling.SeededSampler`), so it is
+    Reads the keys from the training sampler (a :class:`mbv3_dense.data.sampling.SeededSampler`), so it is
     meant for uninterrupted runs, where batch ``i`` of an epoch holds keys ``i * B .. (i + 1) * B - 1``.
     """
 

@@ -26,7 +26,8 @@ def test_print_config_carries_the_recipe(tmp_path: Path, lightning) -> None:
                      "weight_decay: 1.0e-05", "torch.optim.lr_scheduler.StepLR", "step_size: 2", "gamma: 0.973",
                      "max_epochs: 600", "auto_augment: true", "random_erase: 0.2", "dropout: 0.2",
                      "ema_decay: 0.9999", "weight_decay_norm_bias: false", "root: /data/imagenet",
-                     "mbv3_dense.latency.LatencyCallback", "every_n_train_steps: 500", "safety_callbacks: true"):
+                     "mbv3_dense.training.latency.LatencyCallback", "every_n_train_steps: 500",
+                     "safety_callbacks: true"):
         assert expected in out, expected
 
 

@@ -19,7 +19,7 @@ from mbv3_dense.classification.data import (
     train_transform,
 )
 from mbv3_dense.classification.synthetic import write_imagefolder
-from mbv3_dense.image_io import ImageReadError, read_image_rgb
+from mbv3_dense.data.image_io import ImageReadError, read_image_rgb
 
 
 def _module(root: Path, **kwargs) -> ImageFolderDataModule:

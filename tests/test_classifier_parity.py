@@ -8,8 +8,8 @@ import torchvision
 from parity_utils import assert_input_dependent, calibrate_and_perturb
 
 import mbv3_dense
+from mbv3_dense.checkpoints.weights import from_torchvision_classifier, load_state_dict_strict
 from mbv3_dense.complexity import count_madds, count_params
-from mbv3_dense.weights import from_torchvision_classifier, load_state_dict_strict
 
 CASES = [
     ("large", {}),

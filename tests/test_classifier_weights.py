@@ -1,7 +1,7 @@
 """Checkpoint formats: torchvision, mmpretrain, timm and our Lightning .ckpt give the same network.
 
 The mmpretrain and timm files are written here from a torchvision model by mappings built from
-those projects' documented module names, independently of ``mbv3_dense.weights``.
+those projects' documented module names, independently of ``mbv3_dense.checkpoints.weights``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torchvision.ops.misc import Conv2dNormActivation, SqueezeExcitation
 
 import mbv3_dense
 from mbv3_dense.backbone import MobileNetV3
-from mbv3_dense.weights import WeightsError, load_backbone_weights, read_checkpoint
+from mbv3_dense.checkpoints.weights import WeightsError, load_backbone_weights, read_checkpoint
 
 NUM_CLASSES = 7
 
@@ -220,7 +220,7 @@ def test_backbone_loading_drops_the_head_with_a_note(tmp_path: Path, caplog: pyt
     ref = reference("small")
     torch.save(to_mmpretrain(ref), tmp_path / "mm.pth")
     backbone = MobileNetV3(arch="small")
-    with caplog.at_level(logging.INFO, logger="mbv3_dense.weights"):
+    with caplog.at_level(logging.INFO, logger="mbv3_dense.checkpoints.weights"):
         assert load_backbone_weights(backbone, tmp_path / "mm.pth") == "mmpretrain"
     assert "dropping" in caplog.text and "classifier.3.weight" in caplog.text
     x = inputs()

@@ -10,8 +10,8 @@ import torch
 import yaml
 
 from detection.synthetic import DetectionSpec, generate_coco
-from mbv3_dense.cli import auto_precision
-from mbv3_dense.model_record import RECORD_KEY, build_from_record, read_model_record
+from mbv3_dense.checkpoints.model_record import RECORD_KEY, build_from_record, read_model_record
+from mbv3_dense.training.cli import auto_precision
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--trainer.accelerator", "cpu", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",

@@ -19,8 +19,8 @@ from mbv3_dense.classification.data import ClassificationBatch
 from mbv3_dense.classification.module import ClassificationModule
 from mbv3_dense.classification.transforms import ERASE_FILL
 from mbv3_dense.constants import IMAGENET_MEAN, IMAGENET_STD
-from mbv3_dense.image_io import ImageReadError, read_image_rgb, read_label_png
-from mbv3_dense.sampling import train_loader, worker_init
+from mbv3_dense.data.image_io import ImageReadError, read_image_rgb, read_label_png
+from mbv3_dense.data.sampling import train_loader, worker_init
 from segmentation.transforms import CropDraw, ScaleCropFlip
 
 

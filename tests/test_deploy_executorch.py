@@ -229,7 +229,7 @@ def test_latency_callback_exports_current_weights_and_changes_nothing(tiny, back
     import random
     from types import SimpleNamespace
 
-    from mbv3_dense.latency import LatencyCallback
+    from mbv3_dense.training.latency import LatencyCallback
 
     module = _tiny_lightning_module(copy_of(tiny))
     module.train()
@@ -255,7 +255,7 @@ def test_latency_callback_schedule_survives_a_resume_and_runs_exports_on_rank_ze
     (so a resumed run measures where the uninterrupted one would), and other ranks never export."""
     from types import SimpleNamespace
 
-    from mbv3_dense.latency import Latency, LatencyCallback
+    from mbv3_dense.training.latency import Latency, LatencyCallback
 
     def fake_measure(self, pl_module, example):
         calls.append(self.key)
@@ -297,7 +297,7 @@ def test_task_configs_log_xnnpack_int8_latency_beside_the_metric(config, tmp_pat
                            "--print_config"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     callbacks = yaml.safe_load(proc.stdout)["trainer"]["callbacks"]
-    latency = [c["init_args"] for c in callbacks if c["class_path"] == "mbv3_dense.latency.LatencyCallback"]
+    latency = [c["init_args"] for c in callbacks if c["class_path"] == "mbv3_dense.training.latency.LatencyCallback"]
     backends = sorted((c["backend"], c["int8"]) for c in latency)
     assert backends == [("executorch", True), ("torch", False)]
     exported = next(c for c in latency if c["backend"] == "executorch")
@@ -305,7 +305,7 @@ def test_task_configs_log_xnnpack_int8_latency_beside_the_metric(config, tmp_pat
 
 
 def test_latency_callback_rejects_int8_on_torch():
-    from mbv3_dense.latency import LatencyCallback
+    from mbv3_dense.training.latency import LatencyCallback
 
     with pytest.raises(ValueError, match="int8 needs backend"):
         LatencyCallback(backend="torch", int8=True)

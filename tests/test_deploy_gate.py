@@ -224,7 +224,7 @@ def test_dynamic_segment_program_equals_eager_at_three_sizes(segment_gate, segme
 
 
 def test_predict_script_runs_the_dynamic_program_at_each_image_size(segment_gate, segmenter, tmp_path):
-    from mbv3_dense.image_io import read_label_png
+    from mbv3_dense.data.image_io import read_label_png
     from segmentation.labels import label_ids_to_train_ids
 
     _, out = segment_gate

@@ -14,7 +14,7 @@ from detection.annotations import AnnotationError, CategoryMap, load_coco
 from detection.data import CocoDataModule
 from detection.synthetic import DetectionSpec, generate_coco
 from detection.transforms import RandomIoUCrop, ZoomOut, train_transform
-from mbv3_dense.image_io import ImageReadError
+from mbv3_dense.data.image_io import ImageReadError
 
 
 def _check_boxes(out: dict, size: int) -> None:
@@ -147,7 +147,7 @@ def test_validation_sampler_never_repeats_an_image():
     """The evaluation sampler every task uses: under DDP each image goes to exactly one process."""
     from types import SimpleNamespace
 
-    from mbv3_dense.sampling import evaluation_sampler
+    from mbv3_dense.data.sampling import evaluation_sampler
 
     data = list(range(10))
     assert evaluation_sampler(data, SimpleNamespace(world_size=1, global_rank=0)) is None

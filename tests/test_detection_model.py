@@ -10,8 +10,8 @@ from torchvision.models.detection import ssdlite320_mobilenet_v3_large
 
 from detection import ssdlite_mobilenet_v3_large, ssdlite_mobilenet_v3_small
 from detection.weights import from_torchvision_ssdlite
+from mbv3_dense.checkpoints.weights import WeightsError
 from mbv3_dense.complexity import count_madds, count_params
-from mbv3_dense.weights import WeightsError
 
 
 class _TorchvisionRaw(nn.Module):

@@ -225,7 +225,7 @@ def test_ddp_each_index_gets_its_augmentation_on_any_rank_and_resumes_mid_epoch(
     assert ranks_per_epoch == {0: {0, 1}, 1: {0, 1}}
     assert all(len(d) == 1 for d in seen.values()), "one sample index got two augmentations"
     from mbv3_dense.classification.data import ImageFolderDataModule
-    from mbv3_dense.sampling import SampleKey
+    from mbv3_dense.data.sampling import SampleKey
 
     cfg = yaml.safe_load((straight / "c.yaml").read_text())["data"]["init_args"]
     module = ImageFolderDataModule(**{k: v for k, v in cfg.items() if k != "num_workers"}, num_workers=0)
@@ -251,7 +251,7 @@ def test_ddp_each_index_gets_its_augmentation_on_any_rank_and_resumes_mid_epoch(
 def test_seeded_sampler_shards_an_epoch_like_distributed_sampler_and_skips_on_resume() -> None:
     from torch.utils.data import DistributedSampler
 
-    from mbv3_dense.sampling import SampleKey, SeededSampler
+    from mbv3_dense.data.sampling import SampleKey, SeededSampler
 
     data = list(range(11))  # 11 over 3 ranks: padded to 12, as DistributedSampler does
     shards = []
@@ -274,7 +274,7 @@ def test_augmentation_is_a_function_of_the_key_and_leaves_global_generators_alon
     import numpy as np
 
     from detection.transforms import train_transform
-    from mbv3_dense.sampling import SampleKey, sample_randomness
+    from mbv3_dense.data.sampling import SampleKey, sample_randomness
 
     pipeline = train_transform(image_size=64, zoom_out_p=0.5, photometric_p=0.5)
     image = np.random.default_rng(0).integers(0, 255, (80, 100, 3), dtype=np.uint8)

@@ -1,4 +1,4 @@
-"""The PNG path of mbv3_dense.image_io: libspng (pyspng) behind the CRC and completeness checks, PIL as the strict
+"""The PNG path of mbv3_dense.data.image_io: libspng (pyspng) behind the CRC and completeness checks, PIL as the strict
 fallback, and decoding that stops after the rows a crop needs."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mbv3_dense import image_io
-from mbv3_dense.image_io import ImageReadError, png_layout, read_image_rgb, read_label_png
+from mbv3_dense.data import image_io
+from mbv3_dense.data.image_io import ImageReadError, png_layout, read_image_rgb, read_label_png
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -182,7 +182,7 @@ def _benchmark_script() -> object:
 
 def test_the_benchmarks_crop_rows_cover_every_row_the_training_crop_reads() -> None:
     """Rows below ``crop_rows`` can be anything: the crop (image and mask) comes out the same."""
-    from mbv3_dense.sampling import SampleKey, sample_randomness
+    from mbv3_dense.data.sampling import SampleKey, sample_randomness
     from segmentation.transforms import train_transform
 
     crop_rows = _benchmark_script().crop_rows

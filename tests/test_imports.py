@@ -3,6 +3,8 @@
 - The trunk (``mbv3_dense`` without ``mbv3_dense.classification``) imports no task package; only its
   ``__init__`` names the classifier's builders (``mbv3_dense.mobilenet_v3_large``, the public face).
 - A task package (``mbv3_dense.classification``, ``detection``, ``segmentation``) imports no other one.
+- The trunk is grouped by kind: the network at the top (``layers``, ``backbone``, ...) imports none of
+  ``training``, ``checkpoints``, ``data`` or ``deploy``; ``checkpoints`` and ``data`` import no ``deploy``.
 - No import cycle among the project's modules, counting imports inside functions too (a late import
   only hides a cycle).
 """
@@ -128,6 +130,29 @@ def test_no_import_across_task_packages(graph: dict[str, set[str]]) -> None:
 def test_no_import_cycle(graph: dict[str, set[str]]) -> None:
     found = cycles(graph)
     assert not found, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in found)
+
+
+# Trunk groups by kind, and the groups each may not import.
+KIND_GROUPS = ("training", "checkpoints", "data", "deploy")
+FORBIDDEN_BY_KIND = {"network": set(KIND_GROUPS), "checkpoints": {"deploy"}, "data": {"deploy"}}
+
+
+def trunk_kind(module: str) -> str | None:
+    """``network`` for a top-level trunk module, the group's name inside a group, None elsewhere."""
+    parts = module.split(".")
+    if parts[0] != "mbv3_dense" or len(parts) == 1 or parts[1] == "__main__":
+        return None
+    if parts[1] in KIND_GROUPS or parts[1] == "classification":
+        return parts[1]
+    return "network"
+
+
+def test_the_trunk_is_layered_by_kind(graph: dict[str, set[str]]) -> None:
+    assert {trunk_kind(m) for m in graph} >= {"network", *KIND_GROUPS}, "a trunk group is missing"
+    violations = [f"{module} ({kind}) imports {target}" for module, targets in sorted(graph.items())
+                  if (kind := trunk_kind(module)) in FORBIDDEN_BY_KIND
+                  for target in sorted(targets) if trunk_kind(target) in FORBIDDEN_BY_KIND[kind]]
+    assert not violations, "\n".join(violations)
 
 
 def test_the_checker_sees_nested_and_relative_imports(tmp_path: Path) -> None:

@@ -11,9 +11,9 @@ import torch
 from detection import ssdlite_mobilenet_v3_small
 from detection.module import DetectionModule
 from mbv3_dense import mobilenet_v3_small
+from mbv3_dense.checkpoints.model_record import build_from_record, read_model_record
 from mbv3_dense.classification.data import ClassificationBatch
 from mbv3_dense.classification.module import ClassificationModule
-from mbv3_dense.model_record import build_from_record, read_model_record
 from segmentation import lraspp_mobilenet_v3_small
 from segmentation.module import SegmentationModule
 

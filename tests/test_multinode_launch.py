@@ -1,4 +1,4 @@
-"""Multi-node launch pitfalls, refused before training with what to do (mbv3_dense.cluster).
+"""Multi-node launch pitfalls, refused before training with what to do (mbv3_dense.training.cluster).
 
 python instead of srun (one run, started as sbatch's batch step would), SLURM_NTASKS not nodes x devices,
 MASTER_ADDR unset, torchrun's world size, restarts with the shared rendezvous store; the DDP strategy the
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mbv3_dense.cluster import (
+from mbv3_dense.training.cluster import (
     DDP_TIMEOUT,
     ClusterLaunchError,
     DistributedFailureReport,

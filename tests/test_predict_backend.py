@@ -76,7 +76,7 @@ def test_classify_and_segment_steps_on_each_backend():
     every image size; ONNX Runtime: one export per size) give eager's outputs from ``predict_step``."""
     from mbv3_dense import mobilenet_v3_small
     from mbv3_dense.classification.module import ClassificationModule
-    from mbv3_dense.predict import PredictBatch
+    from mbv3_dense.data.predict import PredictBatch
     from segmentation import lraspp_mobilenet_v3_small
     from segmentation.module import SegmentationModule
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mbv3_dense.listing import ImageListError, list_images
-from mbv3_dense.predict import PredictImageDataset, collate_predict, read_for_prediction
+from mbv3_dense.data.listing import ImageListError, list_images
+from mbv3_dense.data.predict import PredictImageDataset, collate_predict, read_for_prediction
 
 
 def png(path: Path, size: tuple[int, int] = (8, 6)) -> Path:

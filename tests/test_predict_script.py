@@ -12,7 +12,7 @@ import torch
 from parity_utils import calibrate_and_perturb
 from PIL import Image
 
-from mbv3_dense.image_io import read_image_rgb
+from mbv3_dense.data.image_io import read_image_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
 

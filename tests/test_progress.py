@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from mbv3_dense.progress import LineProgressBar, progress, progress_bar_for
+from mbv3_dense.training.progress import LineProgressBar, progress, progress_bar_for
 
 
 class Terminal(io.StringIO):

@@ -212,8 +212,8 @@ def test_bad_input_is_refused(tmp_path) -> None:
 
 
 def test_checkpoints_hold_the_float_layout_and_restore_the_qat_state() -> None:
+    from mbv3_dense.checkpoints.weights import lightning_model_state, load_state_dict_strict
     from mbv3_dense.classification.module import ClassificationModule
-    from mbv3_dense.weights import lightning_model_state, load_state_dict_strict
 
     def module() -> tuple[ClassificationModule, QuantizationAwareTraining]:
         m = ClassificationModule(model=trained_like())

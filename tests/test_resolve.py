@@ -1,4 +1,4 @@
-"""``mbv3_dense.resolve``: the network of ``--weights``, from its model record or from the arguments."""
+"""``mbv3_dense.checkpoints.resolve``: the network of ``--weights``, from its model record or from the arguments."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torchvision
 
 from detection import ssdlite_mobilenet_v3_small
 from mbv3_dense import mobilenet_v3_small
-from mbv3_dense.model_record import RECORD_KEY
-from mbv3_dense.resolve import ResolveError, resolve_model
-from mbv3_dense.weights import WeightsError
+from mbv3_dense.checkpoints.model_record import RECORD_KEY
+from mbv3_dense.checkpoints.resolve import ResolveError, resolve_model
+from mbv3_dense.checkpoints.weights import WeightsError
 
 
 def lightning_ckpt(path: Path, model: torch.nn.Module, record: dict | None) -> Path:

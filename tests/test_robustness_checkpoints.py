@@ -15,8 +15,8 @@ from lightning.fabric.utilities import cloud_io
 
 from detection import ssdlite_mobilenet_v3_small
 from detection.weights import load_ssdlite_weights
-from mbv3_dense.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
-from mbv3_dense.weights import WeightsError
+from mbv3_dense.checkpoints.weights import WeightsError
+from mbv3_dense.training.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
 from segmentation import lraspp_mobilenet_v3_small
 from segmentation.weights import load_lraspp_weights
 

@@ -17,7 +17,7 @@ from detection import ssdlite_mobilenet_v3_small
 from detection.module import DetectionModule
 from mbv3_dense.classification.data import ClassificationBatch
 from mbv3_dense.classification.module import ClassificationModule
-from mbv3_dense.guards import FiniteCheckpointGuard, NonFiniteLossError
+from mbv3_dense.training.guards import FiniteCheckpointGuard, NonFiniteLossError
 from segmentation import lraspp_mobilenet_v3_small
 from segmentation.module import SegmentationModule
 

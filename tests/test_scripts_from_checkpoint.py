@@ -1,7 +1,7 @@
 """The evaluation, export and prediction scripts on the ``.ckpt`` of a real ``python -m mbv3_dense fit``.
 
 Each task's real config is shrunk to a seconds-long CPU run (``test_determinism.tiny_config``). Its
-checkpoint names its network (:mod:`mbv3_dense.model_record`), so every script takes ``--weights
+checkpoint names its network (:mod:`mbv3_dense.checkpoints.model_record`), so every script takes ``--weights
 run.ckpt`` alone, and gives the figures that the same weights give without the record (an older
 ``.ckpt``) built from the explicit arguments. Arguments that disagree with the record, and a
 checkpoint of another task, stop the script with a message naming the file.
@@ -19,7 +19,7 @@ import pytest
 import torch
 from test_determinism import CASES, tiny_config
 
-from mbv3_dense.model_record import RECORD_KEY
+from mbv3_dense.checkpoints.model_record import RECORD_KEY
 
 REPO = Path(__file__).resolve().parents[1]
 # One thread: the two evaluations compared below then compute in the same order.

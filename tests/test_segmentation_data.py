@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mbv3_dense.image_io import ImageReadError
+from mbv3_dense.data.image_io import ImageReadError
 from segmentation.data import CityscapesDataError, CityscapesDataModule, CityscapesSegmentation
 from segmentation.labels import CLASS_NAMES, label_ids_to_train_ids, train_ids_to_label_ids
 from segmentation.synthetic import CityscapesSpec, generate_cityscapes

@@ -19,9 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mbv3_dense.classes import ClassInfoError, check_class_info
-from mbv3_dense.listing import ImageFile
-from mbv3_dense.predict import PredictBatch
+from mbv3_dense.checkpoints.classes import ClassInfoError, check_class_info
+from mbv3_dense.data.listing import ImageFile
+from mbv3_dense.data.predict import PredictBatch
 from segmentation.folder import MaskFolderDataModule
 from segmentation.labels import CLASS_NAMES, PALETTE, TRAIN_TO_LABEL_ID
 from segmentation.mask_classes import distinct_palette, read_classes_file

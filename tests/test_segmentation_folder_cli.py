@@ -23,8 +23,8 @@ from test_determinism import (
     tiny_config,
 )
 
-from mbv3_dense.image_io import read_image_rgb
-from mbv3_dense.model_record import build_from_record, read_model_record
+from mbv3_dense.checkpoints.model_record import build_from_record, read_model_record
+from mbv3_dense.data.image_io import read_image_rgb
 from segmentation.synthetic import MaskFolderSpec, folder_class_color, generate_mask_folders
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mbv3_dense.classes import ClassInfoError
-from mbv3_dense.image_io import ImageReadError
+from mbv3_dense.checkpoints.classes import ClassInfoError
+from mbv3_dense.data.image_io import ImageReadError
 from segmentation.folder import MaskFolderDataModule
 from segmentation.folder_pairs import MaskFolderError
 from segmentation.mask_classes import ClassesFileError

@@ -8,8 +8,8 @@ from parity_utils import assert_input_dependent, calibrate_and_perturb
 from torchvision.models import mobilenet_v3_large as tv_mobilenet_v3_large
 from torchvision.models.segmentation import lraspp_mobilenet_v3_large as tv_lraspp
 
+from mbv3_dense.checkpoints.weights import WeightsError, load_state_dict_strict
 from mbv3_dense.complexity import count_madds, count_params
-from mbv3_dense.weights import WeightsError, load_state_dict_strict
 from segmentation import lraspp_mobilenet_v3_large, lraspp_mobilenet_v3_small
 from segmentation.model import ClampedAvgPool2d
 from segmentation.weights import from_torchvision_lraspp

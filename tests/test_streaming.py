@@ -24,10 +24,10 @@ import torch
 
 from detection.data import CocoDataModule
 from mbv3_dense.classification.data import ImageFolderDataModule
-from mbv3_dense.sampling import SampleKey
-from mbv3_dense.streaming.read import ChunkReader
-from mbv3_dense.streaming.record import FORMAT_VERSION, RECORD_KEY, StreamingDataError
-from mbv3_dense.streaming.stage import cache_folder
+from mbv3_dense.data.sampling import SampleKey
+from mbv3_dense.data.streaming.read import ChunkReader
+from mbv3_dense.data.streaming.record import FORMAT_VERSION, RECORD_KEY, StreamingDataError
+from mbv3_dense.data.streaming.stage import cache_folder
 from segmentation.data import CityscapesDataModule
 from segmentation.folder import MaskFolderDataModule
 from segmentation.synthetic import MaskFolderSpec, generate_mask_folders

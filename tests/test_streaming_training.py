@@ -86,7 +86,7 @@ def test_streaming_trains_the_weights_of_the_files_with_any_workers_and_after_si
 def test_ddp_shards_from_chunks_do_not_overlap_and_hold_the_files_samples(tmp_path: Path) -> None:
     from mbv3_dense.classification.data import ImageFolderDataModule
     from mbv3_dense.classification.synthetic import write_imagefolder
-    from mbv3_dense.sampling import SampleKey
+    from mbv3_dense.data.sampling import SampleKey
 
     case = CASES["classify"]
     data = write_imagefolder(tmp_path / "data", num_classes=3, train_per_class=10, val_per_class=1, size=40,

@@ -1,4 +1,5 @@
-"""Pretrained weights for your own classes (mbv3_dense.transfer), through the command line as a user runs it.
+"""Pretrained weights for your own classes (mbv3_dense.checkpoints.transfer), through the command line as a user
+runs it.
 
 The checkpoints are torchvision's layouts written by torchvision's own builders (random weights, BN statistics
 from a forward pass); the runs train one step with learning rate 0 and frozen BN statistics, so the written
@@ -18,7 +19,7 @@ import torch
 import torchvision
 from torchvision.models import _meta
 
-from mbv3_dense.model_record import read_model_record
+from mbv3_dense.checkpoints.model_record import read_model_record
 
 REPO = Path(__file__).resolve().parents[1]
 LR_ZERO = ["--model.init_args.optimizer", "torch.optim.AdamW", "--model.init_args.optimizer.init_args.lr", "0.0",
@@ -182,9 +183,9 @@ def test_segmenter_from_torchvision_voc_keeps_named_rows(tmp_path: Path) -> None
 def test_wrong_checkpoints_are_refused_naming_them(tmp_path: Path) -> None:
     from detection import ssdlite_mobilenet_v3_small
     from mbv3_dense import mobilenet_v3_large, mobilenet_v3_small
-    from mbv3_dense.classes import ClassInfoError
-    from mbv3_dense.model_record import RECORD_KEY
-    from mbv3_dense.weights import WeightsError
+    from mbv3_dense.checkpoints.classes import ClassInfoError
+    from mbv3_dense.checkpoints.model_record import RECORD_KEY
+    from mbv3_dense.checkpoints.weights import WeightsError
 
     torch.save(torchvision.models.mobilenet_v3_large().state_dict(), tmp_path / "large.pth")
     with pytest.raises(WeightsError, match=r"large.pth: holds a MobileNetV3-Large network, and this one is "

@@ -49,7 +49,7 @@ def mobilenet_v3_large(
         weights: path to a checkpoint: torchvision, mmpretrain, timm or this project's ``.ckpt``. A checkpoint
             with other classes loads too: everything but the last Linear as it is, that layer afresh
             except the rows of the classes named alike in ``class_names`` and the checkpoint's names
-            (logged; :mod:`mbv3_dense.transfer`).
+            (logged; :mod:`mbv3_dense.checkpoints.transfer`).
         class_names: the name of each class, in output order (an image folder's class folders).
         keep_class_rows: with ``weights`` of other classes, the pretrained rows of the classes named alike
             are kept (False: the whole class layer starts fresh).

@@ -3,16 +3,16 @@
 Layout: ``root/train/<class>/**/<image>`` and ``root/val/<class>/**/<image>`` (ImageNet's
 ``ILSVRC2012_img_val`` sorted into class folders, as torchvision's reference scripts expect).
 Class indices are the sorted training folder names. Files are recognised by extension (case
-insensitive, :data:`~mbv3_dense.listing.IMAGE_EXTENSIONS`); anything else is counted and ignored. Images are
-decoded by :func:`mbv3_dense.image_io.read_image_rgb` (EXIF orientation applied; grayscale,
+insensitive, :data:`~mbv3_dense.data.listing.IMAGE_EXTENSIONS`); anything else is counted and ignored. Images are
+decoded by :func:`mbv3_dense.data.image_io.read_image_rgb` (EXIF orientation applied; grayscale,
 palette, RGBA, CMYK, 16-bit converted to RGB).
 
-Bad files: ``on_bad_image="error"`` (default) raises :class:`~mbv3_dense.image_io.ImageReadError`
+Bad files: ``on_bad_image="error"`` (default) raises :class:`~mbv3_dense.data.image_io.ImageReadError`
 naming the file; ``"skip"`` drops the sample from its batch with a warning naming the file, and
 each batch carries the number it dropped (``ClassificationBatch.skipped``), which the
 :class:`~mbv3_dense.classification.module.ClassificationModule` sums into ``data/skipped_images``.
 
-Streaming (``streaming``: ``scripts/prepare_streaming.py --task classify``'s chunks, :mod:`mbv3_dense.streaming`):
+Streaming (``streaming``: ``scripts/prepare_streaming.py --task classify``'s chunks, :mod:`mbv3_dense.data.streaming`):
 item ``i`` of a split holds the bytes of the file sample ``i`` reads, its label and its path; the class names
 come from the chunks' record.
 """
@@ -32,14 +32,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from mbv3_dense.classes import ClassInfo, check_class_info
+from mbv3_dense.checkpoints.classes import ClassInfo, check_class_info
 from mbv3_dense.classification.transforms import eval_transform, train_transform
-from mbv3_dense.image_io import ImageReadError, decode_image_rgb, read_image_rgb
-from mbv3_dense.listing import IMAGE_EXTENSIONS, ImageList, is_image_name, predict_images_for
-from mbv3_dense.predict import DEFAULT_MAX_PIXELS, predict_loader
-from mbv3_dense.sampling import SampleKey, as_sample_key, eval_loader, sample_randomness, train_loader
-from mbv3_dense.streaming.read import ChunkReader, open_split
-from mbv3_dense.streaming.record import ChunkRecord, ChunkSource, StreamingDataError
+from mbv3_dense.data.image_io import ImageReadError, decode_image_rgb, read_image_rgb
+from mbv3_dense.data.listing import IMAGE_EXTENSIONS, ImageList, is_image_name, predict_images_for
+from mbv3_dense.data.predict import DEFAULT_MAX_PIXELS, predict_loader
+from mbv3_dense.data.sampling import SampleKey, as_sample_key, eval_loader, sample_randomness, train_loader
+from mbv3_dense.data.streaming.read import ChunkReader, open_split
+from mbv3_dense.data.streaming.record import ChunkRecord, ChunkSource, StreamingDataError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,8 @@ BadImagePolicy = Literal["error", "skip"]
 
 class ClassificationBatch(NamedTuple):
     """A collated batch. ``images``: uint8 ``[N, 3, H, W]`` RGB as loaded (the module turns them into the
-    network's normalised float input on the device, :meth:`~mbv3_dense.task.TaskModule.on_after_batch_transfer`);
+    network's normalised float input on the device,
+    :meth:`~mbv3_dense.training.task.TaskModule.on_after_batch_transfer`);
     ``labels``: int64 ``[N]`` class indices; ``skipped``: int64 scalar, samples dropped as unreadable."""
 
     images: Tensor
@@ -120,8 +121,8 @@ class ImageFolderDataset(Dataset):
         return read_image_rgb(path), label
 
     def __getitem__(self, key: int | SampleKey) -> tuple[Tensor, int] | None:
-        """``key``: an index, or the :class:`~mbv3_dense.sampling.SampleKey` a training sampler yields;
-        the transform's random draws are a function of it (:func:`~mbv3_dense.sampling.sample_randomness`)."""
+        """``key``: an index, or the :class:`~mbv3_dense.data.sampling.SampleKey` a training sampler yields;
+        the transform's random draws are a function of it (:func:`~mbv3_dense.data.sampling.sample_randomness`)."""
         try:
             array, label = self.read(as_sample_key(key).index)
         except ImageReadError as err:
@@ -177,7 +178,7 @@ class ImageFolderDataModule(L.LightningDataModule):
     Class folders: every class must have training images (an empty training class folder is an
     error naming it, since its index would be unlearnable); validation class folders must be a
     subset of the training ones (a missing or empty one is logged). Training batches are drawn by a
-    :class:`~mbv3_dense.sampling.SeededSampler` (order fixed by seed and epoch, sharded over the
+    :class:`~mbv3_dense.data.sampling.SeededSampler` (order fixed by seed and epoch, sharded over the
     processes under DDP; a resumed epoch continues where it stopped), and each sample's augmentation
     is a function of ``(seed, epoch, index)``: worker count, rank and resumes change nothing.
     Validation under DDP uses an unpadded distributed sampler, so every image is counted once
@@ -198,13 +199,13 @@ class ImageFolderDataModule(L.LightningDataModule):
             drop it from its batch, count it).
         pin_memory: pin host memory for faster copies to the GPU.
         predict_images: what ``lightning predict`` runs on: a folder (read recursively), a glob or a
-            text file of paths (:func:`mbv3_dense.listing.list_images`). Each image goes through the
+            text file of paths (:func:`mbv3_dense.data.listing.list_images`). Each image goes through the
             validation transform (short side ``val_resize_size``, centre crop ``crop_size``), in
             batches of ``batch_size``; class names come from ``root/train`` when it exists.
         predict_max_pixels: images with more pixels are skipped with a warning naming them.
         streaming: train and validate from ``scripts/prepare_streaming.py --task classify``'s chunks in this
             folder or URL (``<streaming>/train``, ``<streaming>/val``) instead of ``root``'s files: the same
-            samples, classes and augmentation (:mod:`mbv3_dense.streaming`). ``root`` is then only read for
+            samples, classes and augmentation (:mod:`mbv3_dense.data.streaming`). ``root`` is then only read for
             ``lightning predict``'s class names.
     """
 
@@ -262,7 +263,7 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     @property
     def class_info(self) -> ClassInfo:
-        """What checkpoints record of the classes (:mod:`mbv3_dense.classes`): their names."""
+        """What checkpoints record of the classes (:mod:`mbv3_dense.checkpoints.classes`): their names."""
         source = self.chunks("train").location if self.streaming else str(self.root / "train")
         return check_class_info({"names": self.class_names}, source)
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mbv3_dense.data.image_io import read_image_rgb
 from mbv3_dense.deploy.gate import GateData, GateDataError
-from mbv3_dense.image_io import read_image_rgb
-from mbv3_dense.progress import progress
+from mbv3_dense.training.progress import progress
 
 
 def _image_folder_split(root: Path) -> Path:
@@ -21,7 +21,7 @@ def _image_folder_split(root: Path) -> Path:
 
 def is_image_folder(root: Path) -> bool:
     """Class folders holding images, in ``root`` or ``root/val``."""
-    from mbv3_dense.listing import IMAGE_EXTENSIONS
+    from mbv3_dense.data.listing import IMAGE_EXTENSIONS
 
     split = _image_folder_split(root)
     return any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from mbv3_dense.backbone import MobileNetV3
-from mbv3_dense.classes import network_class_names
+from mbv3_dense.checkpoints.classes import network_class_names
 from mbv3_dense.constants import IMAGENET_MEAN, IMAGENET_STD
 from mbv3_dense.layers import Normalize, init_weights
 

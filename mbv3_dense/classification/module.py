@@ -14,9 +14,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from mbv3_dense.classification.data import ClassificationBatch
 from mbv3_dense.classification.predict import ClassificationWriter, TopK, draw_top5, top_k
-from mbv3_dense.guards import NonFinitePolicy, check_loss
-from mbv3_dense.predict import PredictBatch
-from mbv3_dense.task import PredictBackend, TaskModule
+from mbv3_dense.data.predict import PredictBatch
+from mbv3_dense.training.guards import NonFinitePolicy, check_loss
+from mbv3_dense.training.task import PredictBackend, TaskModule
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class ClassificationModule(TaskModule):
     With ``ema_decay`` the module keeps ``model_ema``, an exponential moving average of
     ``model``'s weights updated after every optimizer step; validation then uses it, and it is
     saved in (and resumed from) the checkpoint under ``model_ema.*``, which
-    :func:`mbv3_dense.weights.lightning_model_state` prefers when loading the ``.ckpt``.
+    :func:`mbv3_dense.checkpoints.weights.lightning_model_state` prefers when loading the ``.ckpt``.
 
     Args:
         model: the network, ``[N, 3, H, W] -> [N, num_classes]`` logits, e.g.
@@ -64,7 +64,7 @@ class ClassificationModule(TaskModule):
         ema_decay: per-step decay of the weight average; ``None`` disables it.
         optimizer, scheduler (stepped once per epoch), lr_batch_size, weight_decay_norm_bias,
             nonfinite_loss, channels_last, compile, freeze_backbone_epochs, backbone_lr_multiplier,
-            freeze_bn_statistics, predict_backend: as :class:`~mbv3_dense.task.TaskModule`.
+            freeze_bn_statistics, predict_backend: as :class:`~mbv3_dense.training.task.TaskModule`.
     """
 
     task = "classify"
@@ -188,7 +188,7 @@ class ClassificationModule(TaskModule):
 
     def draw_predictions(self, images: list[Tensor]) -> list[Image.Image]:
         """Validation crops (uint8 ``[3, H, W]``) with their top-5 drawn
-        (:class:`~mbv3_dense.callbacks.ValidationPictures`)."""
+        (:class:`~mbv3_dense.training.callbacks.ValidationPictures`)."""
         x = self.images_to_input(torch.stack(images).to(self.device))
         top = self.eval_model(x).float().softmax(dim=1).topk(min(5, self.num_classes), dim=1)
         names = (self.class_info or {}).get("names") or [str(i) for i in range(self.num_classes)]

@@ -20,8 +20,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from mbv3_dense.listing import ImageFile
-from mbv3_dense.predict import PredictionWriter, draw_text_block, font_for, to_pil
+from mbv3_dense.data.listing import ImageFile
+from mbv3_dense.data.predict import PredictionWriter, draw_text_block, font_for, to_pil
 
 
 class TopK(NamedTuple):
@@ -54,7 +54,7 @@ class ClassificationWriter(PredictionWriter):
     """Writes :class:`TopK` predictions (see the module docstring for the layout).
 
     Args:
-        output_dir / overwrite / pictures / class_info: as :class:`~mbv3_dense.predict.PredictionWriter`.
+        output_dir / overwrite / pictures / class_info: as :class:`~mbv3_dense.data.predict.PredictionWriter`.
     """
 
     task = "classify"

@@ -1,7 +1,7 @@
 """torchvision's ImageNet transforms for MobileNetV3 training and evaluation, uint8 ``[3, H, W]`` in and out.
 
 Conversion to float and normalisation happen after the batch reaches the device
-(:meth:`mbv3_dense.task.TaskModule.on_after_batch_transfer`, with the network's own ``normalize``):
+(:meth:`mbv3_dense.training.task.TaskModule.on_after_batch_transfer`, with the network's own ``normalize``):
 a uint8 batch is a quarter of the bytes of a float one, and the loader workers do no float work.
 """
 

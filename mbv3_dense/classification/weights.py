@@ -1,4 +1,4 @@
-"""ImageNet classifier checkpoints: every layout :mod:`mbv3_dense.weights` reads (torchvision, mmpretrain,
+"""ImageNet classifier checkpoints: every layout :mod:`mbv3_dense.checkpoints.weights` reads (torchvision, mmpretrain,
 timm, our ``.ckpt``), loaded into a :class:`~mbv3_dense.classification.model.MobileNetV3Classifier`."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+from mbv3_dense.checkpoints.transfer import check_task, load_checkpoint_state
+from mbv3_dense.checkpoints.weights import extract_state_dict, read_checkpoint, to_classifier_layout
 from mbv3_dense.layers import set_bn_eps
-from mbv3_dense.transfer import check_task, load_checkpoint_state
-from mbv3_dense.weights import extract_state_dict, read_checkpoint, to_classifier_layout
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ def load_classifier_weights(model: nn.Module, path: str | Path, *, keep_class_ro
     """Load a classifier checkpoint of any supported layout into ``model``.
 
     Strict, except that a checkpoint with other classes (count or names) loads into a network with a new
-    last Linear (:func:`mbv3_dense.transfer.load_checkpoint_state`: rows of classes named alike kept,
+    last Linear (:func:`mbv3_dense.checkpoints.transfer.load_checkpoint_state`: rows of classes named alike kept,
     logged). Returns the detected layout. timm checkpoints switch every BN to timm's eps (1e-5).
     """
     checkpoint = read_checkpoint(path)
@@ -39,7 +39,7 @@ def count_classes(state: Mapping[str, Tensor], container: str, probe: nn.Module,
     """The class count of a classifier state dict (any layout :func:`load_classifier_weights` reads), or None.
 
     Args:
-        state / container: as :func:`~mbv3_dense.weights.extract_state_dict` returns them.
+        state / container: as :func:`~mbv3_dense.checkpoints.weights.extract_state_dict` returns them.
         probe: a classifier of the same architecture (its backbone tells mmpretrain's and timm's layouts apart).
         source: the file, for messages.
     """

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mbv3_dense.data.image_io import read_image_rgb
 from mbv3_dense.deploy.backend import detect
 from mbv3_dense.deploy.dynamic import SizeRange, fit_size
 from mbv3_dense.deploy.options import calibration_files
 from mbv3_dense.deploy.parity import check_program
-from mbv3_dense.image_io import read_image_rgb
 
 
 def load_calibration(folder: Path, count: int, size: tuple[int, int], task: str, model: nn.Module, *,

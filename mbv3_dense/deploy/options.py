@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mbv3_dense.data.listing import IMAGE_EXTENSIONS
 from mbv3_dense.deploy.backend import BACKENDS
-from mbv3_dense.listing import IMAGE_EXTENSIONS
 
 
 def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,7 +83,7 @@ def calibration_files(folder: str | Path, count: int) -> list[Path]:
 
 def calibration_images(folder: str | Path, count: int) -> list[np.ndarray]:
     """``count`` RGB ``uint8 [H, W, 3]`` images read from ``folder`` (see :func:`calibration_files`)."""
-    from mbv3_dense.image_io import read_image_rgb
+    from mbv3_dense.data.image_io import read_image_rgb
 
     return [read_image_rgb(path) for path in calibration_files(folder, count)]
 

@@ -509,7 +509,7 @@ class QuantizationAwareTraining(L.Callback):
         _check_trained(dict(self.network.graph.named_buffers()))
         if not self.ptq_baseline or trainer.global_rank != 0 or trainer.global_step > 0:
             return
-        from mbv3_dense.callbacks import _fresh_loader
+        from mbv3_dense.training.callbacks import _fresh_loader
 
         path = self.pte_path(trainer).with_name("ptq_int8.pte")
         inputs = []

@@ -3,8 +3,8 @@ batch, weight decay, the non-finite loss policy, and the hooks the callbacks cal
 
 :class:`TaskModule` is the base of :class:`~mbv3_dense.classification.module.ClassificationModule`,
 :class:`~detection.module.DetectionModule` and :class:`~segmentation.module.SegmentationModule`;
-:class:`InferenceHooks` declares what :class:`~mbv3_dense.latency.LatencyCallback` and
-:class:`~mbv3_dense.callbacks.PreciseBN` call on a module.
+:class:`InferenceHooks` declares what :class:`~mbv3_dense.training.latency.LatencyCallback` and
+:class:`~mbv3_dense.training.callbacks.PreciseBN` call on a module.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from mbv3_dense.classes import ClassInfo
-from mbv3_dense.guards import NonFinitePolicy
-from mbv3_dense.model_record import RECORD_KEY
-from mbv3_dense.predict import data_class_info
+from mbv3_dense.checkpoints.classes import ClassInfo
+from mbv3_dense.checkpoints.model_record import RECORD_KEY
+from mbv3_dense.data.predict import data_class_info
+from mbv3_dense.training.guards import NonFinitePolicy
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class TaskModule(L.LightningModule):
         weight_decay_norm_bias: also apply the optimizer's weight decay to norm layers and biases
             (off by default: the paper's TensorFlow models and torchvision's classification recipe
             decay convolution and linear weights only).
-        nonfinite_loss: ``"stop"`` raises :class:`~mbv3_dense.guards.NonFiniteLossError` naming
+        nonfinite_loss: ``"stop"`` raises :class:`~mbv3_dense.training.guards.NonFiniteLossError` naming
             the step at the first NaN/inf loss; ``"skip"`` skips that batch's update and counts it
             (``train/skipped_nonfinite``).
         channels_last: the network's weights and its input batches in channels-last memory format
@@ -111,8 +111,10 @@ class TaskModule(L.LightningModule):
             pre- and postprocessing stay in PyTorch.
     """
 
-    task: ClassVar[str]  # "classify" | "detect" | "segment", recorded in checkpoints (mbv3_dense.model_record)
-    monitor: ClassVar[str]  # the logged metric (higher is better) the run's best checkpoint keeps (mbv3_dense.cli)
+    # "classify" | "detect" | "segment", recorded in checkpoints (mbv3_dense.checkpoints.model_record)
+    task: ClassVar[str]
+    # the logged metric (higher is better) the run's best checkpoint keeps (mbv3_dense.training.cli)
+    monitor: ClassVar[str]
     scheduler_interval: ClassVar[Literal["epoch", "step"]] = "epoch"
     # Exported latency runs ``model.preprocess`` -> runtime -> ``model.postprocess`` (detection: the
     # network alone is not what a user runs); otherwise the runtime alone.
@@ -158,7 +160,7 @@ class TaskModule(L.LightningModule):
     # ------------------------------------------------------------------ classes
     @property
     def class_info(self) -> ClassInfo | None:
-        """What the network's outputs mean (:mod:`mbv3_dense.classes`): from the checkpoint it was restored
+        """What the network's outputs mean (:mod:`mbv3_dense.checkpoints.classes`): from the checkpoint it was restored
         from, else the training data, else the network's ``class_names``; recorded in every checkpoint."""
         if self._class_info is not None:
             return self._class_info
@@ -323,7 +325,7 @@ class TaskModule(L.LightningModule):
         return torch.randn(1, 3, height, width, device=self.device).contiguous(memory_format=self._memory_format)
 
     def inference_step(self, x: Tensor) -> object:
-        """One inference as timed by :class:`~mbv3_dense.latency.LatencyCallback`: the network's forward."""
+        """One inference as timed by :class:`~mbv3_dense.training.latency.LatencyCallback`: the network's forward."""
         return self(x)
 
     def precise_bn_forward(self, batch: Any) -> None:

@@ -20,13 +20,13 @@ from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonito
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
-from mbv3_dense.callbacks import ResumeState, ValidationPictures
-from mbv3_dense.checkpoint_io import AtomicCheckpointIO
-from mbv3_dense.cluster import prepare_trainer
+from mbv3_dense.checkpoints.model_record import ModelRecord, import_object, read_model_record
 from mbv3_dense.errors import InputError
-from mbv3_dense.guards import FiniteCheckpointGuard
-from mbv3_dense.model_record import ModelRecord, import_object, read_model_record
-from mbv3_dense.progress import progress_bar_for
+from mbv3_dense.training.callbacks import ResumeState, ValidationPictures
+from mbv3_dense.training.checkpoint_io import AtomicCheckpointIO
+from mbv3_dense.training.cluster import prepare_trainer
+from mbv3_dense.training.guards import FiniteCheckpointGuard
+from mbv3_dense.training.progress import progress_bar_for
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class MBV3CLI(LightningCLI):
       checkpoint's model record (validate/test/predict ``--ckpt_path``), else from the data module;
     - the safety callbacks (``--safety_callbacks``); in ``fit``, the best and last checkpoints
       (``--checkpoints.*``, under ``<default_root_dir>/checkpoints``), the LR monitor and validation pictures;
-    - the network's builder and arguments in every checkpoint (:mod:`mbv3_dense.model_record`);
+    - the network's builder and arguments in every checkpoint (:mod:`mbv3_dense.checkpoints.model_record`);
     - ``predict``: the module's own prediction writer (``--writer.*``) on one device when the config names none.
     """
 
@@ -294,7 +294,8 @@ class MBV3CLI(LightningCLI):
             bar = progress_bar_for(sys.stdout)
             if bar is not None:
                 callbacks = [*callbacks, bar]
-        callbacks = prepare_trainer(config, callbacks)  # multi-node checks, DDP timeout (mbv3_dense/cluster.py)
+        # multi-node checks, DDP timeout (mbv3_dense/training/cluster.py)
+        callbacks = prepare_trainer(config, callbacks)
         config["callbacks"] = [*config["callbacks"], *callbacks]
         return super().instantiate_trainer(**config)
 

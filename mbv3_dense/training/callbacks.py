@@ -15,8 +15,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mbv3_dense.sampling import SeededSampler
-from mbv3_dense.task import InferenceHooks
+from mbv3_dense.data.sampling import SeededSampler
+from mbv3_dense.training.task import InferenceHooks
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class ResumeState(L.Callback):
     reads them) and, when training starts from a checkpoint, restores them at ``on_train_start``,
     after the data loaders were created and the sanity check ran, i.e. just before the next
     training batch is drawn. The data order continues where it stopped because every data module
-    of this project builds its sampler with :func:`~mbv3_dense.sampling.training_sampler`, which
+    of this project builds its sampler with :func:`~mbv3_dense.data.sampling.training_sampler`, which
     skips the batches the interrupted epoch had done; with another sampler this warns.
 
     Since samples draw their augmentation from ``(seed, epoch, index)``, a run resumed from a step
@@ -159,7 +159,7 @@ class ResumeState(L.Callback):
         sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None) or getattr(loader, "sampler", None)
         if done and not isinstance(sampler, SeededSampler):
             log.warning("resuming epoch %d after %d batches with a sampler that cannot skip them: the epoch "
-                        "restarts its data order (use mbv3_dense.sampling.training_sampler)",
+                        "restarts its data order (use mbv3_dense.data.sampling.training_sampler)",
                         trainer.current_epoch, done)
         if self._loaded is not None:
             states, self._loaded = self._loaded, None

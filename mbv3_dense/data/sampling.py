@@ -207,7 +207,7 @@ def train_loader(dataset: Dataset, *, trainer: object | None, batch_size: int, n
     persistent one-thread workers, and host memory pinned when a CUDA device is there to copy to.
 
     The loader's own generator (:func:`loader_generator`) keeps ``iter()`` from drawing on the global
-    RNG (dropout's), whose state :class:`~mbv3_dense.callbacks.ResumeState` restores.
+    RNG (dropout's), whose state :class:`~mbv3_dense.training.callbacks.ResumeState` restores.
     """
     return DataLoader(dataset, batch_size=batch_size, sampler=training_sampler(dataset, trainer, batch_size),
                       drop_last=drop_last, num_workers=num_workers, collate_fn=collate_fn,

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from mbv3_dense.streaming.record import INDEX_FILE, StreamingDataError
+from mbv3_dense.data.streaming.record import INDEX_FILE, StreamingDataError
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def stage_chunks(url: str, index_text: str, chunks: Sequence[Chunk], *, threads:
     """
     from filelock import FileLock
 
-    from mbv3_dense.progress import progress
+    from mbv3_dense.training.progress import progress
 
     folder = cache_folder(url)
     folder.mkdir(parents=True, exist_ok=True)

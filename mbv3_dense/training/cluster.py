@@ -200,7 +200,8 @@ def _timed_strategy(strategy: Any, layout: Layout | None, accelerator: Any) -> A
     entry = dict.get(StrategyRegistry, name)  # the registry's own ``get`` would build the strategy
     if entry is None or entry["strategy"] is not DDPStrategy:
         return strategy
-    _log_rank_zero("DDP process-group timeout %.0f s (mbv3_dense.cluster.DDP_TIMEOUT; torch's default is 1800 s): a "
+    _log_rank_zero("DDP process-group timeout %.0f s (mbv3_dense.training.cluster.DDP_TIMEOUT; torch's default is "
+                   "1800 s): a "
                    "process whose peer died or hangs stops with an error after at most this long",
                    DDP_TIMEOUT.total_seconds())
     return DDPStrategy(**entry["init_params"], timeout=DDP_TIMEOUT)

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mbv3_dense.streaming.record import (
+from mbv3_dense.data.streaming.record import (
     DEFAULT_CHUNK_BYTES,
     INDEX_FILE,
     RECORD_KEY,

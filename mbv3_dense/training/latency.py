@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from mbv3_dense.complexity import count_madds, count_params
 from mbv3_dense.deploy.timing import Latency, measure_latency
-from mbv3_dense.task import InferenceHooks
+from mbv3_dense.training.task import InferenceHooks
 
 log = logging.getLogger(__name__)
 

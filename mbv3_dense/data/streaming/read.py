@@ -10,7 +10,7 @@ from bisect import bisect_right
 from pathlib import Path
 from typing import Any
 
-from mbv3_dense.streaming.record import (
+from mbv3_dense.data.streaming.record import (
     FORMAT_VERSION,
     INDEX_FILE,
     RECORD_KEY,
@@ -19,7 +19,7 @@ from mbv3_dense.streaming.record import (
     is_url,
     split_location,
 )
-from mbv3_dense.streaming.stage import Chunk, download, stage_chunks
+from mbv3_dense.data.streaming.stage import Chunk, download, stage_chunks
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 head of an evaluation summary.
 
 A ``.ckpt`` written by ``lightning fit`` carries its network's builder and arguments
-(:mod:`mbv3_dense.model_record`), so ``--weights run.ckpt`` is all a script needs. Files without
+(:mod:`mbv3_dense.checkpoints.model_record`), so ``--weights run.ckpt`` is all a script needs. Files without
 that record (torchvision's, mmpretrain's and timm's checkpoints, our plain state dicts, ``.ckpt``
 files from before the record) are built from ``--arch``, ``--num-classes``, ``--width-mult``,
 ``--reduced-tail``, ``--variant`` (segment) and ``--score-activation`` (detect); the class count,
@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from torch import nn
 
+from mbv3_dense.checkpoints.model_record import RECORD_KEY, TASKS, build_from_record, import_object, read_model_record
+from mbv3_dense.checkpoints.weights import WeightsError, extract_state_dict, read_checkpoint
 from mbv3_dense.errors import InputError
-from mbv3_dense.model_record import RECORD_KEY, TASKS, build_from_record, import_object, read_model_record
-from mbv3_dense.weights import WeightsError, extract_state_dict, read_checkpoint
 
 if TYPE_CHECKING:
-    from mbv3_dense.latency import Latency
+    from mbv3_dense.training.latency import Latency
 
 ARCHS = ("large", "small")
 # Each task's builders (``{arch}`` filled in), for files without a model record, and its weight loader.

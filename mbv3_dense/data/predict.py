@@ -1,7 +1,7 @@
 """Prediction on a user's own images: tolerant reading, batching, and the writer base class.
 
 The three tasks share everything here; each task package adds its writer (what to write for one
-image) and its LightningModule's ``predict_step``. The images come from :func:`mbv3_dense.listing.list_images`.
+image) and its LightningModule's ``predict_step``. The images come from :func:`mbv3_dense.data.listing.list_images`.
 
 - :class:`PredictImageDataset` reads each file at its original size. A file that cannot be used
   (not an image, truncated, missing, more than ``max_pixels``) does not stop the run: it travels
@@ -33,9 +33,9 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from mbv3_dense.image_io import ImageReadError, read_image_rgb
-from mbv3_dense.listing import ImageFile
-from mbv3_dense.sampling import worker_init
+from mbv3_dense.data.image_io import ImageReadError, read_image_rgb
+from mbv3_dense.data.listing import ImageFile
+from mbv3_dense.data.sampling import worker_init
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class PredictImageDataset(Dataset):
     """Items ``(ImageFile, uint8 [3, H, W] or None, transformed input or None, note or SkippedFile)``.
 
     Args:
-        files: the images (:func:`~mbv3_dense.listing.list_images`).
+        files: the images (:func:`~mbv3_dense.data.listing.list_images`).
         transform: maps the uint8 ``[3, H, W]`` image to what ``predict_step`` takes as ``inputs`` (``None``:
             the model's own preprocessing runs in ``predict_step``).
         max_pixels: larger images are skipped.
@@ -198,7 +198,7 @@ class PredictionWriter(BasePredictionWriter):
         output_dir: where to write (``None``: ``<default_root_dir>/predictions``).
         overwrite: replace an earlier run's results in ``output_dir``.
         pictures: also draw the predictions on the images (off for large runs).
-        class_info: what the network's outputs mean (:mod:`mbv3_dense.classes`).
+        class_info: what the network's outputs mean (:mod:`mbv3_dense.checkpoints.classes`).
     """
 
     task = "predict"

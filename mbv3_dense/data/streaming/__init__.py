@@ -5,31 +5,32 @@ per sample of the data module's own dataset, in the dataset's order: the file's 
 and ``--data.streaming DIR_OR_URL`` makes the data modules read those items instead of the files. The item
 with index ``i`` holds the bytes of the file the dataset's sample ``i`` reads, so it decodes to the same
 pixels, and the sample's augmentation is drawn from ``(seed, epoch, i)`` as for files
-(:mod:`mbv3_dense.sampling`): streaming changes where the bytes come from, nothing else.
+(:mod:`mbv3_dense.data.sampling`): streaming changes where the bytes come from, nothing else.
 
 LitData's own iteration (``StreamingDataset.__iter__``, ``StreamingDataLoader``: chunk-wise shuffling, its sharding
 over ranks and workers, its loader state) is not used. It assigns chunks to workers, so the order of samples, and
 with it the weights, would depend on the number of workers; and it would be a second sampler beside
-:class:`~mbv3_dense.sampling.SeededSampler`. The data modules keep their sampler (order from ``(seed, epoch)``, DDP
+:class:`~mbv3_dense.data.sampling.SeededSampler`. The data modules keep their sampler (order from ``(seed, epoch)``, DDP
 shards as ``DistributedSampler``'s, the mid-epoch skip on resume from the loop's progress that the checkpoint
-holds), and each loader worker reads items by index from :class:`~mbv3_dense.streaming.read.ChunkReader`
+holds), and each loader worker reads items by index from :class:`~mbv3_dense.data.streaming.read.ChunkReader`
 (``StreamingDataset[i]``, LitData's reader, over a local folder, mapped in place). A folder in a bucket (``s3://``,
 ``gs://``, ``r2://``) is first copied to the node's disk by LitData's storage clients
-(:func:`~mbv3_dense.streaming.stage.stage_chunks`): a random order over the whole split touches nearly every chunk
+(:func:`~mbv3_dense.data.streaming.stage.stage_chunks`): a random order over the whole split touches nearly every chunk
 in an epoch's first batches, so a node needs all of it from the start (docs/data_pipeline.md, "Streaming", has the
 figures).
 
 The preparer's record sits in the folder's ``index.json`` beside LitData's ``config`` and ``chunks``, under
-:data:`~mbv3_dense.streaming.record.RECORD_KEY` (:class:`~mbv3_dense.streaming.record.ChunkRecord`): the task and
+:data:`~mbv3_dense.data.streaming.record.RECORD_KEY`
+(:class:`~mbv3_dense.data.streaming.record.ChunkRecord`): the task and
 dataset layout, the split, the item count, the format version, and what the data module would have read from the
 files besides the samples (class names, COCO categories, the classes file). Opening a folder checks them, and the
 chunk files' sizes when they are local; reading an item checks that it is the one asked for. Each problem is a
-:class:`~mbv3_dense.streaming.record.StreamingDataError` naming the folder, and the chunk file and item where there
+:class:`~mbv3_dense.data.streaming.record.StreamingDataError` naming the folder, and the chunk file and item where there
 is one.
 
-The modules: :mod:`~mbv3_dense.streaming.record` (the preparer's record, the errors, the folder locations),
-:mod:`~mbv3_dense.streaming.write` (the preparer's writing), :mod:`~mbv3_dense.streaming.stage` (a node's copy
-of a bucket's folder), :mod:`~mbv3_dense.streaming.read` (:class:`~mbv3_dense.streaming.read.ChunkReader`, the
+The modules: :mod:`~mbv3_dense.data.streaming.record` (the preparer's record, the errors, the folder locations),
+:mod:`~mbv3_dense.data.streaming.write` (the preparer's writing), :mod:`~mbv3_dense.data.streaming.stage` (a node's copy
+of a bucket's folder), :mod:`~mbv3_dense.data.streaming.read` (:class:`~mbv3_dense.data.streaming.read.ChunkReader`, the
 items by index).
 """
 

@@ -1,7 +1,7 @@
 """Self-describing checkpoints: which builder made the network, with which arguments.
 
 ``lightning fit`` stores, in every ``.ckpt`` it writes, the network's entry of the config under
-:data:`RECORD_KEY`, with what its classes are (:mod:`mbv3_dense.classes`)::
+:data:`RECORD_KEY`, with what its classes are (:mod:`mbv3_dense.checkpoints.classes`)::
 
     {"task": "detect", "builder": "detection.ssdlite_mobilenet_v3_small",
      "init_args": {"num_classes": 5, "width_mult": 1.0, "class_names": [...], ...},

@@ -11,7 +11,7 @@ so that predictions made from a checkpoint alone can name what they found. The r
      "ignore_index": 255}                            # segmentation: the mask value the loss ignores
 
 Only ``names`` is required. Data modules expose it as ``class_info``; ``lightning fit`` writes it into
-every checkpoint's model record (:mod:`mbv3_dense.model_record`), and the networks keep their
+every checkpoint's model record (:mod:`mbv3_dense.checkpoints.model_record`), and the networks keep their
 ``class_names``.
 
 Foreign checkpoints carry no names, but the class lists of torchvision's published weights are public

@@ -4,7 +4,7 @@ Only a network's *class layers* have shapes that depend on the class count: the 
 Linear, SSDLite's class predictors (one per feature map), LR-ASPP's two 1x1 classifiers. Each network
 names them (``class_layers()``). :func:`load_checkpoint_state` loads every other tensor strictly and,
 when the checkpoint has another class count or other class names, initialises the class layers afresh
-except the rows of the classes that both name alike (:func:`mbv3_dense.classes.match_classes`), which
+except the rows of the classes that both name alike (:func:`mbv3_dense.checkpoints.classes.match_classes`), which
 keep their pretrained values: a COCO detector fine-tuned to "person, car, dog" starts out finding them.
 Any other mismatch is an error naming the keys; nothing is partly loaded in silence. What was loaded,
 re-initialised and kept is logged, and returned as a :class:`TransferReport`.
@@ -23,9 +23,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from mbv3_dense.classes import known_class_names, match_classes, normalize_name
-from mbv3_dense.model_record import read_model_record
-from mbv3_dense.weights import WeightsError, backbone_arch, load_state_dict_strict
+from mbv3_dense.checkpoints.classes import known_class_names, match_classes, normalize_name
+from mbv3_dense.checkpoints.model_record import read_model_record
+from mbv3_dense.checkpoints.weights import WeightsError, backbone_arch, load_state_dict_strict
 
 log = logging.getLogger(__name__)
 
