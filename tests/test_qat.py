@@ -19,12 +19,12 @@ from mbv3_dense import mobilenet_v3_small
 from mbv3_dense.deploy import ExecuTorchModel
 from mbv3_dense.deploy.qat import (
     STATE_PREFIX,
-    QuantizationAwareTraining,
     export_qat_pte,
     fake_quantizers,
     prepare_qat,
     symmetric_zero_point_channels,
 )
+from mbv3_dense.training.quantization_aware import QuantizationAwareTraining
 
 SIZE = (32, 32)
 
