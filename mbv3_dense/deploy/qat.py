@@ -224,7 +224,7 @@ class QATNetwork(nn.Module):
         self.__dict__["_applied"] = mode
 
 
-def check_trained(state: dict[str, Tensor]) -> None:
+def require_trained_statistics(state: dict[str, Tensor]) -> None:
     """Refuse BatchNorm statistics that were never trained (``state``: a network's buffers by name)."""
     means = [v for k, v in state.items() if k.endswith("running_mean")]
     variances = [v for k, v in state.items() if k.endswith("running_var")]
@@ -247,7 +247,7 @@ def prepare_qat(network: nn.Module, input_size: tuple[int, int], *, per_channel:
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
     if check_trained:
-        check_trained(dict(network.named_buffers()))
+        require_trained_statistics(dict(network.named_buffers()))
     h, w = int(input_size[0]), int(input_size[1])
     was_training = network.training
     with graph_work():

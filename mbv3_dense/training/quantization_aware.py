@@ -26,10 +26,10 @@ from mbv3_dense.deploy.qat import (
     QAT_KEY,
     STATE_PREFIX,
     QATNetwork,
-    check_trained,
     export_qat_pte,
     prepare_qat,
     ptq_pte,
+    require_trained_statistics,
 )
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class QuantizationAwareTraining(L.Callback):
 
     # ------------------------------------------------------------------ baseline and export
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        check_trained(dict(self.network.graph.named_buffers()))
+        require_trained_statistics(dict(self.network.graph.named_buffers()))
         if not self.ptq_baseline or trainer.global_rank != 0 or trainer.global_step > 0:
             return
         from mbv3_dense.training.callbacks import _fresh_loader
