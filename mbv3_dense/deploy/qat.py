@@ -8,29 +8,12 @@ and fake-quantized, the output divided back, then BatchNorm runs on it: Krishnam
 3.2), and puts fake-quantize modules on weights and activations. Training then sees the int8 rounding.
 At the end, ``convert_pt2e`` folds BatchNorm for good and the graph is lowered to XNNPACK.
 
-**Why PT2E QAT collapses on MobileNetV3 (pytorch/pytorch#114859), and the fixes here.** torchao's
-graph rewrites drop BatchNorm's ``eps`` and ``momentum`` and put PyTorch's defaults (1e-5, 0.1) in their
-place: the conv-BN fusion of ``prepare_qat_pt2e`` (its replacement pattern hard-codes ``bn_eps = 1e-5``
-and calls ``F.batch_norm`` without ``momentum``), ``move_exported_model_to_eval/train`` (its own
-"TODO: support custom momentum and eps"; it also resets dropout's probability to 0.5) and the BN
-folding of ``convert_pt2e``. ResNets use eps 1e-5 and do not notice; MobileNetV3 uses eps 1e-3
-(TensorFlow's, kept by torchvision and this project) and momentum 0.01-0.03. Every channel whose
-variance is near 1e-3 or below (MobileNetV3 has many nearly dead depthwise and squeeze-excite-fed
-channels) is then scaled by up to ``sqrt(1e-3 / 1e-5) = 10x`` more than the trained network expects,
-from the first step, and the running statistics move 10x faster than trained for. On the demo
-classifier the QAT graph with fake quantization off (the float function) was 50% of the largest logit
-away from the network before any training step. Here the arguments are put back after
-``prepare_qat_pt2e`` (:func:`restore_batchnorm_arguments`), train/eval switches flip the ops'
-``training`` flags in place instead of re-matching patterns (:func:`set_graph_mode`), and before
-``convert_pt2e`` the running variances are shifted by ``eps - 1e-5`` so that its folding with 1e-5
-computes ``gamma / sqrt(running_var + eps)`` (:func:`convert_qat`). A second, smaller gap: the fused
-fake-quantize kernel computes its scales with another rounding than the observer's
-``calculate_qparams``, which ``convert_pt2e`` asks; weights then moved by one int8 step against what
-QAT trained. :func:`convert_qat` deploys the trained scales, and the int8 graph computes exactly what
-the QAT graph computed in evaluation mode (tests/test_qat.py). A third: the same kernel gives a
-per-channel weight whose values all have one sign a zero point of +-127, which PyTorch's int8 graph
-honours and XNNPACK's int8 convolution ignores (LR-ASPP's QAT .pte lost 2.4 mIoU points to its 68
-such channels); those channels are deployed symmetric, zero point 0 (:func:`_deployed_qparams`).
+**Why PT2E QAT collapses on MobileNetV3 (pytorch/pytorch#114859), and the fixes here** (the long story:
+docs/benchmark.md, "Quantization-aware training"). torchao's rewrites put BatchNorm's ``eps`` and ``momentum``
+back to PyTorch's defaults (1e-5, 0.1), where MobileNetV3 uses 1e-3 and 0.01-0.03: they are restored after
+``prepare_qat_pt2e`` (:func:`restore_batchnorm_arguments`), train/eval flip the ops' flags in place
+(:func:`set_graph_mode`), and :func:`convert_qat` folds with each layer's eps and deploys the trained scales,
+with weight channels of one sign at zero point 0, which XNNPACK assumes (:func:`_deployed_qparams`).
 
 The ``lightning fit`` callback that runs it is
 :class:`mbv3_dense.training.quantization_aware.QuantizationAwareTraining`.
