@@ -150,7 +150,8 @@ def plot_curves(out: Path, runs: dict[str, list[tuple[int, Path]]]) -> Path | No
             if pts := series(rows, VAL_METRICS[task]):
                 twin.plot(*zip(*pts, strict=True), "o--", color=colour)
                 twin.set_ylabel(f"{VAL_METRICS[task]} (dots)")
-        ax.legend(loc="upper left", fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # no training loss logged (--quick): no legend to draw
+            ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     path = out / "training_curves.png"
     fig.savefig(path, dpi=100)
