@@ -113,6 +113,19 @@ def sizes_of(model: torch.nn.Module, example: Tensor, fn: Callable | None = None
     return lambda: (count_params(model), count_madds(fn or model, example))
 
 
+def eager_rows(task: str, name: str, model: torch.nn.Module, x: Tensor, size: Callable[[], tuple[int, int]],
+               compare: Callable[[object, object], float | None] | None, channels_last: bool) -> list[Row]:
+    """``model`` in PyTorch eager mode as built, with its batch norms folded, and (``channels_last``) folded in
+    channels-last memory format."""
+    rows = [Row(task, "ours eager", name, lambda: torch_call(model, x), size, compare),
+            Row(task, "ours folded", name, lambda: torch_call(fold_batchnorm(model), x), size, compare)]
+    if channels_last:
+        rows.append(Row(task, "ours folded channels_last", name,
+                        lambda: torch_call(ChannelsLast(to_channels_last(fold_batchnorm(model))).eval(), x), size,
+                        compare))
+    return rows
+
+
 @contextlib.contextmanager
 def quiet_output() -> Iterator[None]:
     """Silence stdout and stderr at the file-descriptor level (the exporter prints from C++)."""
@@ -202,15 +215,8 @@ def classify_rows(args: argparse.Namespace, work: Path, state: dict) -> list[Row
     load_state_dict_strict(ours, from_torchvision_classifier(state["tv"]), "torchvision classifier")
     name = f"mobilenet_v3_{args.arch}"
     size = sizes_of(ours, x)
-    rows = [
-        Row("classify", BASELINE, name, lambda: torch_call(tv, x), sizes_of(tv, x), max_abs),
-        Row("classify", "ours eager", name, lambda: torch_call(ours, x), size, max_abs),
-        Row("classify", "ours folded", name, lambda: torch_call(fold_batchnorm(ours), x), size, max_abs),
-    ]
-    if args.channels_last:
-        rows.append(Row("classify", "ours folded channels_last", name,
-                        lambda: torch_call(ChannelsLast(to_channels_last(fold_batchnorm(ours))).eval(), x), size,
-                        max_abs))
+    rows = [Row("classify", BASELINE, name, lambda: torch_call(tv, x), sizes_of(tv, x), max_abs),
+            *eager_rows("classify", name, ours, x, size, max_abs, args.channels_last)]
     common = {"label": name, "name": name, "work": work, "threads": args.threads, "int8": args.int8,
               "calibration": state["calibration"], "wrap": lambda m: (lambda: m(x)), "size": size,
               "compare": max_abs}
@@ -305,13 +311,8 @@ def segment_rows(args: argparse.Namespace, work: Path, state: dict) -> list[Row]
     rows = [
         Row("segment", BASELINE, tv_name, lambda: (lambda: tv(x)["out"]), sizes_of(tv, x), max_abs),
         Row("segment", "ours eager", tv_variant, lambda: torch_call(ours_tv, x), tv_size, max_abs),
-        Row("segment", "ours eager", paper_name, lambda: torch_call(paper, x), p_size, None),
-        Row("segment", "ours folded", paper_name, lambda: torch_call(fold_batchnorm(paper), x), p_size, None),
+        *eager_rows("segment", paper_name, paper, x, p_size, None, args.channels_last),
     ]
-    if args.channels_last:
-        rows.append(Row("segment", "ours folded channels_last", paper_name,
-                        lambda: torch_call(ChannelsLast(to_channels_last(fold_batchnorm(paper))).eval(), x), p_size,
-                        None))
     wrap = lambda m: (lambda: m(x))  # noqa: E731
     rows += onnx_rows("segment", ours_tv, x, label="torchvision_variant", name=tv_variant, work=work,
                       threads=args.threads, int8=False, calibration=[], wrap=wrap, size=tv_size, compare=max_abs)

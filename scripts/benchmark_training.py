@@ -14,8 +14,10 @@ shape and per-device batch of the task's config (read from ``configs/``; ``--bat
 - detect (``ssdlite_mobilenet_v3_large_coco.yaml``): 320x320 inputs, batch 24.
 - segment (``lraspp_mobilenet_v3_large_cityscapes.yaml``): 769x769 crops, batch 8.
 
-"Ours" is the config's LightningModule (model, loss, optimizer type and arguments as configured),
-stepped as Lightning's automatic optimization steps it: the data module's and module's
+"Ours" is the config's LightningModule (model, loss, optimizer type and arguments as configured), built
+with its data module as ``lightning fit -c CONFIG`` builds them (the project's CLI with ``run=False``: the
+network's classes follow the generated data, 4 ImageNet-like ones for the classifier, and torchvision's
+model gets the same count), stepped as Lightning's automatic optimization steps it: the data module's and module's
 ``on_after_batch_transfer``, ``training_step`` under autocast, backward, optimizer step, and the
 module's per-step weight average when the config keeps one (``ema_decay``). The batch is one real
 batch of the config's data module (its dataset and collate function) on generated files, moved to
@@ -24,7 +26,8 @@ the device once. "torchvision" is ``torchvision.models.mobilenet_v3_large``,
 resizes and normalises the images) or ``segmentation.lraspp_mobilenet_v3_large``, trained with the
 same kind of loss (cross-entropy; SSD's; cross-entropy ignoring 255) and the same optimizer in a
 plain PyTorch loop, on the same images (uint8 batches are converted to the float input it expects).
-Both use the learning rate the config gives for the batch. ``--precision``: autocast to bf16 or
+Both use the learning rate the module's ``configure_optimizers`` sets with the Trainer attached (the config's,
+scaled to the global batch: ``lr_batch_size``). ``--precision``: autocast to bf16 or
 fp16 (with a gradient scaler) on the device; ``--channels-last``: both models and inputs in
 channels-last memory format; ``--compile``: both networks wrapped in ``torch.compile``.
 
@@ -54,8 +57,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import functools
 import json
+import logging
 import math
 import os
 import platform
@@ -72,14 +75,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-import yaml
+from lightning.pytorch.cli import LightningCLI
 from PIL import Image
 from torch import Tensor, nn
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from mbv3_dense.checkpoints.model_record import TASKS, import_object, task_list
+from mbv3_dense.checkpoints.model_record import TASKS, task_list
 from mbv3_dense.constants import IMAGENET_MEAN, IMAGENET_STD
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,48 +147,48 @@ def device_description(device: torch.device) -> str:
     return f"cpu: {name}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
 
 
-def load_config(task: str) -> dict:
-    return yaml.safe_load(CONFIGS[task].read_text())
+def build_run(task: str, args: argparse.Namespace, root: Path) -> LightningCLI:
+    """The config's module, data module and Trainer as ``lightning fit -c CONFIG --data.root ROOT`` builds them
+    (the project's CLI, ``run=False``): the network's classes follow the data, the scheduler's length the
+    trainer's. The data module loads in this process (no workers), ``--batch-size`` per device, and is set up
+    for fitting; ``--quick`` shrinks its training shapes."""
+    from mbv3_dense.training.cli import MBV3CLI
+
+    options = ["-c", str(CONFIGS[task]), "--seed_everything", str(args.seed), "--data.root", str(root),
+               "--data.num_workers", "0", "--trainer.accelerator", "gpu" if args.device == "cuda" else "cpu",
+               "--trainer.devices", "1", "--trainer.logger", "false", "--trainer.default_root_dir", str(root.parent),
+               # The Trainer only gives the module its global batch (the LR scaling); --precision is applied below.
+               "--trainer.precision", "32-true"]
+    if args.batch_size:
+        options += ["--data.batch_size", str(args.batch_size)]
+    for key, value in (quick_overrides(task) if args.quick else {}).items():
+        options += [f"--data.{key}", json.dumps(value)]
+    for name in ("lightning.pytorch", "lightning.fabric"):  # not "Seed set to 0", "GPU available: ..."
+        logging.getLogger(name).setLevel(logging.WARNING)
+    with warnings.catch_warnings():  # that this script's own command line is not the CLI's: it is not
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within")
+        cli = MBV3CLI(args=options, run=False)
+    cli.datamodule.setup("fit")
+    return cli
 
 
-def instantiate(spec: object) -> object:
-    """Build ``{"class_path": ..., "init_args": {...}}`` (nested ones too), as LightningCLI would."""
-    if not (isinstance(spec, dict) and "class_path" in spec):
-        return spec
-    kwargs = {key: instantiate(value) for key, value in (spec.get("init_args") or {}).items()}
-    return import_object(spec["class_path"])(**kwargs)
-
-
-def scaled_lr(init_args: dict, batch: int) -> float:
-    """The learning rate the module would use on one device: ``lr * batch / lr_batch_size``."""
-    lr = float(init_args["optimizer"]["init_args"]["lr"])
-    per = init_args.get("lr_batch_size")
-    return lr * batch / per if per else lr
-
-
-def build_module(config: dict, batch: int) -> tuple[nn.Module, type, dict]:
-    """The config's LightningModule (its LR scaled to ``batch`` by hand: no Trainer is attached), and
-    the optimizer's class and arguments, which the torchvision loop gets too."""
-    init = dict(config["model"]["init_args"])
-    optimizer = init["optimizer"]
-    opt_class = import_object(optimizer["class_path"])
-    opt_args = dict(optimizer.get("init_args") or {})
-    opt_args["lr"] = scaled_lr(init, batch)
-    kwargs = {key: instantiate(value) for key, value in init.items()
-              if key not in ("optimizer", "scheduler", "lr_batch_size")}
-    module = import_object(config["model"]["class_path"])(
-        **kwargs, optimizer=functools.partial(opt_class, **opt_args), lr_batch_size=None)
-    return module, opt_class, opt_args
-
-
-def build_datamodule(config: dict, root: Path, batch: int, overrides: dict) -> object:
-    """The config's data module on ``root``, loading in this process (no workers)."""
-    init = dict(config["data"]["init_args"])
-    init.update(root=str(root), batch_size=batch, num_workers=0)
-    init.update({key: value for key, value in overrides.items() if key in init})
-    datamodule = import_object(config["data"]["class_path"])(**init)
-    datamodule.setup("fit")
-    return datamodule
+def configured_optimizers(cli: LightningCLI, theirs: nn.Module) -> tuple[torch.optim.Optimizer,
+                                                                       torch.optim.Optimizer, float]:
+    """Our module's optimizer as its ``configure_optimizers`` builds it in ``fit`` (the Trainer attached: the
+    learning rate scaled to the global batch), and the config's optimizer over torchvision's parameters at that
+    learning rate; and the rate."""
+    module, trainer = cli.model, cli.trainer
+    trainer.datamodule, module.trainer = cli.datamodule, trainer
+    try:
+        configured = module.configure_optimizers()
+    finally:
+        module.trainer = None  # detached again: self.log() without a Trainer does nothing
+    ours = configured["optimizer"] if isinstance(configured, dict) else configured
+    lr = next(group["lr"] for group in ours.param_groups if not group.get("name", "").startswith("backbone"))
+    their_optimizer = module.optimizer(theirs.parameters())
+    for group in their_optimizer.param_groups:
+        group["lr"] = lr
+    return ours, their_optimizer, lr
 
 
 # ---------------------------------------------------------------------------------------------- data on disk
@@ -390,12 +393,10 @@ def interleaved_rates(calls: dict[str, Callable[[], object]], *, items: int, war
     return {name: items / statistics.median(values) for name, values in times.items()}
 
 
-def train_step_row(task: str, args: argparse.Namespace, datamodule: object, config: dict, batch_size: int,
-                   device: torch.device) -> Row:
+def train_step_row(task: str, args: argparse.Namespace, cli: LightningCLI, device: torch.device) -> Row:
+    module, datamodule, batch_size = cli.model, cli.datamodule, cli.datamodule.batch_size
     torch.manual_seed(args.seed)
-    module, opt_class, opt_args = build_module(config, batch_size)
-    num_classes = int(config["model"]["init_args"]["model"]["init_args"].get("num_classes", 91))
-    theirs = torchvision_model(task, num_classes)
+    theirs = torchvision_model(task, int(cli.config.get("model.init_args.model.init_args.num_classes") or 91))
     module.to(device)
     theirs.to(device)
     if args.channels_last:
@@ -404,9 +405,7 @@ def train_step_row(task: str, args: argparse.Namespace, datamodule: object, conf
     if args.compile:
         module.model = torch.compile(module.model)
         theirs = torch.compile(theirs)
-    optimizer = module.configure_optimizers()
-    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
-    their_optimizer = opt_class(theirs.parameters(), **opt_args)
+    optimizer, their_optimizer, lr = configured_optimizers(cli, theirs)
     batch = real_batch(datamodule, module, batch_size, device, args.channels_last)
     precision = Precision(args.precision, device)
     calls = {"ours": ours_step(module, datamodule, batch, optimizer, precision),
@@ -415,7 +414,7 @@ def train_step_row(task: str, args: argparse.Namespace, datamodule: object, conf
     rates = interleaved_rates(calls, items=batch_size, warmup=args.warmup, turns=args.steps, device=device,
                               desc=f"{task} train step")
     height, width = images_of(batch).shape[-2:]
-    note = f"{opt_class.__name__} lr {opt_args['lr']:.4g}"
+    note = f"{type(optimizer).__name__} lr {lr:.4g}"
     if getattr(module, "model_ema", None) is not None:
         note += "; ours also updates its weight average (ema_decay) every step"
     ratio = rates["ours"] / rates["torchvision"]
@@ -535,10 +534,9 @@ def one_thread() -> Iterator[None]:
         cv2.setNumThreads(cv2_threads)
 
 
-def pipeline_row(task: str, args: argparse.Namespace, datamodule: object, config: dict, root: Path,
-                 sizes: DataSizes) -> Row:
-    dataset = datamodule.train_dataloader().dataset
-    data_args = {**config["data"]["init_args"], **args.data_overrides}
+def pipeline_row(task: str, args: argparse.Namespace, cli: LightningCLI, root: Path, sizes: DataSizes) -> Row:
+    dataset = cli.datamodule.train_dataloader().dataset
+    data_args = cli.config.data.init_args.as_dict()  # the data module's arguments, its defaults included
     if task == "classify":
         reference, count = reference_classify(root, data_args)
         width, height = sizes.imagenet_size
@@ -711,19 +709,16 @@ def quick_overrides(task: str) -> dict:
 def run_task(task: str, args: argparse.Namespace, root: Path, sizes: DataSizes, device: torch.device) -> list[Row]:
     if not set(args.measure) & {"train", "pipeline"} and not (task == "segment" and "decode" in args.measure):
         return []
-    config = load_config(task)
-    batch_size = args.batch_size or int(config["data"]["init_args"]["batch_size"])
-    args.data_overrides = quick_overrides(task) if args.quick else {}
-    datamodule = build_datamodule(config, root, batch_size, args.data_overrides)
+    cli = build_run(task, args, root)
     rows = []
     if "train" in args.measure:
-        rows.append(train_step_row(task, args, datamodule, config, batch_size, device))
+        rows.append(train_step_row(task, args, cli, device))
         print_row(rows[-1])
     if "pipeline" in args.measure:
-        rows.append(pipeline_row(task, args, datamodule, config, root, sizes))
+        rows.append(pipeline_row(task, args, cli, root, sizes))
         print_row(rows[-1])
     if "decode" in args.measure and task == "segment":
-        args.decode_rows = decode_rows(args, datamodule, sizes)
+        args.decode_rows = decode_rows(args, cli.datamodule, sizes)
         print_decode_rows(args.decode_rows)
     return rows
 

@@ -22,18 +22,17 @@ the demo's training time and 4 evaluations per network; without the flag nothing
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from _runs import DEMO_CONFIGS, ROOT, VAL_METRICS, checkpoint, fit_command, make_data, read_metrics, run, series
+
 TASKS = ("classify", "detect", "segment")
 
 
@@ -43,37 +42,21 @@ class Task:
     model: str
     metric_name: str
     target: float
-    configs: list[str]
     metric_key: str = "metric"  # the key of the evaluation script's JSON summary compared with ``target``
     fit_overrides: list[str] = field(default_factory=list)
     quick_overrides: list[str] = field(default_factory=list)
 
+    @property
+    def configs(self) -> list[str]:
+        return list(DEMO_CONFIGS[self.name])
+
 
 TASK_SPECS = {
-    "classify": Task(
-        name="classify",
-        model="MobileNetV3-Small classifier",
-        metric_name="top-1",
-        target=0.90,
-        configs=["configs/mobilenet_v3_small_imagenet.yaml", "configs/demo/classify.yaml"],
-    ),
-    "detect": Task(
-        name="detect",
-        model="SSDLite MobileNetV3-Small",
-        metric_name="mAP@0.5",
-        target=0.50,
-        metric_key="map_50",
-        configs=["configs/ssdlite_mobilenet_v3_small_coco.yaml", "configs/demo/detect.yaml"],
-        quick_overrides=["--data.batch_size", "2"],
-    ),
-    "segment": Task(
-        name="segment",
-        model="LR-ASPP MobileNetV3-Large",
-        metric_name="mIoU",
-        target=0.60,
-        configs=["configs/lraspp_cityscapes.yaml", "configs/demo/segment.yaml"],
-        quick_overrides=["--data.batch_size", "2", "--data.crop_size", "[64, 64]"],
-    ),
+    "classify": Task("classify", "MobileNetV3-Small classifier", "top-1", target=0.90),
+    "detect": Task("detect", "SSDLite MobileNetV3-Small", "mAP@0.5", target=0.50, metric_key="map_50",
+                   quick_overrides=["--data.batch_size", "2"]),
+    "segment": Task("segment", "LR-ASPP MobileNetV3-Large", "mIoU", target=0.60,
+                    quick_overrides=["--data.batch_size", "2", "--data.crop_size", "[64, 64]"]),
 }
 # The two other sizes of each task's demo network for the Pareto report (--pareto): name, CLI overrides.
 _CLASS = "--model.init_args.model.class_path"
@@ -88,63 +71,13 @@ QUICK_TRAINER = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "
                  "--trainer.limit_val_batches", "2", "--trainer.max_steps", "2"]
 
 
-def run(cmd: list[str], *, log: Path | None = None) -> None:
-    """Run ``cmd`` from the repository root, streaming its output (progress bars included)."""
-    print(f"\n$ {' '.join(cmd)}", flush=True)
-    # OpenMP threads that wait by spinning take the core from the thread with work whenever anything else
-    # runs on the machine: measured here, 10x slower training on 2 busy cores; sleeping waiters cost little.
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if not sys.stdout.isatty():  # a log file: the scripts' tqdm bars redraw every 30 s instead of 10 times a second
-        env.setdefault("TQDM_MININTERVAL", "30")
-    result = subprocess.run(cmd, cwd=ROOT, env=env)
-    if result.returncode != 0:
-        raise SystemExit(f"demo step failed (exit {result.returncode}): {' '.join(cmd)}")
-
-
 def python() -> str:
     return sys.executable
 
 
-def make_data(task: str, data_dir: Path, quick: bool) -> Path:
-    out = data_dir / task
-    if (out / ".complete").exists():
-        print(f"[demo] reusing generated {task} data in {out}")
-        return out
-    cmd = [python(), "scripts/make_demo_data.py", task, "--out", str(out)]
-    if quick:
-        cmd.append("--tiny")
-    run(cmd)
-    (out / ".complete").write_text("generated\n")
-    return out
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, str]]:
-    files = sorted(run_dir.glob("**/metrics.csv"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        return []
-    with open(files[-1], newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def checkpoint(run_dir: Path) -> Path:
-    found = sorted(run_dir.glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise SystemExit(f"no last.ckpt under {run_dir}")
-    return found[-1]
-
-
 def fit(spec: Task, data: Path, run_dir: Path, seed: int, quick: bool, extra: list[str] | None = None) -> None:
-    cmd = [python(), "-m", "mbv3_dense", "fit"]
-    for config in spec.configs:
-        cmd += ["-c", config]
-    cmd += ["--seed_everything", str(seed), "--data.root", str(data), "--trainer.default_root_dir", str(run_dir),
-            "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
-            "--trainer.logger.save_dir", str(run_dir), "--trainer.logger.name", "logs"]
-    cmd += spec.fit_overrides + (extra or [])
-    if quick:
-        cmd += QUICK_TRAINER + spec.quick_overrides
-    run(cmd)
+    options = spec.fit_overrides + (extra or []) + (QUICK_TRAINER + spec.quick_overrides if quick else [])
+    run(fit_command(spec.configs, data, run_dir, *options, seed=seed))
 
 
 def evaluate(spec: Task, data: Path, run_dir: Path, pictures: Path, quick: bool) -> dict:
@@ -212,16 +145,13 @@ def plot_curves(out: Path, runs: dict[str, list[tuple[int, Path]]]) -> Path | No
             rows = read_metrics(run_dir)
             colour = f"C{n}"
             loss_key = next((k for k in (rows[0] if rows else {}) if k.startswith("train/loss")), None)
-            if loss_key:
-                pts = [(int(r["step"]), float(r[loss_key])) for r in rows if r.get(loss_key)]
+            if loss_key and (pts := series(rows, loss_key)):
                 ax.plot(*zip(*pts, strict=True), color=colour, alpha=0.6, label=f"seed {seed}")
-            metric_key = next((k for k in (rows[0] if rows else {}) if k in ("val/top1", "val/map_50", "val/miou")),
-                              None)
-            pts = [(int(r["step"]), float(r[metric_key])) for r in rows if metric_key and r.get(metric_key)]
-            if pts:
+            if pts := series(rows, VAL_METRICS[task]):
                 twin.plot(*zip(*pts, strict=True), "o--", color=colour)
-                twin.set_ylabel(f"{metric_key} (dots)")
-        ax.legend(loc="upper left", fontsize=8)
+                twin.set_ylabel(f"{VAL_METRICS[task]} (dots)")
+        if ax.get_legend_handles_labels()[0]:  # no training loss logged (--quick): no legend to draw
+            ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     path = out / "training_curves.png"
     fig.savefig(path, dpi=100)
@@ -249,7 +179,7 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "demo")
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ",".join(TASKS))
@@ -264,49 +194,60 @@ def main(argv: list[str] | None = None) -> int:
                         help="also train each task's network in its two other sizes (Large, Small, width 0.75) and "
                              "write a Pareto report (metric against latency per backend) to OUT/pareto")
     args = parser.parse_args(argv)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in TASK_SPECS]
+    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in args.tasks if t not in TASK_SPECS]
     if unknown:
         parser.error(f"unknown tasks {unknown}; choose from {TASKS}")
     if args.seed < 0:
         parser.error(f"--seed must be non-negative, got {args.seed}")
-    seed_list = args.seeds or [args.seed]
-    out = args.out.resolve()
+    args.seeds = args.seeds or [args.seed]
+    args.out = args.out.resolve()
+    return args
+
+
+def train_and_evaluate(spec: Task, data: Path, out: Path, seed: int, quick: bool) -> tuple[dict, Path]:
+    """One row of the table, and its run's folder: ``spec``'s network trained with ``seed`` and evaluated."""
+    print(f"\n===== {spec.name}: {spec.model}, seed {seed} =====", flush=True)
+    t0 = time.time()
+    run_dir = out / "runs" / spec.name / f"seed{seed}"
+    if run_dir.exists():  # a run is a function of its seed: the same seed replaces its earlier run
+        shutil.rmtree(run_dir)
+    fit(spec, data, run_dir, seed, quick)
+    summary = evaluate(spec, data, run_dir, out / "pictures" / spec.name / f"seed{seed}", quick)
+    metric = float(summary[spec.metric_key])
+    return {
+        "task": spec.name, "seed": seed, "model": spec.model, "metric_name": spec.metric_name,
+        "metric": metric, "target": spec.target,
+        "passed": bool(math.isfinite(metric) and metric >= spec.target),
+        "latency_ms": float(summary["latency_ms"]), "latency_input": summary.get("latency_input"),
+        "params_M": float(summary["params_M"]), "madds_G": float(summary["madds_G"]),
+        "seconds": round(time.time() - t0, 1), "checkpoint": str(checkpoint(run_dir)),
+        "details": {k: v for k, v in summary.items() if k not in ("metric",)},
+    }, run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out, seed_list = args.out, args.seeds
     out.mkdir(parents=True, exist_ok=True)
     if args.finetune:
         import demo_finetune
 
-        return demo_finetune.main(out, tasks, seed_list[0], args.quick)
+        return demo_finetune.main(out, args.tasks, seed_list[0], args.quick)
     started = time.time()
     results: list[dict] = []
     runs: dict[str, list[tuple[int, Path]]] = {}
-    for task in tasks:
-        spec = TASK_SPECS[task]
+    for task in args.tasks:
         data = make_data(task, out / "data", args.quick)
         for seed in seed_list:
-            print(f"\n===== {task}: {spec.model}, seed {seed} =====", flush=True)
-            t0 = time.time()
-            run_dir = out / "runs" / task / f"seed{seed}"
-            if run_dir.exists():  # a run is a function of its seed: the same seed replaces its earlier run
-                shutil.rmtree(run_dir)
-            fit(spec, data, run_dir, seed, args.quick)
-            summary = evaluate(spec, data, run_dir, out / "pictures" / task / f"seed{seed}", args.quick)
+            row, run_dir = train_and_evaluate(TASK_SPECS[task], data, out, seed, args.quick)
+            results.append(row)
             runs.setdefault(task, []).append((seed, run_dir))
-            metric = float(summary[spec.metric_key])
-            results.append({
-                "task": task, "seed": seed, "model": spec.model, "metric_name": spec.metric_name,
-                "metric": metric, "target": spec.target,
-                "passed": bool(math.isfinite(metric) and metric >= spec.target),
-                "latency_ms": float(summary["latency_ms"]), "latency_input": summary.get("latency_input"),
-                "params_M": float(summary["params_M"]), "madds_G": float(summary["madds_G"]),
-                "seconds": round(time.time() - t0, 1), "checkpoint": str(checkpoint(run_dir)),
-                "details": {k: v for k, v in summary.items() if k not in ("metric",)},
-            })
     curves = plot_curves(out, runs) if runs else None
     pareto = None
     if args.pareto:
         first_seed = {task: dict(seeded)[seed_list[0]] for task, seeded in runs.items()}
-        pareto = pareto_report(out, tasks, seed_list[0], args.quick, first_seed)
+        pareto = pareto_report(out, args.tasks, seed_list[0], args.quick, first_seed)
     total = time.time() - started
     report = {"results": results, "seeds": seed_list, "seconds": round(total, 1), "quick": args.quick,
               "training_curves": str(curves) if curves else None, "pictures": str(out / "pictures")}

@@ -19,24 +19,17 @@ when a loss did not go down on a GPU run (a CPU dry run is too short to ask that
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from _runs import DEMO_CONFIGS, VAL_METRICS, fit_command, last, make_data, read_metrics, run, series
+
 from mbv3_dense.checkpoints.model_record import TASKS, task_list
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {
-    "classify": ("configs/mobilenet_v3_small_imagenet.yaml", "configs/demo/classify.yaml"),
-    "detect": ("configs/ssdlite_mobilenet_v3_small_coco.yaml", "configs/demo/detect.yaml"),
-    "segment": ("configs/lraspp_cityscapes.yaml", "configs/demo/segment.yaml"),
-}
-METRICS = {"classify": "val/top1", "detect": "val/map_50", "segment": "val/miou"}
 # A dry run on the CPU: the smallest data and batches that still go through every step.
 DRY_RUN = {
     "classify": ["--data.batch_size", "8"],
@@ -62,73 +55,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def run(cmd: list[str], log: Path) -> None:
-    """Run ``cmd`` from the repository root, its output to ``log`` (and the tail to the terminal on failure)."""
-    print(f"$ {' '.join(cmd)}", flush=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    with log.open("w") as f:
-        result = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
-        print(log.read_text()[-4000:], file=sys.stderr)
-        raise SystemExit(f"gpu check step failed (exit {result.returncode}), log: {log}")
-
-
-def make_data(task: str, out: Path, dry: bool) -> Path:
-    data = out / "data" / task
-    if not (data / ".complete").exists():
-        run([sys.executable, "scripts/make_demo_data.py", task, "--out", str(data), *(["--tiny"] if dry else [])],
-            out / f"data_{task}.log")
-    return data
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, str]]:
-    (path,) = sorted(run_dir.glob("logs/version_*/metrics.csv"))[-1:] or [None]
-    if path is None:
-        raise SystemExit(f"no metrics.csv under {run_dir}")
-    with path.open() as f:
-        return list(csv.DictReader(f))
-
-
 def loss_trend(rows: list[dict[str, str]]) -> tuple[float, float, int]:
     """(mean loss of the first fifth of the logged steps, of the last fifth, number logged)."""
-    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss") not in (None, "")]
+    losses = [value for _, value in series(rows, "train/loss")]
     if not losses:
         raise SystemExit("no train/loss in metrics.csv")
     k = max(1, len(losses) // 5)
     return sum(losses[:k]) / k, sum(losses[-k:]) / k, len(losses)
 
 
-def last(rows: list[dict[str, str]], key: str) -> float | None:
-    values = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
-    return values[-1] if values else None
-
-
 def train(task: str, args: argparse.Namespace) -> dict:
     dry = args.device == "cpu"
-    data = make_data(task, args.out, dry)
+    data = make_data(task, args.out / "data", dry, log=args.out / f"data_{task}.log", what="gpu check")
     run_dir = args.out / "runs" / task
-    cmd = [sys.executable, "-m", "mbv3_dense", "fit"]
-    for config in CONFIGS[task]:
-        cmd += ["-c", config]
-    cmd += ["--data.root", str(data), "--trainer.default_root_dir", str(run_dir),
-            "--trainer.accelerator", "gpu" if args.device == "cuda" else "cpu", "--trainer.devices", "1",
-            "--trainer.precision", args.precision, "--trainer.max_steps", str(args.steps), "--trainer.max_epochs",
-            "-1", "--trainer.log_every_n_steps", "1" if dry else "5", "--trainer.limit_val_batches", "4",
-            "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(run_dir),
-            "--trainer.logger.name", "logs", "--checkpoints.every_n_train_steps", "0",
-            "--data.num_workers", "0" if dry else str(min(8, os.cpu_count() or 1))]
-    # Validate (the metric, and the latency callback's timing) once, at the last step, whatever the epoch length.
-    cmd += ["--trainer.check_val_every_n_epoch", "null", "--trainer.val_check_interval", str(args.steps)]
-    if dry:
-        cmd += DRY_RUN[task]
+    cmd = fit_command(
+        DEMO_CONFIGS[task], data, run_dir, "--trainer.accelerator", "gpu" if args.device == "cuda" else "cpu",
+        "--trainer.devices", "1", "--trainer.precision", args.precision, "--trainer.max_steps", str(args.steps),
+        "--trainer.max_epochs", "-1", "--trainer.log_every_n_steps", "1" if dry else "5",
+        "--trainer.limit_val_batches", "4", "--checkpoints.every_n_train_steps", "0",
+        "--data.num_workers", "0" if dry else str(min(8, os.cpu_count() or 1)),
+        # Validate (the metric, and the latency callback's timing) once, at the last step, whatever the epoch length.
+        "--trainer.check_val_every_n_epoch", "null", "--trainer.val_check_interval", str(args.steps),
+        *(DRY_RUN[task] if dry else []))
     t0 = time.time()
-    run(cmd, args.out / f"fit_{task}.log")
+    run(cmd, log=args.out / f"fit_{task}.log", what="gpu check")
     rows = read_metrics(run_dir)
+    if not rows:
+        raise SystemExit(f"no metrics.csv under {run_dir}")
     first, final, logged = loss_trend(rows)
     return {"task": task, "steps": args.steps, "precision": args.precision, "seconds": round(time.time() - t0, 1),
             "loss_first": first, "loss_last": final, "losses_logged": logged, "loss_went_down": final < first,
-            "metric": last(rows, METRICS[task]), "metric_name": METRICS[task],
+            "metric": last(rows, VAL_METRICS[task]), "metric_name": VAL_METRICS[task],
             "latency_ms": last(rows, "latency_ms"), "latency_p90_ms": last(rows, "latency_p90_ms")}
 
 
@@ -141,7 +98,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, dict]:
         run([sys.executable, "scripts/benchmark_training.py", "--tasks", ",".join(args.tasks), "--measure", "train",
              "--device", args.device, "--precision", precision, "--steps", "10", "--warmup", "3",
              "--workdir", str(args.out / "benchmark_data"), "--json", str(out), *(["--quick"] if dry else [])],
-            args.out / f"benchmark_{precision}.log")
+            log=args.out / f"benchmark_{precision}.log", what="gpu check")
         found[precision] = json.loads(out.read_text())
     return found
 

@@ -1,7 +1,7 @@
 """Write the generated demo datasets: ``python scripts/make_demo_data.py <task> --out DIR``.
 
 One subcommand per task. Each task package owns its generator; this script imports it lazily,
-so adding a task is one ``add_parser`` block and one small function below.
+so adding a task is one entry of ``SUBCOMMANDS`` and one small function below.
 """
 
 from __future__ import annotations
@@ -62,49 +62,36 @@ def detect(args: argparse.Namespace) -> Path:
     return args.out
 
 
+# subcommand: (generator, help, --tiny's help, its options after --out: a default (an integer option) or
+# add_argument's keywords); --seed and --tiny follow.
+SUBCOMMANDS = {
+    "classify": (classify, "ImageFolder of shapes and textures (root/{train,val}/<class>/*.jpg)",
+                 "6 train / 3 val images per class (smoke tests)",
+                 {"num_classes": 6, "train_per_class": 1000, "val_per_class": 100, "size": 64}),
+    "segment": (segment, "Cityscapes tree of street scenes (leftImg8bit/, gtFine/ labelIds)",
+                "64x128, 6 train / 3 val images (smoke tests)",
+                {"height": 256, "width": 512, "train_per_city": 100, "val_per_city": 8}),
+    "segment-folders": (segment_folders, "image + mask folders with a classes file (your own data's layout)",
+                        "64x128, 4 train / 2 val images (smoke tests)",
+                        {"height": 256, "width": 512, "train_images": 120, "val_images": 24,
+                         "mask_format": {"choices": ("index", "color"), "default": "index"}}),
+    "detect": (detect, "COCO tree of shapes (train2017/, val2017/, annotations/instances_*.json)",
+               "~128 px, 6 train / 4 val images (smoke tests)", {"train_images": 400, "val_images": 60}),
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     tasks = parser.add_subparsers(dest="task", required=True)
-
-    p = tasks.add_parser("classify", help="ImageFolder of shapes and textures (root/{train,val}/<class>/*.jpg)")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--num-classes", type=int, default=6)
-    p.add_argument("--train-per-class", type=int, default=1000)
-    p.add_argument("--val-per-class", type=int, default=100)
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tiny", action="store_true", help="6 train / 3 val images per class (smoke tests)")
-    p.set_defaults(run=classify)
-
-    p = tasks.add_parser("segment", help="Cityscapes tree of street scenes (leftImg8bit/, gtFine/ labelIds)")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--height", type=int, default=256)
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--train-per-city", type=int, default=100)
-    p.add_argument("--val-per-city", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tiny", action="store_true", help="64x128, 6 train / 3 val images (smoke tests)")
-    p.set_defaults(run=segment)
-
-    p = tasks.add_parser("segment-folders", help="image + mask folders with a classes file (your own data's layout)")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--height", type=int, default=256)
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--train-images", type=int, default=120)
-    p.add_argument("--val-images", type=int, default=24)
-    p.add_argument("--mask-format", choices=("index", "color"), default="index")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tiny", action="store_true", help="64x128, 4 train / 2 val images (smoke tests)")
-    p.set_defaults(run=segment_folders)
-
-    p = tasks.add_parser("detect", help="COCO tree of shapes (train2017/, val2017/, annotations/instances_*.json)")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--train-images", type=int, default=400)
-    p.add_argument("--val-images", type=int, default=60)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tiny", action="store_true", help="~128 px, 6 train / 4 val images (smoke tests)")
-    p.set_defaults(run=detect)
-
+    for name, (generate, help_text, tiny_help, options) in SUBCOMMANDS.items():
+        p = tasks.add_parser(name, help=help_text)
+        p.add_argument("--out", type=Path, required=True)
+        for key, option in options.items():
+            kwargs = option if isinstance(option, dict) else {"type": int, "default": option}
+            p.add_argument("--" + key.replace("_", "-"), **kwargs)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--tiny", action="store_true", help=tiny_help)
+        p.set_defaults(run=generate)
     args = parser.parse_args(argv)
     start = time.perf_counter()
     out = args.run(args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -332,6 +333,10 @@ def _raised_outside_jsonargparse(err: BaseException) -> BaseException | None:
 
 def main(args: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Lightning 2.6's CombinedLoader (utilities/_pytree.py) still builds torch's deprecated LeafSpec: harmless, not
+    # ours to fix (Lightning-AI/pytorch-lightning#21326), and one line in every run's log.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
     torch.set_float32_matmul_precision("high")
     try:
         MBV3CLI(args=args)
