@@ -16,6 +16,7 @@ from detection.metric import GatheredMeanAveragePrecision
 from detection.model import SSDLite
 from detection.predict import DetectionWriter, draw_detections
 from mbv3_dense.data.predict import PredictBatch
+from mbv3_dense.deploy.backend import detect
 from mbv3_dense.training.guards import NonFinitePolicy, check_loss
 from mbv3_dense.training.task import PredictBackend, TaskModule
 
@@ -148,17 +149,12 @@ class DetectionModule(TaskModule):
         self.log("val/map_50", result["map_50"].float(), prog_bar=True, sync_dist=False)
 
     def predict_step(self, batch: PredictBatch, batch_idx: int) -> list[dict[str, Tensor]]:
-        """:meth:`SSDLite.predict` on the batch's images (uint8, original sizes): per image XYXY boxes in
-        its own pixels, scores and model labels, on the CPU. The network runs on ``predict_backend``
-        (exported ones at ``image_size``, the size every image is resized to); preprocess and postprocess
-        are the model's own."""
-        if not batch.images:
-            return []
-        images = [img.float().div(255) for img in batch.images]
-        x = self.model.preprocess(images)
-        raw = self.predict_network(x)(x)
-        detections = self.model.postprocess({k: v.to(x.device) for k, v in raw.items()},
-                                            [(int(img.shape[-2]), int(img.shape[-1])) for img in images])
+        """The batch's images (uint8, original sizes) through :func:`mbv3_dense.deploy.backend.detect`, as
+        ``scripts/predict.py`` runs them: per image XYXY boxes in its own pixels, scores and model labels, on the
+        CPU. The network runs on ``predict_backend`` (exported ones at ``image_size``, the size every image is
+        resized to; on the CPU, as their outputs are); preprocess and postprocess are the model's own."""
+        detections = detect(self.model, lambda x: self.predict_network(x)(x),
+                            [img.float().div(255) for img in batch.images])
         return [{k: v.cpu() for k, v in det.items()} for det in detections]
 
     def draw_predictions(self, images: list[Tensor], threshold: float = 0.3) -> list[Image.Image]:
