@@ -48,15 +48,10 @@ Target = dict[str, Tensor]
 Batch = tuple[Tensor | list[Tensor], list[Target]]
 
 
-class CocoTrainDataset(Dataset):
-    """Training split: ``(image [3, S, S] uint8, {"boxes": [G, 4] XYXY in the S x S input, "labels": [G]})``.
+class _FromFiles(Dataset):
+    """A COCO dataset's records and their image files: :meth:`read` of sample ``i`` decodes record ``i``'s image."""
 
-    Crowd boxes are left out; images without any other box are dropped (logged).
-    """
-
-    def __init__(self, records: list[ImageRecord], transform: A.Compose) -> None:
-        self.records = [r for r in records if (~r.iscrowd).any()]
-        self.transform = transform
+    records: list[ImageRecord]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -65,6 +60,17 @@ class CocoTrainDataset(Dataset):
         """The decoded ``[H, W, 3]`` image and the record of sample ``index``."""
         rec = self.records[index]
         return read_image_rgb(rec.path), rec
+
+
+class CocoTrainDataset(_FromFiles):
+    """Training split: ``(image [3, S, S] uint8, {"boxes": [G, 4] XYXY in the S x S input, "labels": [G]})``.
+
+    Crowd boxes are left out; images without any other box are dropped (logged).
+    """
+
+    def __init__(self, records: list[ImageRecord], transform: A.Compose) -> None:
+        self.records = [r for r in records if (~r.iscrowd).any()]
+        self.transform = transform
 
     def __getitem__(self, key: int | SampleKey) -> tuple[Tensor, Target]:
         """``key``: an index, or the :class:`~mbv3_dense.data.sampling.SampleKey` a training sampler yields;
@@ -80,7 +86,7 @@ class CocoTrainDataset(Dataset):
         return img, {"boxes": boxes, "labels": labels}
 
 
-class CocoEvalDataset(Dataset):
+class CocoEvalDataset(_FromFiles):
     """Evaluation split: every image at its original size, every box.
 
     Items: ``(image [3, H, W] uint8, {"image_id", "orig_size" (H, W), "boxes" [G, 4] XYXY
@@ -89,14 +95,6 @@ class CocoEvalDataset(Dataset):
 
     def __init__(self, records: list[ImageRecord]) -> None:
         self.records = records
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def read(self, index: int) -> tuple[np.ndarray, ImageRecord]:
-        """The decoded ``[H, W, 3]`` image and the record of sample ``index``."""
-        rec = self.records[index]
-        return read_image_rgb(rec.path), rec
 
     def __getitem__(self, index: int) -> tuple[Tensor, Target]:
         image, rec = self.read(index)

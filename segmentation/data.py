@@ -25,13 +25,12 @@ from PIL import Image
 
 from mbv3_dense.checkpoints.classes import ClassInfo
 from mbv3_dense.data.image_io import ImageReadError, decode_image_rgb, decode_label_png, read_image_rgb, read_label_png
-from mbv3_dense.data.module import TaskDataModule
 from mbv3_dense.data.predict import DEFAULT_MAX_PIXELS
 from mbv3_dense.data.streaming.read import ChunkReader
 from mbv3_dense.data.streaming.record import ChunkRecord, ChunkSource
-from segmentation.dataset import PairDataset
+from segmentation.dataset import PairDataset, SegmentationDataModule
 from segmentation.labels import CLASS_NAMES, NUM_CLASSES, cityscapes_class_info, label_ids_to_train_ids
-from segmentation.transforms import Transform, eval_transform, train_transform
+from segmentation.transforms import Transform
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +193,7 @@ def chunk_item(pair: tuple[Path, Path]) -> dict:
             "label_name": str(label_path).encode(), "label": label_path.read_bytes()}
 
 
-class CityscapesDataModule(TaskDataModule):
+class CityscapesDataModule(SegmentationDataModule):
     """Cityscapes fine annotations for LR-ASPP training and validation.
 
     Batches are ``(images [N, 3, H, W] uint8, masks [N, H, W] uint8 trainIds, 255 = ignore)``; the module
@@ -233,11 +232,9 @@ class CityscapesDataModule(TaskDataModule):
                  check_files: bool = True, predict_images: str | None = None,
                  predict_max_pixels: int = DEFAULT_MAX_PIXELS, streaming: str | None = None) -> None:
         super().__init__(batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers,
-                         predict_images=predict_images, predict_max_pixels=predict_max_pixels, streaming=streaming)
+                         crop_size=crop_size, scale_range=scale_range, hflip=hflip, predict_images=predict_images,
+                         predict_max_pixels=predict_max_pixels, streaming=streaming)
         self.root = Path(root)
-        self.crop_size = tuple(crop_size)
-        self.scale_range = tuple(scale_range)
-        self.hflip = hflip
         self.train_split = train_split
         self.val_split = val_split
         self.check_files = check_files
@@ -277,11 +274,10 @@ class CityscapesDataModule(TaskDataModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
-            self.train_set = self._dataset("train", train_transform(
-                crop_size=self.crop_size, scale_range=self.scale_range, hflip=self.hflip, fill_mask=PAD_LABEL_ID))
+            self.train_set = self._dataset("train", self.split_transform("train", PAD_LABEL_ID))
             log.info("Cityscapes %s: %d images", self.train_split, len(self.train_set))
         if stage in ("fit", "validate"):
-            self.val_set = self._dataset("val", eval_transform())
+            self.val_set = self._dataset("val", self.split_transform("val"))
             log.info("Cityscapes %s: %d images", self.val_split, len(self.val_set))
         if stage == "predict":
             self.setup_predict()

@@ -1,5 +1,6 @@
-"""What the segmentation datasets share: pair ``i``'s image and mask, checked to be of one size, through the
-split's transform with draws that are a function of the sample key (:mod:`mbv3_dense.data.sampling`)."""
+"""What the two segmentation data sources (Cityscapes, image and mask folders) share: the dataset's item (pair
+``i``'s image and mask, checked to be of one size, through the split's transform with draws that are a function of
+the sample key, :mod:`mbv3_dense.data.sampling`) and the data module's transforms."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from mbv3_dense.data.module import TaskDataModule
 from mbv3_dense.data.sampling import SampleKey, as_sample_key, sample_randomness
-from segmentation.transforms import Transform
+from segmentation.transforms import Transform, eval_transform, train_transform
 
 
 class PairDataset(Dataset):
@@ -50,3 +52,33 @@ class PairDataset(Dataset):
         with sample_randomness(key) as generators:
             image, mask = self.transform(image, mask, generators.python)
         return image, torch.from_numpy(self.target(mask, mask_source))  # uint8: long on the device
+
+
+class SegmentationDataModule(TaskDataModule):
+    """Base of :class:`~segmentation.data.CityscapesDataModule` and :class:`~segmentation.folder.MaskFolderDataModule`:
+    training crops, validation on full frames (:meth:`split_transform`).
+
+    Args:
+        crop_size: training crop ``(height, width)``.
+        scale_range: random scale factors for training.
+        hflip: random horizontal flips in training.
+        batch_size, val_batch_size, num_workers, predict_images, predict_max_pixels, streaming: as
+            :class:`~mbv3_dense.data.module.TaskDataModule`.
+    """
+
+    def __init__(self, *, batch_size: int, val_batch_size: int, num_workers: int, crop_size: tuple[int, int],
+                 scale_range: tuple[float, float], hflip: bool, predict_images: str | None, predict_max_pixels: int,
+                 streaming: str | None) -> None:
+        super().__init__(batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers,
+                         predict_images=predict_images, predict_max_pixels=predict_max_pixels, streaming=streaming)
+        self.crop_size = tuple(crop_size)
+        self.scale_range = tuple(scale_range)
+        self.hflip = hflip
+
+    def split_transform(self, split: str, fill_mask: int = 0) -> Transform:
+        """``"train"``: random scale, crop (the mask padded with ``fill_mask`` where the image is smaller) and flip,
+        drawn from the sample key; otherwise the full frame as it is."""
+        if split != "train":
+            return eval_transform()
+        return train_transform(crop_size=self.crop_size, scale_range=self.scale_range, hflip=self.hflip,
+                               fill_mask=fill_mask)

@@ -32,11 +32,10 @@ import numpy as np
 
 from mbv3_dense.checkpoints.classes import ClassInfo
 from mbv3_dense.data.image_io import ImageReadError, decode_image_rgb, decode_label_png, read_image_rgb
-from mbv3_dense.data.module import TaskDataModule
 from mbv3_dense.data.predict import DEFAULT_MAX_PIXELS
 from mbv3_dense.data.streaming.read import ChunkReader
 from mbv3_dense.data.streaming.record import ChunkRecord, ChunkSource, StreamingDataError
-from segmentation.dataset import PairDataset
+from segmentation.dataset import PairDataset, SegmentationDataModule
 from segmentation.folder_pairs import MaskFolderError, Pair, list_folder_pairs, list_listed_pairs, raise_problems
 from segmentation.mask_classes import MaskClasses, find_classes_file, read_classes_file
 from segmentation.mask_decoder import (
@@ -47,7 +46,7 @@ from segmentation.mask_decoder import (
     check_mask_options,
     image_size,
 )
-from segmentation.transforms import Transform, eval_transform, train_transform
+from segmentation.transforms import Transform
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +157,7 @@ def chunk_item(pair: Pair, decoder: MaskDecoder) -> dict:
             "mask": png.tobytes()}
 
 
-class MaskFolderDataModule(TaskDataModule):
+class MaskFolderDataModule(SegmentationDataModule):
     """Image and mask folders (layouts and formats in the module docstring) for LR-ASPP training and validation.
 
     Batches are ``(images [N, 3, H, W] uint8, masks [N, H, W] uint8 class indices, ignore value where
@@ -210,7 +209,8 @@ class MaskFolderDataModule(TaskDataModule):
                  predict_images: str | None = None, predict_max_pixels: int = DEFAULT_MAX_PIXELS,
                  streaming: str | None = None) -> None:
         super().__init__(batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers,
-                         predict_images=predict_images, predict_max_pixels=predict_max_pixels, streaming=streaming)
+                         crop_size=crop_size, scale_range=scale_range, hflip=hflip, predict_images=predict_images,
+                         predict_max_pixels=predict_max_pixels, streaming=streaming)
         check_mask_options(mask_format, on_unknown_value)
         if layout not in ("auto", "folders", "lists"):
             raise ValueError(f"layout must be 'auto', 'folders' or 'lists', got {layout!r}")
@@ -220,9 +220,6 @@ class MaskFolderDataModule(TaskDataModule):
         self.on_unknown_value = on_unknown_value
         self.layout = layout
         self.splits = {"train": (train_split, train_list), "val": (val_split, val_list)}
-        self.crop_size = tuple(crop_size)
-        self.scale_range = tuple(scale_range)
-        self.hflip = hflip
         self.check_files = check_files
         self.check_mask_values = check_mask_values
         self.train_set: MaskFolderSegmentation | None = None
@@ -290,8 +287,7 @@ class MaskFolderDataModule(TaskDataModule):
         defaults to the split's own (training crops for ``"train"``, full frames for ``"val"``)."""
         decoder = MaskDecoder(self.classes, mask_format=self.mask_format, on_unknown_value=self.on_unknown_value)
         if transform is None:
-            transform = train_transform(crop_size=self.crop_size, scale_range=self.scale_range, hflip=self.hflip,
-                                        fill_mask=self.classes.ignore_index) if which == "train" else eval_transform()
+            transform = self.split_transform(which, self.classes.ignore_index)
         pairs = self.pairs(which)
         layout = self.resolved_layout()
         name = self.splits[which][0] if layout == "folders" else self.splits[which][1]
@@ -303,11 +299,10 @@ class MaskFolderDataModule(TaskDataModule):
 
     def _setup_streaming(self, stage: str) -> None:
         if stage == "fit":
-            self.train_set = StreamedMaskFolderSegmentation(self.chunks("train"), train_transform(
-                crop_size=self.crop_size, scale_range=self.scale_range, hflip=self.hflip,
-                fill_mask=self.classes.ignore_index))
+            self.train_set = StreamedMaskFolderSegmentation(self.chunks("train"),
+                                                            self.split_transform("train", self.classes.ignore_index))
         if stage in ("fit", "validate"):
-            self.val_set = StreamedMaskFolderSegmentation(self.chunks("val"), eval_transform())
+            self.val_set = StreamedMaskFolderSegmentation(self.chunks("val"), self.split_transform("val"))
             if self.val_batch_size > 1 and self.chunks("val").info["frame_size"] is None:
                 raise MaskFolderError(f"{self.chunks('val').location}: validation runs on full frames, "
                                       f"{self.val_batch_size} a batch, but the images have different sizes; set "
