@@ -196,6 +196,8 @@ class CocoDataModule(TaskDataModule):
     chunk_kind = ("detect", "coco")
     same_in_both_splits = ("categories",)
     prepared_from = "annotation files"
+    train_set: CocoTrainDataset | None
+    val_set: CocoEvalDataset | None
 
     def __init__(
         self,
@@ -228,8 +230,6 @@ class CocoDataModule(TaskDataModule):
         self.min_box_size = min_box_size
         self.transform = train_transform(image_size=image_size, iou_crop=iou_crop, zoom_out_p=zoom_out_p,
                                          photometric_p=photometric_p, hflip_p=hflip_p, min_box_size=min_box_size)
-        self.train_set: CocoTrainDataset | None = None
-        self.val_set: CocoEvalDataset | None = None
         self._category_map: CategoryMap | None = None
 
     @property

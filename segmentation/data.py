@@ -225,6 +225,8 @@ class CityscapesDataModule(SegmentationDataModule):
     """
 
     chunk_kind = ("segment", "cityscapes")
+    train_set: CityscapesSegmentation | None
+    val_set: CityscapesSegmentation | None
 
     def __init__(self, *, root: str, batch_size: int = 8, val_batch_size: int = 1, num_workers: int = 4,
                  crop_size: tuple[int, int] = (769, 769), scale_range: tuple[float, float] = (0.5, 2.0),
@@ -238,8 +240,6 @@ class CityscapesDataModule(SegmentationDataModule):
         self.train_split = train_split
         self.val_split = val_split
         self.check_files = check_files
-        self.train_set: CityscapesSegmentation | None = None
-        self.val_set: CityscapesSegmentation | None = None
 
     @property
     def num_classes(self) -> int:

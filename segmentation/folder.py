@@ -198,6 +198,8 @@ class MaskFolderDataModule(SegmentationDataModule):
     """
 
     chunk_kind = ("segment", "folders")
+    train_set: MaskFolderSegmentation | None
+    val_set: MaskFolderSegmentation | None
     same_in_both_splits = ("classes",)
 
     def __init__(self, *, root: str, classes_file: str | None = None, mask_format: MaskFormat = "index",
@@ -222,8 +224,6 @@ class MaskFolderDataModule(SegmentationDataModule):
         self.splits = {"train": (train_split, train_list), "val": (val_split, val_list)}
         self.check_files = check_files
         self.check_mask_values = check_mask_values
-        self.train_set: MaskFolderSegmentation | None = None
-        self.val_set: MaskFolderSegmentation | None = None
 
     # ------------------------------------------------------------------ classes (the classes file only)
     @cached_property

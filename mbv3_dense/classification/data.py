@@ -211,6 +211,8 @@ class ImageFolderDataModule(TaskDataModule):
 
     chunk_kind = ("classify", "imagefolder")
     same_in_both_splits = ("class_names",)
+    train_set: ImageFolderDataset | None
+    val_set: ImageFolderDataset | None
 
     def __init__(
         self,
@@ -241,8 +243,6 @@ class ImageFolderDataModule(TaskDataModule):
                                         auto_augment=auto_augment, random_erase=random_erase)
         self.val_tf = self.predict_transform = eval_transform(resize_size=val_resize_size, crop_size=crop_size)
         self.classes: list[str] = []
-        self.train_set: ImageFolderDataset | None = None
-        self.val_set: ImageFolderDataset | None = None
         self.predict_class_names: list[str] | None = None
 
     @property
