@@ -17,9 +17,9 @@ from __future__ import annotations
 import logging
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import albumentations as A
-import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
@@ -36,10 +36,10 @@ from detection.annotations import (
 from detection.transforms import train_transform
 from mbv3_dense.checkpoints.classes import ClassInfo
 from mbv3_dense.data.image_io import decode_image_rgb, read_image_rgb
-from mbv3_dense.data.listing import ImageList, predict_images_for
-from mbv3_dense.data.predict import DEFAULT_MAX_PIXELS, predict_loader
-from mbv3_dense.data.sampling import SampleKey, as_sample_key, eval_loader, sample_randomness, train_loader
-from mbv3_dense.data.streaming.read import ChunkReader, open_split
+from mbv3_dense.data.module import TaskDataModule
+from mbv3_dense.data.predict import DEFAULT_MAX_PIXELS
+from mbv3_dense.data.sampling import SampleKey, as_sample_key, sample_randomness
+from mbv3_dense.data.streaming.read import ChunkReader
 from mbv3_dense.data.streaming.record import ChunkRecord, ChunkSource, StreamingDataError
 
 log = logging.getLogger(__name__)
@@ -48,15 +48,10 @@ Target = dict[str, Tensor]
 Batch = tuple[Tensor | list[Tensor], list[Target]]
 
 
-class CocoTrainDataset(Dataset):
-    """Training split: ``(image [3, S, S] uint8, {"boxes": [G, 4] XYXY in the S x S input, "labels": [G]})``.
+class _FromFiles(Dataset):
+    """A COCO dataset's records and their image files: :meth:`read` of sample ``i`` decodes record ``i``'s image."""
 
-    Crowd boxes are left out; images without any other box are dropped (logged).
-    """
-
-    def __init__(self, records: list[ImageRecord], transform: A.Compose) -> None:
-        self.records = [r for r in records if (~r.iscrowd).any()]
-        self.transform = transform
+    records: list[ImageRecord]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -65,6 +60,17 @@ class CocoTrainDataset(Dataset):
         """The decoded ``[H, W, 3]`` image and the record of sample ``index``."""
         rec = self.records[index]
         return read_image_rgb(rec.path), rec
+
+
+class CocoTrainDataset(_FromFiles):
+    """Training split: ``(image [3, S, S] uint8, {"boxes": [G, 4] XYXY in the S x S input, "labels": [G]})``.
+
+    Crowd boxes are left out; images without any other box are dropped (logged).
+    """
+
+    def __init__(self, records: list[ImageRecord], transform: A.Compose) -> None:
+        self.records = [r for r in records if (~r.iscrowd).any()]
+        self.transform = transform
 
     def __getitem__(self, key: int | SampleKey) -> tuple[Tensor, Target]:
         """``key``: an index, or the :class:`~mbv3_dense.data.sampling.SampleKey` a training sampler yields;
@@ -80,7 +86,7 @@ class CocoTrainDataset(Dataset):
         return img, {"boxes": boxes, "labels": labels}
 
 
-class CocoEvalDataset(Dataset):
+class CocoEvalDataset(_FromFiles):
     """Evaluation split: every image at its original size, every box.
 
     Items: ``(image [3, H, W] uint8, {"image_id", "orig_size" (H, W), "boxes" [G, 4] XYXY
@@ -89,14 +95,6 @@ class CocoEvalDataset(Dataset):
 
     def __init__(self, records: list[ImageRecord]) -> None:
         self.records = records
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def read(self, index: int) -> tuple[np.ndarray, ImageRecord]:
-        """The decoded ``[H, W, 3]`` image and the record of sample ``index``."""
-        rec = self.records[index]
-        return read_image_rgb(rec.path), rec
 
     def __getitem__(self, index: int) -> tuple[Tensor, Target]:
         image, rec = self.read(index)
@@ -159,7 +157,7 @@ def collate_eval(batch: list[tuple[Tensor, Target]]) -> Batch:
     return [b[0] for b in batch], [b[1] for b in batch]
 
 
-class CocoDataModule(L.LightningDataModule):
+class CocoDataModule(TaskDataModule):
     """COCO detection in the real layout: ``root/train2017``, ``root/val2017``,
     ``root/annotations/instances_{train,val}2017.json`` (each path configurable, relative to ``root``).
 
@@ -195,6 +193,12 @@ class CocoDataModule(L.LightningDataModule):
             the preparer's ``--min-box-size``, which must equal ``min_box_size``.
     """
 
+    chunk_kind = ("detect", "coco")
+    same_in_both_splits = ("categories",)
+    prepared_from = "annotation files"
+    train_set: CocoTrainDataset | None
+    val_set: CocoEvalDataset | None
+
     def __init__(
         self,
         *,
@@ -217,23 +221,16 @@ class CocoDataModule(L.LightningDataModule):
         predict_max_pixels: int = DEFAULT_MAX_PIXELS,
         streaming: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers,
+                         predict_images=predict_images, predict_max_pixels=predict_max_pixels, streaming=streaming)
         self.root = Path(root)
-        self.streaming = streaming
-        self._chunks: dict[str, ChunkReader] = {}
         self.paths = {"train": (self.root / train_images, self.root / train_annotations),
                       "val": (self.root / val_images, self.root / val_annotations)}
         self._num_classes = num_classes
-        self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
         self.min_box_size = min_box_size
         self.transform = train_transform(image_size=image_size, iou_crop=iou_crop, zoom_out_p=zoom_out_p,
                                          photometric_p=photometric_p, hflip_p=hflip_p, min_box_size=min_box_size)
-        self.train_set: CocoTrainDataset | None = None
-        self.val_set: CocoEvalDataset | None = None
         self._category_map: CategoryMap | None = None
-        self.predict_images = predict_images
-        self.predict_max_pixels = predict_max_pixels
-        self.predict_list: ImageList | None = None
 
     @property
     def category_map(self) -> CategoryMap:
@@ -282,23 +279,18 @@ class CocoDataModule(L.LightningDataModule):
                  stats.boxes, stats.crowd, stats.clamped, stats.dropped_degenerate, stats.images_without_boxes)
         return records
 
-    def chunks(self, split: str) -> ChunkReader:
-        """The chunks of ``split`` under ``streaming``, checked against this module's ``min_box_size``."""
-        if split not in self._chunks:
-            chunks = open_split(self.streaming, split, task="detect", layout="coco")
-            if chunks.info["min_box_size"] != self.min_box_size:
-                raise StreamingDataError(f"{chunks.location}: boxes were cleaned with min_box_size "
-                                         f"{chunks.info['min_box_size']} (prepare_streaming.py --min-box-size), this "
-                                         f"module has min_box_size {self.min_box_size}: set the same value")
-            if self._chunks and chunks.info["categories"] != next(iter(self._chunks.values())).info["categories"]:
-                raise StreamingDataError(f"{chunks.location}: its categories differ from the other split's "
-                                         "(prepared from different annotation files)")
-            self._chunks[split] = chunks
-        return self._chunks[split]
+    def check_chunks(self, chunks: ChunkReader) -> None:
+        """A split's chunks must have been cleaned with this module's ``min_box_size`` and have the other split's
+        categories."""
+        if chunks.info["min_box_size"] != self.min_box_size:
+            raise StreamingDataError(f"{chunks.location}: boxes were cleaned with min_box_size "
+                                     f"{chunks.info['min_box_size']} (prepare_streaming.py --min-box-size), this "
+                                     f"module has min_box_size {self.min_box_size}: set the same value")
+        super().check_chunks(chunks)
 
     def chunk_source(self, split: str) -> ChunkSource:
         """What ``scripts/prepare_streaming.py`` writes for ``split`` (after ``setup("fit")``)."""
-        dataset = self.train_set if split == "train" else self.val_set
+        dataset = self.split_set(split)
         cmap = self.category_map
         categories = [{"id": i, "name": cmap.names.get(i, str(i))} for i in cmap.category_ids]
         record = ChunkRecord(task="detect", layout="coco", split=split, count=len(dataset.records),
@@ -329,7 +321,7 @@ class CocoDataModule(L.LightningDataModule):
         if stage in ("fit", "validate", "test") and self.val_set is None:
             self.val_set = CocoEvalDataset(self._load("val"))
         if stage == "predict":
-            self.predict_list = predict_images_for(self.predict_images)
+            self.setup_predict()
             self._load_categories()
 
     def _load_categories(self) -> None:
@@ -341,19 +333,10 @@ class CocoDataModule(L.LightningDataModule):
             log.info("no annotation file under %s: predictions take the category ids and names the checkpoint "
                      "records, else labels", self.root)
 
-    def predict_dataloader(self) -> DataLoader:
-        return predict_loader(self.predict_list.files, batch_size=self.val_batch_size, num_workers=self.num_workers,
-                              max_pixels=self.predict_max_pixels)
-
-    def train_dataloader(self) -> DataLoader:
-        # drop_last: a last batch of one image would fail in BatchNorm on the 1x1 extra map.
-        return train_loader(self.train_set, trainer=self.trainer, batch_size=self.batch_size,
-                            num_workers=self.num_workers, collate_fn=collate_train,
-                            drop_last=len(self.train_set) > self.batch_size)
-
-    def val_dataloader(self) -> DataLoader:
-        return eval_loader(self.val_set, trainer=self.trainer, batch_size=self.val_batch_size,
-                           num_workers=self.num_workers, collate_fn=collate_eval)
+    def loader_options(self, split: str) -> dict[str, Any]:
+        if split == "train":  # drop_last: a last batch of one image would fail in BatchNorm on the 1x1 extra map.
+            return {"collate_fn": collate_train, "drop_last": len(self.train_set) > self.batch_size}
+        return {"collate_fn": collate_eval}
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

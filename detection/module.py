@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from PIL import Image
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
@@ -16,8 +16,9 @@ from detection.metric import GatheredMeanAveragePrecision
 from detection.model import SSDLite
 from detection.predict import DetectionWriter, draw_detections
 from mbv3_dense.data.predict import PredictBatch
-from mbv3_dense.training.guards import NonFinitePolicy, check_loss
-from mbv3_dense.training.task import PredictBackend, TaskModule
+from mbv3_dense.deploy.backend import detect
+from mbv3_dense.training.guards import check_loss
+from mbv3_dense.training.task import TaskModule
 
 log = logging.getLogger(__name__)
 
@@ -35,36 +36,24 @@ class DetectionModule(TaskModule):
 
     Args:
         model: the detector.
-        optimizer: builds the optimizer from the parameters.
-        scheduler: builds the LR scheduler, stepped once per epoch (cosine in torchvision's recipe).
         loss: the SSD loss (hard negative mining by default).
         warmup_steps: linear LR warm-up from ``warmup_factor`` over this many optimizer steps
             (torchvision's detection reference: 1000 iterations from 0.001).
         warmup_factor: starting LR factor of the warm-up.
-        nonfinite_loss: ``"stop"`` raises :class:`~mbv3_dense.training.guards.NonFiniteLossError` naming the
-            step and the box/class losses at the first NaN/inf loss; ``"skip"`` skips that batch's
-            update and counts it (``train/skipped_nonfinite``).
-        channels_last, compile, freeze_backbone_epochs, backbone_lr_multiplier, freeze_bn_statistics,
-            predict_backend: as
-            :class:`~mbv3_dense.training.task.TaskModule`.
+        options: :class:`~mbv3_dense.training.task.TaskModule`'s (optimizer, scheduler, lr_batch_size,
+            weight_decay_norm_bias, nonfinite_loss, channels_last, compile, freeze_backbone_epochs,
+            backbone_lr_multiplier, freeze_bn_statistics, predict_backend; the command line lists them). The
+            scheduler is stepped once per epoch (cosine in torchvision's recipe); a NaN/inf loss under
+            ``nonfinite_loss: stop`` is reported with its box and class parts.
     """
 
     task = "detect"
     monitor = "val/map"
     end_to_end_export = True
 
-    def __init__(self, *, model: SSDLite, optimizer: OptimizerCallable = torch.optim.SGD,
-                 scheduler: LRSchedulerCallable | None = None, loss: SSDLoss | None = None,
-                 warmup_steps: int = 1000, warmup_factor: float = 0.001, lr_batch_size: int | None = None,
-                 weight_decay_norm_bias: bool = False, nonfinite_loss: NonFinitePolicy = "stop",
-                 channels_last: bool | None = None, compile: bool = False,
-                 freeze_backbone_epochs: int = 0, backbone_lr_multiplier: float = 1.0,
-                 freeze_bn_statistics: bool = False, predict_backend: PredictBackend = "torch") -> None:
-        super().__init__(model=model, optimizer=optimizer, scheduler=scheduler, lr_batch_size=lr_batch_size,
-                         weight_decay_norm_bias=weight_decay_norm_bias, nonfinite_loss=nonfinite_loss,
-                         channels_last=channels_last, compile=compile, freeze_backbone_epochs=freeze_backbone_epochs,
-                         backbone_lr_multiplier=backbone_lr_multiplier, freeze_bn_statistics=freeze_bn_statistics,
-                         predict_backend=predict_backend)
+    def __init__(self, *, model: SSDLite, loss: SSDLoss | None = None, warmup_steps: int = 1000,
+                 warmup_factor: float = 0.001, **options: Any) -> None:
+        super().__init__(model=model, **options)
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "loss"])
         self.loss = loss or SSDLoss()
         if (self.loss.classification == "focal") != (model.score_activation == "sigmoid"):
@@ -148,17 +137,12 @@ class DetectionModule(TaskModule):
         self.log("val/map_50", result["map_50"].float(), prog_bar=True, sync_dist=False)
 
     def predict_step(self, batch: PredictBatch, batch_idx: int) -> list[dict[str, Tensor]]:
-        """:meth:`SSDLite.predict` on the batch's images (uint8, original sizes): per image XYXY boxes in
-        its own pixels, scores and model labels, on the CPU. The network runs on ``predict_backend``
-        (exported ones at ``image_size``, the size every image is resized to); preprocess and postprocess
-        are the model's own."""
-        if not batch.images:
-            return []
-        images = [img.float().div(255) for img in batch.images]
-        x = self.model.preprocess(images)
-        raw = self.predict_network(x)(x)
-        detections = self.model.postprocess({k: v.to(x.device) for k, v in raw.items()},
-                                            [(int(img.shape[-2]), int(img.shape[-1])) for img in images])
+        """The batch's images (uint8, original sizes) through :func:`mbv3_dense.deploy.backend.detect`, as
+        ``scripts/predict.py`` runs them: per image XYXY boxes in its own pixels, scores and model labels, on the
+        CPU. The network runs on ``predict_backend`` (exported ones at ``image_size``, the size every image is
+        resized to; on the CPU, as their outputs are); preprocess and postprocess are the model's own."""
+        detections = detect(self.model, lambda x: self.predict_network(x)(x),
+                            [img.float().div(255) for img in batch.images])
         return [{k: v.cpu() for k, v in det.items()} for det in detections]
 
     def draw_predictions(self, images: list[Tensor], threshold: float = 0.3) -> list[Image.Image]:

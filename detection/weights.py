@@ -18,15 +18,8 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from mbv3_dense.checkpoints.transfer import check_task, load_checkpoint_state
-from mbv3_dense.checkpoints.weights import (
-    StateDict,
-    WeightsError,
-    describe_checkpoint,
-    extract_state_dict,
-    lightning_model_state,
-    read_checkpoint,
-)
+from mbv3_dense.checkpoints.transfer import load_checkpoint_state, read_task_checkpoint
+from mbv3_dense.checkpoints.weights import StateDict, layout_error, lightning_model_state
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +62,9 @@ def to_ssdlite_layout(state: Mapping[str, Tensor], container: str, c4_index: int
         return from_torchvision_ssdlite(state, c4_index)
     if "backbone.features.0.0.weight" in state and any(k.startswith("cls_head.") for k in state):
         return dict(state)
-    held = describe_checkpoint(state)
-    raise WeightsError(
-        f"{source}: not an SSDLite checkpoint" + (f": it holds {held}" if held else "")
-        + "; expected torchvision's (backbone.features.0.0.0.*, head.*) or this project's (backbone.features.*, "
-        f"cls_head.*) keys; first keys: {sorted(state)[:5]}" + _BACKBONE_HINT * bool(held and "classifier" in held)
-    )
-
-
-_BACKBONE_HINT = "; an ImageNet classifier goes to the detector as weights_backbone, not weights"
+    raise layout_error(source, "an SSDLite", "torchvision's (backbone.features.0.0.0.*, head.*) or this project's "
+                       "(backbone.features.*, cls_head.*)", state,
+                       classifier_hint="; an ImageNet classifier goes to the detector as weights_backbone, not weights")
 
 
 def load_ssdlite_weights(model: nn.Module, path: str | Path, *, keep_class_rows: bool = True) -> None:
@@ -86,9 +73,7 @@ def load_ssdlite_weights(model: nn.Module, path: str | Path, *, keep_class_rows:
     Strict, except that a checkpoint with other classes loads into new class predictors that keep the
     background row and the rows of classes named alike (:func:`mbv3_dense.checkpoints.transfer.load_checkpoint_state`).
     """
-    checkpoint = read_checkpoint(path)
-    check_task(checkpoint, "detect", str(path))
-    state, container = extract_state_dict(checkpoint, path)
+    checkpoint, state, container = read_task_checkpoint(path, "detect")
     c4_index = model.backbone.feature_info["c4_expand"].index
     load_checkpoint_state(model, to_ssdlite_layout(state, container, c4_index, str(path)), str(path),
                           task="detect", checkpoint=checkpoint, always_kept=(0,), keep_class_rows=keep_class_rows)

@@ -20,22 +20,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import lightning as L
 import numpy as np
-import torch
 from PIL import Image
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
 
 from mbv3_dense.checkpoints.classes import ClassInfo
 from mbv3_dense.data.image_io import ImageReadError, decode_image_rgb, decode_label_png, read_image_rgb, read_label_png
-from mbv3_dense.data.listing import ImageList, predict_images_for
-from mbv3_dense.data.predict import DEFAULT_MAX_PIXELS, predict_loader
-from mbv3_dense.data.sampling import SampleKey, as_sample_key, eval_loader, sample_randomness, train_loader
-from mbv3_dense.data.streaming.read import ChunkReader, open_split
+from mbv3_dense.data.predict import DEFAULT_MAX_PIXELS
+from mbv3_dense.data.streaming.read import ChunkReader
 from mbv3_dense.data.streaming.record import ChunkRecord, ChunkSource
+from segmentation.dataset import PairDataset, SegmentationDataModule
 from segmentation.labels import CLASS_NAMES, NUM_CLASSES, cityscapes_class_info, label_ids_to_train_ids
-from segmentation.transforms import Transform, eval_transform, train_transform
+from segmentation.transforms import Transform
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +128,11 @@ def read_train_ids(label_path: Path) -> np.ndarray:
     return label_ids_to_train_ids(read_label_ids(label_path), label_path)
 
 
-class CityscapesSegmentation(Dataset):
+class CityscapesSegmentation(PairDataset):
     """Images and trainId masks of one split.
 
-    ``dataset[i]`` is ``(image, mask)`` after ``transform``: a uint8 ``[3, H, W]`` RGB tensor and an
-    int64 ``[H, W]`` tensor of trainIds (255 = ignore).
+    ``dataset[i]`` is ``(image, mask)`` after ``transform``: a uint8 ``[3, H, W]`` RGB tensor and a
+    uint8 ``[H, W]`` tensor of trainIds (255 = ignore).
 
     Args:
         root: the Cityscapes root folder.
@@ -146,6 +141,9 @@ class CityscapesSegmentation(Dataset):
             on the labelIds (padding, if any, with :data:`PAD_LABEL_ID`); trainIds are looked up after it.
         check_files: run :func:`check_pairs` over the split now and raise naming the first problems.
     """
+
+    size_error = CityscapesDataError
+    mask_word = "label"
 
     def __init__(self, root: str | Path, split: str, transform: Transform, *,
                  check_files: bool = False) -> None:
@@ -159,26 +157,14 @@ class CityscapesSegmentation(Dataset):
                 raise CityscapesDataError(f"{self.root} ({split}): {len(problems)} of {len(self.pairs)} image/label "
                                           f"pairs are unusable; first: " + "; ".join(problems[:3]))
 
-    def __len__(self) -> int:
-        return len(self.pairs)
-
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray, str | Path, str | Path]:
         """Pair ``index``: the decoded image, its labelIds, and what messages call the two."""
         image_path, label_path = self.pairs[index]
         return read_image_rgb(image_path), read_label_ids(label_path), image_path, label_path
 
-    def __getitem__(self, key: int | SampleKey) -> tuple[Tensor, Tensor]:
-        """``key``: an index, or the :class:`~mbv3_dense.data.sampling.SampleKey` a training sampler yields;
-        the augmentation's draws are a function of it, never of a worker's or the OS's state."""
-        image, label_ids, image_path, label_path = self.read(as_sample_key(key).index)
-        if image.shape[:2] != label_ids.shape:
-            raise CityscapesDataError(
-                f"{image_path} is {image.shape[1]}x{image.shape[0]} (WxH) but its label {label_path} "
-                f"is {label_ids.shape[1]}x{label_ids.shape[0]}"
-            )
-        with sample_randomness(key) as generators:
-            image, label_ids = self.transform(image, label_ids, generators.python)
-        return image, torch.from_numpy(label_ids_to_train_ids(label_ids, label_path))  # uint8: long on the device
+    def target(self, mask: np.ndarray, mask_source: str | Path) -> np.ndarray:
+        """The transformed labelIds as trainIds."""
+        return label_ids_to_train_ids(mask, mask_source)
 
 
 class StreamedCityscapesSegmentation(CityscapesSegmentation):
@@ -207,7 +193,7 @@ def chunk_item(pair: tuple[Path, Path]) -> dict:
             "label_name": str(label_path).encode(), "label": label_path.read_bytes()}
 
 
-class CityscapesDataModule(L.LightningDataModule):
+class CityscapesDataModule(SegmentationDataModule):
     """Cityscapes fine annotations for LR-ASPP training and validation.
 
     Batches are ``(images [N, 3, H, W] uint8, masks [N, H, W] uint8 trainIds, 255 = ignore)``; the module
@@ -238,28 +224,22 @@ class CityscapesDataModule(L.LightningDataModule):
             and trainIds (:mod:`mbv3_dense.data.streaming`). The preparer ran the ``check_files`` checks.
     """
 
+    chunk_kind = ("segment", "cityscapes")
+    train_set: CityscapesSegmentation | None
+    val_set: CityscapesSegmentation | None
+
     def __init__(self, *, root: str, batch_size: int = 8, val_batch_size: int = 1, num_workers: int = 4,
                  crop_size: tuple[int, int] = (769, 769), scale_range: tuple[float, float] = (0.5, 2.0),
                  hflip: bool = True, train_split: str = "train", val_split: str = "val",
                  check_files: bool = True, predict_images: str | None = None,
                  predict_max_pixels: int = DEFAULT_MAX_PIXELS, streaming: str | None = None) -> None:
-        super().__init__()
-        self.streaming = streaming
+        super().__init__(batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers,
+                         crop_size=crop_size, scale_range=scale_range, hflip=hflip, predict_images=predict_images,
+                         predict_max_pixels=predict_max_pixels, streaming=streaming)
         self.root = Path(root)
-        self.batch_size = batch_size
-        self.val_batch_size = val_batch_size
-        self.num_workers = num_workers
-        self.crop_size = tuple(crop_size)
-        self.scale_range = tuple(scale_range)
-        self.hflip = hflip
         self.train_split = train_split
         self.val_split = val_split
         self.check_files = check_files
-        self.train_set: CityscapesSegmentation | None = None
-        self.val_set: CityscapesSegmentation | None = None
-        self.predict_images = predict_images
-        self.predict_max_pixels = predict_max_pixels
-        self.predict_list: ImageList | None = None
 
     @property
     def num_classes(self) -> int:
@@ -280,7 +260,7 @@ class CityscapesDataModule(L.LightningDataModule):
     def chunk_source(self, split: str) -> ChunkSource:
         """What ``scripts/prepare_streaming.py`` writes for ``split`` (``"train"``: ``train_split``, ``"val"``:
         ``val_split``; after ``setup("fit")``)."""
-        dataset = self.train_set if split == "train" else self.val_set
+        dataset = self.split_set(split)
         record = ChunkRecord(task="segment", layout="cityscapes", split=split, count=len(dataset.pairs),
                              info={"class_info": self.class_info, "split": dataset.split},
                              source=str(self.root), fields=("name", "image", "label_name", "label"))
@@ -288,33 +268,19 @@ class CityscapesDataModule(L.LightningDataModule):
 
     def _dataset(self, split: str, transform: Transform) -> CityscapesSegmentation:
         if self.streaming:
-            return StreamedCityscapesSegmentation(open_split(self.streaming, split, task="segment",
-                                                             layout="cityscapes"), transform)
+            return StreamedCityscapesSegmentation(self.chunks(split), transform)
         return CityscapesSegmentation(self.root, self.train_split if split == "train" else self.val_split, transform,
                                       check_files=self.check_files)
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
-            self.train_set = self._dataset("train", train_transform(
-                crop_size=self.crop_size, scale_range=self.scale_range, hflip=self.hflip, fill_mask=PAD_LABEL_ID))
+            self.train_set = self._dataset("train", self.split_transform("train", PAD_LABEL_ID))
             log.info("Cityscapes %s: %d images", self.train_split, len(self.train_set))
         if stage in ("fit", "validate"):
-            self.val_set = self._dataset("val", eval_transform())
+            self.val_set = self._dataset("val", self.split_transform("val"))
             log.info("Cityscapes %s: %d images", self.val_split, len(self.val_set))
         if stage == "predict":
-            self.predict_list = predict_images_for(self.predict_images)
-
-    def train_dataloader(self) -> DataLoader:
-        return train_loader(self.train_set, trainer=self.trainer, batch_size=self.batch_size,
-                            num_workers=self.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        return eval_loader(self.val_set, trainer=self.trainer, batch_size=self.val_batch_size,
-                           num_workers=self.num_workers)
-
-    def predict_dataloader(self) -> DataLoader:
-        return predict_loader(self.predict_list.files, batch_size=self.val_batch_size, num_workers=self.num_workers,
-                              max_pixels=self.predict_max_pixels)
+            self.setup_predict()
 
 
 __all__ = ["CityscapesDataError", "CityscapesDataModule", "CityscapesSegmentation", "ImageReadError", "check_pair",

@@ -28,19 +28,14 @@ from pathlib import Path
 from typing import Literal
 
 import cv2
-import lightning as L
 import numpy as np
-import torch
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
 
 from mbv3_dense.checkpoints.classes import ClassInfo
 from mbv3_dense.data.image_io import ImageReadError, decode_image_rgb, decode_label_png, read_image_rgb
-from mbv3_dense.data.listing import ImageList, predict_images_for
-from mbv3_dense.data.predict import DEFAULT_MAX_PIXELS, predict_loader
-from mbv3_dense.data.sampling import SampleKey, as_sample_key, eval_loader, sample_randomness, train_loader
-from mbv3_dense.data.streaming.read import ChunkReader, open_split
+from mbv3_dense.data.predict import DEFAULT_MAX_PIXELS
+from mbv3_dense.data.streaming.read import ChunkReader
 from mbv3_dense.data.streaming.record import ChunkRecord, ChunkSource, StreamingDataError
+from segmentation.dataset import PairDataset, SegmentationDataModule
 from segmentation.folder_pairs import MaskFolderError, Pair, list_folder_pairs, list_listed_pairs, raise_problems
 from segmentation.mask_classes import MaskClasses, find_classes_file, read_classes_file
 from segmentation.mask_decoder import (
@@ -51,14 +46,14 @@ from segmentation.mask_decoder import (
     check_mask_options,
     image_size,
 )
-from segmentation.transforms import Transform, eval_transform, train_transform
+from segmentation.transforms import Transform
 
 log = logging.getLogger(__name__)
 
 Layout = Literal["auto", "folders", "lists"]
 
 
-class MaskFolderSegmentation(Dataset):
+class MaskFolderSegmentation(PairDataset):
     """Images and class-index masks of one split.
 
     ``dataset[i]`` is ``(image, mask)`` after ``transform``: a uint8 ``[3, H, W]`` RGB tensor and a uint8
@@ -76,6 +71,8 @@ class MaskFolderSegmentation(Dataset):
             and values the classes file does not know, or count them (``ignore``).
     """
 
+    size_error = MaskFolderError
+
     def __init__(self, pairs: list[Pair], decoder: MaskDecoder, transform: Transform, *, source: str,
                  check_files: bool = False, check_mask_values: bool = False) -> None:
         self.pairs = pairs
@@ -88,9 +85,6 @@ class MaskFolderSegmentation(Dataset):
             self.check_headers()
         if check_mask_values:
             self.check_mask_values()
-
-    def __len__(self) -> int:
-        return len(self.pairs)
 
     def check_headers(self) -> None:
         """Raise :class:`MaskFolderError` naming the pairs whose headers are unusable (see ``check_files``)."""
@@ -132,17 +126,6 @@ class MaskFolderSegmentation(Dataset):
         image_path, mask_path, _ = self.pairs[index]
         return read_image_rgb(image_path), self.decoder.decode(mask_path), image_path, mask_path
 
-    def __getitem__(self, key: int | SampleKey) -> tuple[Tensor, Tensor]:
-        """``key``: an index, or the :class:`~mbv3_dense.data.sampling.SampleKey` a training sampler yields;
-        the augmentation's draws are a function of it, never of a worker's or the OS's state."""
-        image, mask, image_path, mask_path = self.read(as_sample_key(key).index)
-        if image.shape[:2] != mask.shape:
-            raise MaskFolderError(f"{image_path} is {image.shape[1]}x{image.shape[0]} (WxH) but its mask {mask_path} "
-                                  f"is {mask.shape[1]}x{mask.shape[0]}")
-        with sample_randomness(key) as generators:
-            image, mask = self.transform(image, mask, generators.python)
-        return image, torch.from_numpy(mask)  # uint8: long on the device
-
 
 class StreamedMaskFolderSegmentation(MaskFolderSegmentation):
     """:class:`MaskFolderSegmentation`'s pairs from a split's chunks: item ``i`` holds pair ``i``'s image bytes and
@@ -174,7 +157,7 @@ def chunk_item(pair: Pair, decoder: MaskDecoder) -> dict:
             "mask": png.tobytes()}
 
 
-class MaskFolderDataModule(L.LightningDataModule):
+class MaskFolderDataModule(SegmentationDataModule):
     """Image and mask folders (layouts and formats in the module docstring) for LR-ASPP training and validation.
 
     Batches are ``(images [N, 3, H, W] uint8, masks [N, H, W] uint8 class indices, ignore value where
@@ -214,6 +197,11 @@ class MaskFolderDataModule(L.LightningDataModule):
             the chunks were prepared.
     """
 
+    chunk_kind = ("segment", "folders")
+    train_set: MaskFolderSegmentation | None
+    val_set: MaskFolderSegmentation | None
+    same_in_both_splits = ("classes",)
+
     def __init__(self, *, root: str, classes_file: str | None = None, mask_format: MaskFormat = "index",
                  on_unknown_value: UnknownValuePolicy = "error", layout: Layout = "auto", train_split: str = "train",
                  val_split: str = "val", train_list: str = "train.txt", val_list: str = "val.txt",
@@ -222,9 +210,9 @@ class MaskFolderDataModule(L.LightningDataModule):
                  hflip: bool = True, check_files: bool = True, check_mask_values: bool = True,
                  predict_images: str | None = None, predict_max_pixels: int = DEFAULT_MAX_PIXELS,
                  streaming: str | None = None) -> None:
-        super().__init__()
-        self.streaming = streaming
-        self._chunks: dict[str, ChunkReader] = {}
+        super().__init__(batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers,
+                         crop_size=crop_size, scale_range=scale_range, hflip=hflip, predict_images=predict_images,
+                         predict_max_pixels=predict_max_pixels, streaming=streaming)
         check_mask_options(mask_format, on_unknown_value)
         if layout not in ("auto", "folders", "lists"):
             raise ValueError(f"layout must be 'auto', 'folders' or 'lists', got {layout!r}")
@@ -234,19 +222,8 @@ class MaskFolderDataModule(L.LightningDataModule):
         self.on_unknown_value = on_unknown_value
         self.layout = layout
         self.splits = {"train": (train_split, train_list), "val": (val_split, val_list)}
-        self.batch_size = batch_size
-        self.val_batch_size = val_batch_size
-        self.num_workers = num_workers
-        self.crop_size = tuple(crop_size)
-        self.scale_range = tuple(scale_range)
-        self.hflip = hflip
         self.check_files = check_files
         self.check_mask_values = check_mask_values
-        self.train_set: MaskFolderSegmentation | None = None
-        self.val_set: MaskFolderSegmentation | None = None
-        self.predict_images = predict_images
-        self.predict_max_pixels = predict_max_pixels
-        self.predict_list: ImageList | None = None
 
     # ------------------------------------------------------------------ classes (the classes file only)
     @cached_property
@@ -260,19 +237,9 @@ class MaskFolderDataModule(L.LightningDataModule):
                                Path(recorded["source"]))
         return read_classes_file(find_classes_file(self.root, self.classes_file))
 
-    def chunks(self, split: str) -> ChunkReader:
-        """The chunks of ``split`` under ``streaming`` (opened and checked once)."""
-        if split not in self._chunks:
-            chunks = open_split(self.streaming, split, task="segment", layout="folders")
-            if self._chunks and chunks.info["classes"] != next(iter(self._chunks.values())).info["classes"]:
-                raise StreamingDataError(f"{chunks.location}: its classes differ from the other split's (prepared "
-                                         "from different datasets)")
-            self._chunks[split] = chunks
-        return self._chunks[split]
-
     def chunk_source(self, split: Literal["train", "val"]) -> ChunkSource:
         """What ``scripts/prepare_streaming.py`` writes for ``split`` (after ``setup("fit")``, whose checks ran)."""
-        dataset = self.train_set if split == "train" else self.val_set
+        dataset = self.split_set(split)
         c = self.classes
         sizes = set(dataset.sizes or [])
         classes = {"names": list(c.names), "colors": [list(x) for x in c.colors] if c.colors is not None else None,
@@ -320,8 +287,7 @@ class MaskFolderDataModule(L.LightningDataModule):
         defaults to the split's own (training crops for ``"train"``, full frames for ``"val"``)."""
         decoder = MaskDecoder(self.classes, mask_format=self.mask_format, on_unknown_value=self.on_unknown_value)
         if transform is None:
-            transform = train_transform(crop_size=self.crop_size, scale_range=self.scale_range, hflip=self.hflip,
-                                        fill_mask=self.classes.ignore_index) if which == "train" else eval_transform()
+            transform = self.split_transform(which, self.classes.ignore_index)
         pairs = self.pairs(which)
         layout = self.resolved_layout()
         name = self.splits[which][0] if layout == "folders" else self.splits[which][1]
@@ -333,11 +299,10 @@ class MaskFolderDataModule(L.LightningDataModule):
 
     def _setup_streaming(self, stage: str) -> None:
         if stage == "fit":
-            self.train_set = StreamedMaskFolderSegmentation(self.chunks("train"), train_transform(
-                crop_size=self.crop_size, scale_range=self.scale_range, hflip=self.hflip,
-                fill_mask=self.classes.ignore_index))
+            self.train_set = StreamedMaskFolderSegmentation(self.chunks("train"),
+                                                            self.split_transform("train", self.classes.ignore_index))
         if stage in ("fit", "validate"):
-            self.val_set = StreamedMaskFolderSegmentation(self.chunks("val"), eval_transform())
+            self.val_set = StreamedMaskFolderSegmentation(self.chunks("val"), self.split_transform("val"))
             if self.val_batch_size > 1 and self.chunks("val").info["frame_size"] is None:
                 raise MaskFolderError(f"{self.chunks('val').location}: validation runs on full frames, "
                                       f"{self.val_batch_size} a batch, but the images have different sizes; set "
@@ -353,7 +318,7 @@ class MaskFolderDataModule(L.LightningDataModule):
             self.val_set = self.split_dataset("val")
             self._check_val_sizes(self.val_set)
         if stage == "predict":
-            self.predict_list = predict_images_for(self.predict_images)
+            self.setup_predict()
 
     def _check_val_sizes(self, dataset: MaskFolderSegmentation) -> None:
         """Full-frame validation batches stack images: with ``val_batch_size`` > 1 they must share one size."""
@@ -366,18 +331,6 @@ class MaskFolderDataModule(L.LightningDataModule):
                     f"{dataset.source}: validation runs on full frames, {self.val_batch_size} a batch, but "
                     f"{dataset.pairs[0].image} is {first[0]}x{first[1]} and {image} is {size[0]}x{size[1]} (WxH); "
                     "set val_batch_size: 1 for images of different sizes")
-
-    def train_dataloader(self) -> DataLoader:
-        return train_loader(self.train_set, trainer=self.trainer, batch_size=self.batch_size,
-                            num_workers=self.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        return eval_loader(self.val_set, trainer=self.trainer, batch_size=self.val_batch_size,
-                           num_workers=self.num_workers)
-
-    def predict_dataloader(self) -> DataLoader:
-        return predict_loader(self.predict_list.files, batch_size=self.val_batch_size, num_workers=self.num_workers,
-                              max_pixels=self.predict_max_pixels)
 
 
 __all__ = ["MaskFolderDataModule", "MaskFolderSegmentation", "StreamedMaskFolderSegmentation", "chunk_item"]

@@ -16,9 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from PIL import Image
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
@@ -26,8 +24,8 @@ from torchmetrics.classification import MulticlassJaccardIndex
 
 from mbv3_dense.checkpoints.classes import ClassInfoError, check_class_info
 from mbv3_dense.data.predict import PredictBatch
-from mbv3_dense.training.guards import NonFinitePolicy, check_loss
-from mbv3_dense.training.task import PredictBackend, TaskModule
+from mbv3_dense.training.guards import check_loss
+from mbv3_dense.training.task import TaskModule
 from segmentation.labels import IGNORE_INDEX, NUM_CLASSES, cityscapes_class_info
 from segmentation.predict import SegmentationWriter, class_colors, class_map, overlay
 
@@ -61,28 +59,19 @@ class SegmentationModule(TaskModule):
     Args:
         model: the network (e.g. :func:`segmentation.lraspp_mobilenet_v3_large`); its forward returns
             logits ``[N, model.num_classes, H, W]`` at input size.
-        optimizer, scheduler (stepped every iteration; poly LR:
-            ``torch.optim.lr_scheduler.PolynomialLR(total_iters=<max_steps>, power=0.9)``), lr_batch_size,
+        options: :class:`~mbv3_dense.training.task.TaskModule`'s (optimizer, scheduler, lr_batch_size,
             weight_decay_norm_bias, nonfinite_loss, channels_last, compile, freeze_backbone_epochs,
-            backbone_lr_multiplier, freeze_bn_statistics, predict_backend: as
-            :class:`~mbv3_dense.training.task.TaskModule`.
+            backbone_lr_multiplier, freeze_bn_statistics, predict_backend; the command line lists them). The
+            scheduler is stepped every iteration (poly LR:
+            ``torch.optim.lr_scheduler.PolynomialLR(total_iters=<max_steps>, power=0.9)``).
     """
 
     task = "segment"
     monitor = "val/miou"
     scheduler_interval = "step"
 
-    def __init__(self, *, model: nn.Module, optimizer: OptimizerCallable = torch.optim.SGD,
-                 scheduler: LRSchedulerCallable | None = None, lr_batch_size: int | None = None,
-                 weight_decay_norm_bias: bool = False, nonfinite_loss: NonFinitePolicy = "stop",
-                 channels_last: bool | None = None, compile: bool = False,
-                 freeze_backbone_epochs: int = 0, backbone_lr_multiplier: float = 1.0,
-                 freeze_bn_statistics: bool = False, predict_backend: PredictBackend = "torch") -> None:
-        super().__init__(model=model, optimizer=optimizer, scheduler=scheduler, lr_batch_size=lr_batch_size,
-                         weight_decay_norm_bias=weight_decay_norm_bias, nonfinite_loss=nonfinite_loss,
-                         channels_last=channels_last, compile=compile, freeze_backbone_epochs=freeze_backbone_epochs,
-                         backbone_lr_multiplier=backbone_lr_multiplier, freeze_bn_statistics=freeze_bn_statistics,
-                         predict_backend=predict_backend)
+    def __init__(self, *, model: nn.Module, **options: Any) -> None:
+        super().__init__(model=model, **options)
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
         self.num_classes = int(model.num_classes)
         #: Class names by index for ``val/iou/<name>`` (``None``: the indices); set by :meth:`use_class_info`.

@@ -13,15 +13,8 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from mbv3_dense.checkpoints.transfer import check_task, load_checkpoint_state
-from mbv3_dense.checkpoints.weights import (
-    StateDict,
-    WeightsError,
-    describe_checkpoint,
-    extract_state_dict,
-    lightning_model_state,
-    read_checkpoint,
-)
+from mbv3_dense.checkpoints.transfer import load_checkpoint_state, read_task_checkpoint
+from mbv3_dense.checkpoints.weights import StateDict, layout_error, lightning_model_state
 
 
 def from_torchvision_lraspp(state: Mapping[str, Tensor]) -> StateDict:
@@ -45,12 +38,9 @@ def to_lraspp_layout(state: Mapping[str, Tensor], container: str, source: str) -
         return from_torchvision_lraspp(state)
     if "backbone.features.0.0.weight" in state and "head.low_classifier.weight" in state:
         return dict(state)
-    held = describe_checkpoint(state)
-    hint = "; an ImageNet classifier goes to LR-ASPP as weights_backbone, not weights" \
-        if held and "classifier" in held else ""
-    raise WeightsError(f"{source}: not an LR-ASPP checkpoint" + (f": it holds {held}" if held else "")
-                       + "; expected torchvision's backbone.0.* / classifier.* keys or ours backbone.features.* / "
-                       f"head.*; first keys: {sorted(state)[:5]}{hint}")
+    raise layout_error(source, "an LR-ASPP", "torchvision's (backbone.0.*, classifier.*) or this project's "
+                       "(backbone.features.*, head.*)", state,
+                       classifier_hint="; an ImageNet classifier goes to LR-ASPP as weights_backbone, not weights")
 
 
 def load_lraspp_weights(model: nn.Module, path: str | Path, *, keep_class_rows: bool = True) -> None:
@@ -63,9 +53,7 @@ def load_lraspp_weights(model: nn.Module, path: str | Path, *, keep_class_rows: 
     Raises:
         WeightsError: unreadable file, unknown layout, or keys/shapes that do not fit (listed).
     """
-    checkpoint = read_checkpoint(path)
-    check_task(checkpoint, "segment", str(path))
-    state, container = extract_state_dict(checkpoint, path)
+    checkpoint, state, container = read_task_checkpoint(path, "segment")
     load_checkpoint_state(model, to_lraspp_layout(state, container, str(path)), str(path), task="segment",
                           checkpoint=checkpoint, keep_class_rows=keep_class_rows)
 

@@ -8,6 +8,7 @@ average), then perturbed so that BN is not a plain standardisation.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -63,3 +64,19 @@ def assert_same_detections(got: dict, ref: dict, *, box_atol: float = 1e-3, scor
         assert len(candidates), (f"reference detection {j} (label {int(ref['labels'][j])}, score "
                                  f"{float(ref['scores'][j]):.6f}, box {ref['boxes'][j].tolist()}) has no match")
         free[candidates[0]] = False
+
+
+@torch.no_grad()
+def label_id_agreement(net: nn.Module, image: torch.Tensor, written: np.ndarray, *, tie: float) -> float:
+    """The share of pixels where ``written`` (a predicted labelIds map of the uint8 ``[3, H, W]`` ``image``) is the
+    segmenter's argmax, as labelIds. Every other pixel must be a near tie (the two best logits within ``tie``:
+    float sums in another order may pick either) written as the second best class."""
+    from segmentation.labels import train_ids_to_label_ids
+
+    logits = net(net.normalize(image.float() / 255)[None])[0]
+    ref = train_ids_to_label_ids(logits.argmax(0).numpy().astype(np.uint8))
+    top2 = logits.topk(2, dim=0)
+    near_tie = (top2.values[0] - top2.values[1] < tie).numpy()
+    second = train_ids_to_label_ids(top2.indices[1].numpy().astype(np.uint8))
+    assert ((written == ref) | (near_tie & (written == second))).all()
+    return float((written == ref).mean())

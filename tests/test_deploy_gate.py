@@ -42,6 +42,21 @@ def saved_weights(model: torch.nn.Module, path: Path) -> Path:
     return path
 
 
+def gate_report(gate: tuple[subprocess.CompletedProcess, Path]) -> dict:
+    """The report of an export that passed its gate (``<name>.report.json`` beside the ``.pte``)."""
+    proc, out = gate
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.with_name(f"{out.stem}.report.json").read_text())
+
+
+def export_dynamic(task: str, weights: Path, data: Path, calibration: Path, size_range: str, out: Path,
+                   *model_args: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """``scripts/export.py`` of a small network to a ``.pte`` taking ``size_range``, gated on ``data``."""
+    return run("scripts/export.py", "--task", task, "--arch", "small", *model_args, "--weights", weights, "--format",
+               "executorch", "--dynamic-size", size_range, "--gate", data, "--calibration-images", calibration,
+               "--calibration-count", "3", "--threads", "1", "--latency-runs", "2", "--out", out), out
+
+
 # ---------------------------------------------------------------------------------------------- classify
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
@@ -103,9 +118,8 @@ def good_gate(classifier):
 
 def test_gate_passes_a_sound_int8_export_and_writes_the_report(good_gate):
     proc, out = good_gate
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = gate_report(good_gate)
     assert "gate: int8 top1" in proc.stdout and "PASSED" in proc.stdout
-    report = json.loads(out.with_name("cls.report.json").read_text())
     forms = report["forms"]
     assert list(forms) == ["eager", "fp32", "int8"]
     assert forms["eager"]["metrics"]["top1"] == 100.0  # the held-out labels are the model's own decisions
@@ -181,18 +195,12 @@ def segmenter(tmp_path_factory):
 @pytest.fixture(scope="module")
 def segment_gate(segmenter, tiny_cityscapes):
     work, weights, _ = segmenter
-    out = work / "seg.pte"
-    proc = run("scripts/export.py", "--task", "segment", "--arch", "small", "--weights", weights, "--format",
-               "executorch", "--dynamic-size", "48:160", "--gate", tiny_cityscapes, "--calibration-images",
-               tiny_cityscapes / "leftImg8bit" / "train", "--calibration-count", "3", "--threads", "1",
-               "--latency-runs", "2", "--out", out)
-    return proc, out
+    return export_dynamic("segment", weights, tiny_cityscapes, tiny_cityscapes / "leftImg8bit" / "train", "48:160",
+                          work / "seg.pte")
 
 
 def test_segment_gate_with_a_dynamic_program(segment_gate):
-    proc, out = segment_gate
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(out.with_name("seg.report.json").read_text())
+    report = gate_report(segment_gate)
     assert report["input"]["dynamic_size"] == [48, 160] and report["gate"]["metric"] == "miou"
     assert report["forms"]["fp32"]["metrics"]["miou"] == pytest.approx(report["forms"]["eager"]["metrics"]["miou"],
                                                                        abs=0.5)
@@ -279,18 +287,12 @@ def detector(tmp_path_factory):
 @pytest.fixture(scope="module")
 def detect_gate(detector, tiny_coco):
     work, weights, _ = detector
-    out = work / "det.pte"
-    proc = run("scripts/export.py", "--task", "detect", "--arch", "small", "--width-mult", "0.5", "--num-classes",
-               "5", "--weights", weights, "--format", "executorch", "--dynamic-size", "64:512", "--gate", tiny_coco,
-               "--calibration-images", tiny_coco / "train2017", "--calibration-count", "3", "--threads", "1",
-               "--latency-runs", "2", "--out", out)
-    return proc, out
+    return export_dynamic("detect", weights, tiny_coco, tiny_coco / "train2017", "64:512", work / "det.pte",
+                          "--width-mult", "0.5", "--num-classes", "5")
 
 
 def test_detect_gate_with_a_program_that_takes_the_image_at_its_size(detect_gate):
-    proc, out = detect_gate
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(out.with_name("det.report.json").read_text())
+    report = gate_report(detect_gate)
     assert report["input"]["takes_image"] and report["gate"]["metric"] == "map"
     assert set(report["forms"]["eager"]["metrics"]) == {"map", "map_50"}
     for name in ("fp32", "int8"):

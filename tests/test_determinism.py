@@ -171,36 +171,71 @@ def assert_same_optimizer_and_schedule(resumed: dict, reference: dict) -> None:
     assert resumed["lr_schedulers"] == reference["lr_schedulers"]
 
 
+def final_state(case: Case, data: Path, workdir: Path, *, workers: int,
+                config: Callable[[Path], Path] = lambda path: path) -> dict:
+    """The last checkpoint of ``case``'s tiny run on ``data`` with ``workers`` loader workers, in ``workdir`` (made
+    here); ``config`` edits the config file first."""
+    workdir.mkdir()
+    fit(config(tiny_config(case, data, workdir / "c.yaml", workers=workers)), workdir)
+    return load(last_ckpt(workdir))
+
+
+def assert_resumes_after_sigkill(case: Case, data: Path, workdir: Path, reference: dict, what: str, *,
+                                 config: Callable[[Path], Path] = lambda path: path) -> None:
+    """A run (2 workers, in ``workdir``, made here) killed with SIGKILL mid-epoch and resumed with ``--ckpt_path
+    last`` ends with ``reference``'s weights, optimizer state and schedule; ``config`` edits its config files."""
+    workdir.mkdir()
+    saved = load(kill_after_first_step_checkpoint(
+        config(tiny_config(case, data, workdir / "slow.yaml", workers=2, throttle=0.5)), workdir))
+    assert saved["global_step"] == EVERY_N_STEPS and saved["epoch"] == 0, "not killed mid-epoch"
+    fit(config(tiny_config(case, data, workdir / "c.yaml", workers=2)), workdir, "--ckpt_path", "last")
+    resumed = load(last_ckpt(workdir))
+    assert_same_training_state(resumed, reference, what)
+    assert_same_optimizer_and_schedule(resumed, reference)
+
+
 @pytest.mark.parametrize("task", sorted(CASES))
 def test_one_seed_one_run_any_workers_and_after_sigkill(task: str, tmp_path: Path) -> None:
     case = CASES[task]
     data = case.make_data(tmp_path / "data")
-    finals = {}
-    for workers in (0, 2, 4):
-        workdir = tmp_path / f"workers{workers}"
-        workdir.mkdir()
-        fit(tiny_config(case, data, workdir / "c.yaml", workers=workers), workdir)
-        finals[workers] = load(last_ckpt(workdir))
+    finals = {workers: final_state(case, data, tmp_path / f"workers{workers}", workers=workers)
+              for workers in (0, 2, 4)}
     reference = finals[2]
     assert reference["global_step"] == 2 * case.steps_per_epoch
     if task == "classify":
         assert any(k.startswith("model_ema.") for k in reference["state_dict"])
     for workers in (0, 4):
         assert_same_training_state(finals[workers], reference, f"{workers} workers vs 2")
-
-    broken = tmp_path / "killed"
-    broken.mkdir()
-    saved = load(kill_after_first_step_checkpoint(
-        tiny_config(case, data, broken / "slow.yaml", workers=2, throttle=0.5), broken))
-    assert saved["global_step"] == EVERY_N_STEPS and saved["epoch"] == 0, "not killed mid-epoch"
-    fit(tiny_config(case, data, broken / "c.yaml", workers=2), broken, "--ckpt_path", "last")
-    resumed = load(last_ckpt(broken))
-    assert_same_training_state(resumed, reference, "resumed after SIGKILL vs uninterrupted")
-    assert_same_optimizer_and_schedule(resumed, reference)
+    assert_resumes_after_sigkill(case, data, tmp_path / "killed", reference, "resumed after SIGKILL vs uninterrupted")
 
 
 def _digest(tensor: torch.Tensor) -> str:
     return hashlib.sha1(tensor.contiguous().numpy().tobytes()).hexdigest()
+
+
+def recorded_samples(record: Path) -> list[tuple[int, dict]]:
+    """``(rank, {"epoch", "index", "digest"})`` of every training sample the two ranks' RecordSamples wrote."""
+    return [(rank, row) for rank in (0, 1) for row in json.loads((record / f"rank{rank}.json").read_text())]
+
+
+def assert_samples_are_the_files(config: Path, data: Path, digests: dict[tuple[int, int], str]) -> None:
+    """Each ``(epoch, index)``'s recorded digest is that of the sample a single process (one thread) computes from
+    the image folder ``data`` with ``config``'s data settings."""
+    from mbv3_dense.classification.data import ImageFolderDataModule
+    from mbv3_dense.data.sampling import SampleKey
+
+    cfg = yaml.safe_load(config.read_text())["data"]["init_args"]
+    module = ImageFolderDataModule(**{k: v for k, v in cfg.items() if k not in ("num_workers", "streaming", "root")},
+                                   root=str(data), num_workers=0)
+    module.setup("fit")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for (epoch, index), digest in digests.items():
+            image, _ = module.train_set[SampleKey(index, epoch, 0)]
+            assert digest == _digest(image), (epoch, index)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_ddp_each_index_gets_its_augmentation_on_any_rank_and_resumes_mid_epoch(tmp_path: Path) -> None:
@@ -218,26 +253,12 @@ def test_ddp_each_index_gets_its_augmentation_on_any_rank_and_resumes_mid_epoch(
 
     seen: dict[tuple[int, int], set[str]] = {}
     ranks_per_epoch: dict[int, set[int]] = {}
-    for rank in (0, 1):
-        for row in json.loads((record / f"rank{rank}.json").read_text()):
-            seen.setdefault((row["epoch"], row["index"]), set()).add(row["digest"])
-            ranks_per_epoch.setdefault(row["epoch"], set()).add(rank)
+    for rank, row in recorded_samples(record):
+        seen.setdefault((row["epoch"], row["index"]), set()).add(row["digest"])
+        ranks_per_epoch.setdefault(row["epoch"], set()).add(rank)
     assert ranks_per_epoch == {0: {0, 1}, 1: {0, 1}}
     assert all(len(d) == 1 for d in seen.values()), "one sample index got two augmentations"
-    from mbv3_dense.classification.data import ImageFolderDataModule
-    from mbv3_dense.data.sampling import SampleKey
-
-    cfg = yaml.safe_load((straight / "c.yaml").read_text())["data"]["init_args"]
-    module = ImageFolderDataModule(**{k: v for k, v in cfg.items() if k != "num_workers"}, num_workers=0)
-    module.setup("fit")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for (epoch, index), digests in seen.items():
-            image, _ = module.train_set[SampleKey(index, epoch, 0)]
-            assert digests == {_digest(image)}, (epoch, index)
-    finally:
-        torch.set_num_threads(threads)
+    assert_samples_are_the_files(straight / "c.yaml", data, {key: digest for key, (digest,) in seen.items()})
 
     broken = tmp_path / "killed"
     broken.mkdir()

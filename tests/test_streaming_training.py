@@ -16,23 +16,21 @@ Classification runs by default; detection and segmentation are marked ``slow`` (
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from tests.test_determinism import (
     CASES,
-    EVERY_N_STEPS,
-    _digest,
-    assert_same_optimizer_and_schedule,
+    assert_resumes_after_sigkill,
     assert_same_training_state,
+    assert_samples_are_the_files,
+    final_state,
     fit,
-    kill_after_first_step_checkpoint,
     last_ckpt,
     load,
+    recorded_samples,
     tiny_config,
 )
 from tests.test_streaming import prepare
@@ -57,36 +55,23 @@ def test_streaming_trains_the_weights_of_the_files_with_any_workers_and_after_si
     chunks = prepare(data, tmp_path / "chunks", *PREPARE_TASK[task])
     missing = tmp_path / "no_files_here"
 
-    files = tmp_path / "files"
-    files.mkdir()
-    fit(tiny_config(case, data, files / "c.yaml", workers=0), files)
-    reference = load(last_ckpt(files))
+    reference = final_state(case, data, tmp_path / "files", workers=0)
     assert reference["global_step"] == 2 * case.steps_per_epoch
     if task == "classify":
         assert any(k.startswith("model_ema.") for k in reference["state_dict"])
 
-    for workers in (0, 2):
-        workdir = tmp_path / f"streaming{workers}"
-        workdir.mkdir()
-        fit(streaming_config(tiny_config(case, data, workdir / "c.yaml", workers=workers), chunks, missing), workdir)
-        assert_same_training_state(load(last_ckpt(workdir)), reference, f"chunks, {workers} workers, vs files")
+    def from_chunks(config: Path) -> Path:
+        return streaming_config(config, chunks, missing)
 
-    broken = tmp_path / "killed"
-    broken.mkdir()
-    slow = streaming_config(tiny_config(case, data, broken / "slow.yaml", workers=2, throttle=0.5), chunks, missing)
-    saved = load(kill_after_first_step_checkpoint(slow, broken))
-    assert saved["global_step"] == EVERY_N_STEPS and saved["epoch"] == 0, "not killed mid-epoch"
-    fit(streaming_config(tiny_config(case, data, broken / "c.yaml", workers=2), chunks, missing), broken,
-        "--ckpt_path", "last")
-    resumed = load(last_ckpt(broken))
-    assert_same_training_state(resumed, reference, "chunks, resumed after SIGKILL, vs files")
-    assert_same_optimizer_and_schedule(resumed, reference)
+    for workers in (0, 2):
+        assert_same_training_state(final_state(case, data, tmp_path / f"streaming{workers}", workers=workers,
+                                               config=from_chunks), reference, f"chunks, {workers} workers, vs files")
+    assert_resumes_after_sigkill(case, data, tmp_path / "killed", reference, "chunks, resumed after SIGKILL, vs files",
+                                 config=from_chunks)
 
 
 def test_ddp_shards_from_chunks_do_not_overlap_and_hold_the_files_samples(tmp_path: Path) -> None:
-    from mbv3_dense.classification.data import ImageFolderDataModule
     from mbv3_dense.classification.synthetic import write_imagefolder
-    from mbv3_dense.data.sampling import SampleKey
 
     case = CASES["classify"]
     data = write_imagefolder(tmp_path / "data", num_classes=3, train_per_class=10, val_per_class=1, size=40,
@@ -101,24 +86,11 @@ def test_ddp_shards_from_chunks_do_not_overlap_and_hold_the_files_samples(tmp_pa
 
     shards: dict[tuple[int, int], list[int]] = {}
     digests: dict[tuple[int, int], str] = {}
-    for rank in (0, 1):
-        for row in json.loads((record / f"rank{rank}.json").read_text()):
-            shards.setdefault((row["epoch"], rank), []).append(row["index"])
-            digests[(row["epoch"], row["index"])] = row["digest"]
+    for rank, row in recorded_samples(record):
+        shards.setdefault((row["epoch"], rank), []).append(row["index"])
+        digests[(row["epoch"], row["index"])] = row["digest"]
     for epoch in (0, 1):
         first, second = shards[(epoch, 0)], shards[(epoch, 1)]
         assert not set(first) & set(second), f"epoch {epoch}: the ranks' shards overlap"
         assert sorted(first + second) == list(range(30)), f"epoch {epoch}: the shards do not cover the dataset"
-
-    cfg = yaml.safe_load(config.read_text())["data"]["init_args"]
-    files = ImageFolderDataModule(**{k: v for k, v in cfg.items() if k not in ("num_workers", "streaming", "root")},
-                                  root=str(data), num_workers=0)
-    files.setup("fit")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for (epoch, index), digest in digests.items():
-            image, _ = files.train_set[SampleKey(index, epoch, 0)]
-            assert digest == _digest(image), (epoch, index)
-    finally:
-        torch.set_num_threads(threads)
+    assert_samples_are_the_files(config, data, digests)

@@ -19,13 +19,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
 from mbv3_dense.checkpoints.classes import known_class_names, match_classes, normalize_name
 from mbv3_dense.checkpoints.model_record import read_model_record
-from mbv3_dense.checkpoints.weights import WeightsError, backbone_arch, load_state_dict_strict
+from mbv3_dense.checkpoints.weights import (
+    StateDict,
+    WeightsError,
+    backbone_arch,
+    extract_state_dict,
+    load_state_dict_strict,
+    read_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +69,16 @@ def check_task(checkpoint: Any, task: str, source: str) -> None:
     if record is not None and record["task"] != task:
         raise WeightsError(f"{source}: holds a {record['task']!r} network ({record['builder']}), not a {task!r} one; "
                            "a classifier checkpoint goes to a detector or segmenter as weights_backbone")
+
+
+def read_task_checkpoint(path: str | Path, task: str) -> tuple[Any, StateDict, str]:
+    """A weights file for a ``task`` network: the object read, its state dict and container
+    (:func:`~mbv3_dense.checkpoints.weights.extract_state_dict`); another task's checkpoint is refused
+    (:func:`check_task`)."""
+    checkpoint = read_checkpoint(path)
+    check_task(checkpoint, task, str(path))
+    state, container = extract_state_dict(checkpoint, path)
+    return checkpoint, state, container
 
 
 def checkpoint_class_names(checkpoint: Any, task: str, num_classes: int) -> tuple[list[str] | None, str]:

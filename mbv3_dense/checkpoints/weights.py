@@ -124,14 +124,19 @@ def detect_layout(state: Mapping[str, Tensor], source: str = "<checkpoint>") -> 
         return "mmpretrain"
     elif "conv_stem.weight" in keys:
         return "timm"
+    raise layout_error(source, "a MobileNetV3 classifier", "torchvision (features.*), mmpretrain (backbone.layer*), "
+                       "timm (conv_stem.*) or mbv3-dense (backbone.features.*)", state)
+
+
+def layout_error(source: str, network: str, expected: str, state: Mapping[str, Tensor], *,
+                 classifier_hint: str = "") -> WeightsError:
+    """The error for a state dict in none of ``network``'s layouts: it names ``source``, what the file seems to
+    hold (:func:`describe_checkpoint`), the layouts ``expected`` and its first keys; ``classifier_hint`` is added
+    when the file holds a classifier (given as ``weights`` where ``weights_backbone`` was meant)."""
     held = describe_checkpoint(state)
-    sample = sorted(keys)[:5]
-    raise WeightsError(
-        f"{source}: not a MobileNetV3 classifier checkpoint"
-        + (f": it holds {held}" if held else "")
-        + "; expected torchvision (features.*), mmpretrain (backbone.layer*), timm (conv_stem.*) or mbv3-dense "
-        f"(backbone.features.*) keys; first keys: {sample}"
-    )
+    return WeightsError(f"{source}: not {network} checkpoint" + (f": it holds {held}" if held else "")
+                        + f"; expected {expected} keys; first keys: {sorted(state)[:5]}"
+                        + (classifier_hint if held and "classifier" in held else ""))
 
 
 def strip_prefix(state: Mapping[str, Tensor], prefix: str) -> StateDict:

@@ -23,23 +23,23 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
-import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from mbv3_dense.checkpoints.classes import ClassInfo, check_class_info
 from mbv3_dense.classification.transforms import eval_transform, train_transform
 from mbv3_dense.data.image_io import ImageReadError, decode_image_rgb, read_image_rgb
-from mbv3_dense.data.listing import IMAGE_EXTENSIONS, ImageList, is_image_name, predict_images_for
-from mbv3_dense.data.predict import DEFAULT_MAX_PIXELS, predict_loader
-from mbv3_dense.data.sampling import SampleKey, as_sample_key, eval_loader, sample_randomness, train_loader
-from mbv3_dense.data.streaming.read import ChunkReader, open_split
-from mbv3_dense.data.streaming.record import ChunkRecord, ChunkSource, StreamingDataError
+from mbv3_dense.data.listing import IMAGE_EXTENSIONS, is_image_name
+from mbv3_dense.data.module import TaskDataModule
+from mbv3_dense.data.predict import DEFAULT_MAX_PIXELS
+from mbv3_dense.data.sampling import SampleKey, as_sample_key, sample_randomness
+from mbv3_dense.data.streaming.read import ChunkReader
+from mbv3_dense.data.streaming.record import ChunkRecord, ChunkSource
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def collate_skipping(items: list[tuple[Tensor, int] | None]) -> ClassificationBa
     return ClassificationBatch(images, labels, skipped)
 
 
-class ImageFolderDataModule(L.LightningDataModule):
+class ImageFolderDataModule(TaskDataModule):
     """ImageFolder classification data (ImageNet or any tree of the same layout).
 
     Class folders: every class must have training images (an empty training class folder is an
@@ -209,6 +209,11 @@ class ImageFolderDataModule(L.LightningDataModule):
             ``lightning predict``'s class names.
     """
 
+    chunk_kind = ("classify", "imagefolder")
+    same_in_both_splits = ("class_names",)
+    train_set: ImageFolderDataset | None
+    val_set: ImageFolderDataset | None
+
     def __init__(
         self,
         *,
@@ -227,26 +232,18 @@ class ImageFolderDataModule(L.LightningDataModule):
         predict_max_pixels: int = DEFAULT_MAX_PIXELS,
         streaming: str | None = None,
     ) -> None:
-        super().__init__()
         if on_bad_image not in ("error", "skip"):
             raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+        super().__init__(batch_size=batch_size, val_batch_size=batch_size, num_workers=num_workers,
+                         predict_images=predict_images, predict_max_pixels=predict_max_pixels, streaming=streaming)
         self.root = Path(root)
-        self.batch_size = batch_size
-        self.num_workers = num_workers
         self.on_bad_image = on_bad_image
         self.pin_memory = pin_memory
         self.train_tf = train_transform(crop_size=crop_size, crop_scale=tuple(crop_scale), hflip=hflip,
                                         auto_augment=auto_augment, random_erase=random_erase)
-        self.val_tf = eval_transform(resize_size=val_resize_size, crop_size=crop_size)
+        self.val_tf = self.predict_transform = eval_transform(resize_size=val_resize_size, crop_size=crop_size)
         self.classes: list[str] = []
-        self.train_set: ImageFolderDataset | None = None
-        self.val_set: ImageFolderDataset | None = None
-        self.predict_images = predict_images
-        self.predict_max_pixels = predict_max_pixels
-        self.predict_list: ImageList | None = None
         self.predict_class_names: list[str] | None = None
-        self.streaming = streaming
-        self._chunks: dict[str, ChunkReader] = {}
 
     @property
     def num_classes(self) -> int:
@@ -267,15 +264,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         source = self.chunks("train").location if self.streaming else str(self.root / "train")
         return check_class_info({"names": self.class_names}, source)
 
-    def chunks(self, split: str) -> ChunkReader:
-        """The chunks of ``split`` under ``streaming`` (opened and checked once)."""
-        if split not in self._chunks:
-            self._chunks[split] = open_split(self.streaming, split, task="classify", layout="imagefolder")
-        return self._chunks[split]
-
     def chunk_source(self, split: str) -> ChunkSource:
         """What ``scripts/prepare_streaming.py`` writes for ``split`` (after ``setup("fit")``)."""
-        dataset = self.train_set if split == "train" else self.val_set
+        dataset = self.split_set(split)
         record = ChunkRecord(task="classify", layout="imagefolder", split=split, count=len(dataset.samples),
                              info={"class_names": self.class_names}, source=str(self.root / split),
                              fields=("name", "image", "label"))
@@ -287,11 +278,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             self.train_set = StreamedImageFolderDataset(self.chunks("train"), self.train_tf,
                                                         on_bad_image=self.on_bad_image)
         if stage in ("fit", "validate", None) and self.val_set is None:
-            val = self.chunks("val")
-            if val.info["class_names"] != self.classes:
-                raise StreamingDataError(f"{val.location}: its class names differ from those of "
-                                         f"{self.chunks('train').location} (prepared from different datasets)")
-            self.val_set = StreamedImageFolderDataset(val, self.val_tf, on_bad_image=self.on_bad_image)
+            self.val_set = StreamedImageFolderDataset(self.chunks("val"), self.val_tf, on_bad_image=self.on_bad_image)
 
     def setup(self, stage: str | None = None) -> None:
         if stage == "predict":
@@ -327,15 +314,11 @@ class ImageFolderDataModule(L.LightningDataModule):
             self.val_set = ImageFolderDataset(scan.samples, self.val_tf, on_bad_image=self.on_bad_image)
 
     def _setup_predict(self) -> None:
-        self.predict_list = predict_images_for(self.predict_images)
+        self.setup_predict()
         try:
             self.predict_class_names = find_classes(self.root / "train")
         except FileNotFoundError:
             log.info("%s: no class folders; predictions name classes by index", self.root / "train")
-
-    def predict_dataloader(self) -> DataLoader:
-        return predict_loader(self.predict_list.files, transform=self.val_tf, batch_size=self.batch_size,
-                              num_workers=self.num_workers, max_pixels=self.predict_max_pixels)
 
     def _note(self, split: str, scan: FolderScan) -> None:
         log.info("%s/%s: %d images in %d classes (bad-image policy: %s)", self.root, split,
@@ -344,11 +327,6 @@ class ImageFolderDataModule(L.LightningDataModule):
             log.info("%s/%s: ignored %d files that are not images by their extension", self.root, split,
                      scan.ignored)
 
-    def train_dataloader(self) -> DataLoader:
-        return train_loader(self.train_set, trainer=self.trainer, batch_size=self.batch_size,
-                            num_workers=self.num_workers, collate_fn=collate_skipping,
-                            drop_last=len(self.train_set) > self.batch_size, pin_memory=self.pin_memory)
-
-    def val_dataloader(self) -> DataLoader:
-        return eval_loader(self.val_set, trainer=self.trainer, batch_size=self.batch_size,
-                           num_workers=self.num_workers, collate_fn=collate_skipping, pin_memory=self.pin_memory)
+    def loader_options(self, split: str) -> dict[str, Any]:
+        options = {"collate_fn": collate_skipping, "pin_memory": self.pin_memory}
+        return {**options, "drop_last": len(self.train_set) > self.batch_size} if split == "train" else options

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import copy
 import logging
+from typing import Any
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from PIL import Image
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
@@ -15,8 +15,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from mbv3_dense.classification.data import ClassificationBatch
 from mbv3_dense.classification.predict import ClassificationWriter, TopK, draw_top5, top_k
 from mbv3_dense.data.predict import PredictBatch
-from mbv3_dense.training.guards import NonFinitePolicy, check_loss
-from mbv3_dense.training.task import PredictBackend, TaskModule
+from mbv3_dense.training.guards import check_loss
+from mbv3_dense.training.task import TaskModule
 
 log = logging.getLogger(__name__)
 
@@ -62,37 +62,18 @@ class ClassificationModule(TaskModule):
             :func:`mbv3_dense.mobilenet_v3_large`.
         label_smoothing: cross-entropy label smoothing.
         ema_decay: per-step decay of the weight average; ``None`` disables it.
-        optimizer, scheduler (stepped once per epoch), lr_batch_size, weight_decay_norm_bias,
-            nonfinite_loss, channels_last, compile, freeze_backbone_epochs, backbone_lr_multiplier,
-            freeze_bn_statistics, predict_backend: as :class:`~mbv3_dense.training.task.TaskModule`.
+        options: :class:`~mbv3_dense.training.task.TaskModule`'s (optimizer, scheduler, lr_batch_size,
+            weight_decay_norm_bias, nonfinite_loss, channels_last, compile, freeze_backbone_epochs,
+            backbone_lr_multiplier, freeze_bn_statistics, predict_backend; the command line lists them). The
+            scheduler is stepped once per epoch.
     """
 
     task = "classify"
     monitor = "val/top1"
 
-    def __init__(
-        self,
-        *,
-        model: nn.Module,
-        optimizer: OptimizerCallable = torch.optim.SGD,
-        scheduler: LRSchedulerCallable | None = None,
-        lr_batch_size: int | None = None,
-        weight_decay_norm_bias: bool = False,
-        label_smoothing: float = 0.0,
-        ema_decay: float | None = None,
-        nonfinite_loss: NonFinitePolicy = "stop",
-        channels_last: bool | None = None,
-        compile: bool = False,
-        freeze_backbone_epochs: int = 0,
-        backbone_lr_multiplier: float = 1.0,
-        freeze_bn_statistics: bool = False,
-        predict_backend: PredictBackend = "torch",
-    ) -> None:
-        super().__init__(model=model, optimizer=optimizer, scheduler=scheduler, lr_batch_size=lr_batch_size,
-                         weight_decay_norm_bias=weight_decay_norm_bias, nonfinite_loss=nonfinite_loss,
-                         channels_last=channels_last, compile=compile, freeze_backbone_epochs=freeze_backbone_epochs,
-                         backbone_lr_multiplier=backbone_lr_multiplier, freeze_bn_statistics=freeze_bn_statistics,
-                         predict_backend=predict_backend)
+    def __init__(self, *, model: nn.Module, label_smoothing: float = 0.0, ema_decay: float | None = None,
+                 **options: Any) -> None:
+        super().__init__(model=model, **options)
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
         # The metrics need the class count: read it off the network's output once.
         self.num_classes = num_classes = count_outputs(model)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from mbv3_dense.checkpoints.transfer import check_task, load_checkpoint_state
-from mbv3_dense.checkpoints.weights import extract_state_dict, read_checkpoint, to_classifier_layout
+from mbv3_dense.checkpoints.transfer import load_checkpoint_state, read_task_checkpoint
+from mbv3_dense.checkpoints.weights import to_classifier_layout
 from mbv3_dense.layers import set_bn_eps
 
 log = logging.getLogger(__name__)
@@ -23,9 +23,7 @@ def load_classifier_weights(model: nn.Module, path: str | Path, *, keep_class_ro
     last Linear (:func:`mbv3_dense.checkpoints.transfer.load_checkpoint_state`: rows of classes named alike kept,
     logged). Returns the detected layout. timm checkpoints switch every BN to timm's eps (1e-5).
     """
-    checkpoint = read_checkpoint(path)
-    check_task(checkpoint, "classify", str(path))
-    state, container = extract_state_dict(checkpoint, path)
+    checkpoint, state, container = read_task_checkpoint(path, "classify")
     state, layout = to_classifier_layout(state, container, model.backbone.features, str(path))
     load_checkpoint_state(model, state, str(path), task="classify", checkpoint=checkpoint,
                           keep_class_rows=keep_class_rows)

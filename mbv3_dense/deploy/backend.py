@@ -29,7 +29,9 @@ BACKENDS: tuple[str, ...] = ("torch", "onnxruntime", "executorch")
 
 
 def detect(model: nn.Module, net: Callable[[Tensor], object], images: list[Tensor]) -> list[dict[str, Tensor]]:
-    """A detector's detections of float ``[3, H, W]`` images in [0, 1] (any sizes), its network run by ``net``.
+    """A detector's detections of float ``[3, H, W]`` images in [0, 1] (any sizes), its network run by ``net``:
+    the one turn of network outputs into detections that ``DetectionModule.predict_step``, ``scripts/predict.py``,
+    the evaluation scripts and the export gate share.
 
     ``net`` is the model itself or a backend of its network; a program that takes images (its preprocess
     inside, :attr:`ExecuTorchModel.takes_image`) gets them one at a time at their own size, any other gets
