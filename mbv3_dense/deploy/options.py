@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from mbv3_dense.data.listing import IMAGE_EXTENSIONS
 from mbv3_dense.deploy.backend import BACKENDS
+
+log = logging.getLogger(__name__)
+# Fewer calibration images than this gave int8 ranges that cost the demo classifier up to 12.7 points of top-1
+# (one image); 4 spread images cost none (docs/benchmark.md, "PTQ calibrated on one image").
+MIN_CALIBRATION_IMAGES = 4
 
 
 def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,7 +84,12 @@ def calibration_files(folder: str | Path, count: int) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) for int8 calibration")
     step = max(1, len(files) // count)
-    return files[::step][:count]
+    chosen = files[::step][:count]
+    if len(chosen) < MIN_CALIBRATION_IMAGES:
+        log.warning("int8 calibration on %d image(s) of %s: ranges from so few images can cost many points of "
+                    "accuracy; calibrate on %d or more from several classes, and check with --gate",
+                    len(chosen), folder, MIN_CALIBRATION_IMAGES)
+    return chosen
 
 
 def calibration_images(folder: str | Path, count: int) -> list[np.ndarray]:
