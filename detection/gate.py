@@ -37,6 +37,7 @@ def coco_gate(root: Path, model: nn.Module, size: tuple[int, int]) -> GateData:
 
     def evaluate(network, description: str) -> dict[str, float]:
         metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="faster_coco_eval")
+        metric.warn_on_many_detections = False  # the 100 best per image are COCO's protocol (detection/metric.py)
         with torch.inference_mode():
             for index in progress(range(len(dataset)), desc=description, unit="img"):
                 image, target = dataset[index]

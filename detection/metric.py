@@ -20,6 +20,10 @@ class GatheredMeanAveragePrecision(MeanAveragePrecision):
     """``MeanAveragePrecision`` (bbox) whose states are gathered with ``all_gather_object``: every rank may have
     evaluated a different number of images, and after ``compute()`` all ranks hold the same result."""
 
+    # COCO's protocol scores each image's 100 best detections (maxDets 100), which is what the metric keeps of
+    # SSDLite's up to 300: torchmetrics' warning that it drops the rest is the protocol, not a problem.
+    warn_on_many_detections = False
+
     def _sync_dist(self, dist_sync_fn: Any = None, process_group: Any = None) -> None:
         group = process_group or self.process_group
         world_size = dist.get_world_size(group=group)
