@@ -163,28 +163,38 @@ def plot(points: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     tasks = [t for t in TASKS if any(p["task"] == t for p in points)]
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.6 * len(tasks), 4.4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         mine = [p for p in points if p["task"] == task]
+        # As in the paper's Figure 1: a backend's curve joins its networks from the least compute to the most, and
+        # each network keeps one marker across the curves.
+        by_compute = sorted({p["label"]: p.get("madds_G") or 0.0 for p in mine}.items(), key=lambda kv: (kv[1], kv[0]))
+        markers = {label: "os^Dvp<>"[i % 8] for i, (label, _) in enumerate(by_compute)}
+        order = {label: i for i, (label, _) in enumerate(by_compute)}
         for n, backend in enumerate(b for b in BACKENDS if any(p["backend"] == b for p in mine)):
-            curve = sorted((p for p in mine if p["backend"] == backend), key=lambda p: p["latency_ms"])
-            xs, ys = [p["latency_ms"] for p in curve], [p["metric"] for p in curve]
-            ax.plot(xs, ys, "o-", color=f"C{n}", label=backend)
+            curve = sorted((p for p in mine if p["backend"] == backend), key=lambda p: order[p["label"]])
+            ax.plot([p["latency_ms"] for p in curve], [p["metric"] for p in curve], "-", color=f"C{n}", label=backend)
             for p in curve:
-                ax.annotate(p["label"], (p["latency_ms"], p["metric"]), textcoords="offset points", xytext=(4, 4),
-                            fontsize=7, color=f"C{n}")
+                ax.plot(p["latency_ms"], p["metric"], markers[p["label"]], color=f"C{n}", ms=6)
+        for label, marker in markers.items():
+            ax.add_line(Line2D([], [], ls="", marker=marker, color="0.3", label=label))
         front = sorted((p for p in mine if p["pareto_optimal"]), key=lambda p: p["latency_ms"])
         ax.plot([p["latency_ms"] for p in front], [p["metric"] for p in front], "k:", lw=1, label="Pareto front")
         size = mine[0].get("latency_input")
         at = f" at {size[0]}x{size[1]}" if size else ""
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(f"latency, ms (batch 1{at}, {mine[0]['threads']} threads{', end to end' * (task == 'detect')})")
         ax.set_ylabel(mine[0]["metric_name"])
         ax.set_title(f"{task}: metric vs latency")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     partial = path.with_name(path.stem + ".partial.png")
     fig.savefig(partial, dpi=110)
