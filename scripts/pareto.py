@@ -173,8 +173,8 @@ def plot(points: list[dict], path: Path) -> None:
         # As in the paper's Figure 1: a backend's curve joins its networks from the least compute to the most, and
         # each network keeps one marker across the curves.
         by_compute = sorted({p["label"]: p.get("madds_G") or 0.0 for p in mine}.items(), key=lambda kv: (kv[1], kv[0]))
-        markers = {label: "os^Dvp<>"[i % 8] for i, (label, _) in enumerate(by_compute)}
         order = {label: i for i, (label, _) in enumerate(by_compute)}
+        markers = {label: "os^Dvp<>"[i % 8] for label, i in order.items()}
         for n, backend in enumerate(b for b in BACKENDS if any(p["backend"] == b for p in mine)):
             curve = sorted((p for p in mine if p["backend"] == backend), key=lambda p: order[p["label"]])
             ax.plot([p["latency_ms"] for p in curve], [p["metric"] for p in curve], "-", color=f"C{n}", label=backend)
